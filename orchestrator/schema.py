@@ -1,0 +1,126 @@
+"""The result schema: one pyarrow schema per table of the store.
+
+Every table carries ``schema_version`` and ``node_key`` so rows from different quantsweep versions can
+live in one store and every row can be traced back to the node (and its config) that produced it.
+Readers (report, pandas, DuckDB) read with these schemas so an old or partial file never changes the
+inferred types.  Bump ``SCHEMA_VERSION`` whenever a column's meaning changes: node keys include it,
+so a bump re-runs the affected nodes instead of mixing incompatible rows.
+"""
+from __future__ import annotations
+
+import pyarrow as pa
+
+SCHEMA_VERSION = 1
+
+#: Node statuses.  ``oom`` is split from ``failed`` because an OOM cell is a *result* (this method does
+#: not fit at this batch size on this GPU), not a bug.
+STATUSES = ("ok", "failed", "oom", "skipped")
+
+_KEY_COLUMNS = [
+    pa.field("schema_version", pa.int32(), nullable=False),
+    pa.field("sweep_name", pa.string()),
+    pa.field("node_key", pa.string(), nullable=False),
+]
+
+RUNS = pa.schema(_KEY_COLUMNS + [
+    pa.field("kind", pa.string()),  # model | quantize | build | evaluate | profile
+    pa.field("status", pa.string()),  # one of STATUSES
+    pa.field("error", pa.string()),  # exception type + message (+ log excerpt) when not ok
+    pa.field("model", pa.string()),
+    pa.field("method", pa.string()),
+    pa.field("backend", pa.string()),
+    pa.field("batch_size", pa.int32()),
+    pa.field("shard", pa.int32()),
+    pa.field("subjects", pa.list_(pa.string())),
+    pa.field("config_json", pa.string()),  # the node's full config, sorted keys
+    pa.field("upstream_keys", pa.list_(pa.string())),
+    pa.field("artifact_uri", pa.string()),  # checkpoint / engine folder, when the node makes one
+    pa.field("result_json", pa.string()),  # small task metadata (sizes, build info, accuracy summary)
+    pa.field("hostname", pa.string()),
+    pa.field("ray_node_id", pa.string()),
+    pa.field("gpu_ids", pa.list_(pa.string())),  # ray.get_gpu_ids() as seen by the task
+    pa.field("gpu_name", pa.string()),
+    pa.field("gpu_pci_bus_id", pa.string()),
+    pa.field("device", pa.string()),  # cpu | cuda:N
+    pa.field("started_at", pa.timestamp("us", tz="UTC")),
+    pa.field("finished_at", pa.timestamp("us", tz="UTC")),
+    pa.field("duration_s", pa.float64()),
+    pa.field("attempt", pa.int32()),
+    pa.field("versions_json", pa.string()),  # torch / transformers / lm-eval / ... versions
+])
+
+MMLU_PREDICTIONS = pa.schema(_KEY_COLUMNS + [
+    pa.field("model", pa.string()),
+    pa.field("method", pa.string()),
+    pa.field("backend", pa.string()),
+    pa.field("shard", pa.int32()),
+    pa.field("subject", pa.string()),
+    pa.field("subcategory", pa.string()),  # original MMLU mapping (not lm-eval's groups)
+    pa.field("category", pa.string()),
+    pa.field("question_index", pa.int32()),  # row of <subject>_test.csv, 0-based
+    pa.field("gold", pa.string()),  # "A".."D"
+    pa.field("predicted", pa.string()),  # "A".."D", or "" when a generation has no letter
+    pa.field("correct", pa.bool_()),
+    pa.field("choice_scores", pa.list_(pa.float64())),  # per-choice log-likelihoods (loglikelihood mode)
+    pa.field("generation", pa.string()),  # generated text (generate mode)
+    pa.field("scoring", pa.string()),  # loglikelihood | generate
+    pa.field("num_fewshot", pa.int32()),
+])
+
+THROUGHPUT = pa.schema(_KEY_COLUMNS + [
+    pa.field("model", pa.string()),
+    pa.field("method", pa.string()),
+    pa.field("backend", pa.string()),
+    pa.field("batch_size", pa.int32()),
+    pa.field("input_len", pa.int32()),
+    pa.field("output_len", pa.int32()),
+    pa.field("repeats", pa.int32()),
+    pa.field("warmup", pa.int32()),
+    pa.field("output_tokens_per_s", pa.float64()),  # batch * output_len / end-to-end (prefill included), median
+    pa.field("decode_tokens_per_s", pa.float64()),  # batch * (output_len - 1) / decode time, median
+    pa.field("e2e_s", pa.float64()),  # median end-to-end time of one batch
+    pa.field("ttft_s", pa.float64()),  # median time to first token
+    pa.field("itl_median_s", pa.float64()),  # inter-token latency over all decode steps of all repeats
+    pa.field("itl_p90_s", pa.float64()),
+    pa.field("energy_j_per_token", pa.float64()),  # NVML total energy delta / output tokens; null on CPU
+    pa.field("device", pa.string()),
+    pa.field("gpu_name", pa.string()),
+    pa.field("driver_version", pa.string()),
+    pa.field("dtype", pa.string()),
+    pa.field("weight_format", pa.string()),
+    pa.field("kv_cache_policy", pa.string()),
+    pa.field("weights_note", pa.string()),  # e.g. "real weights" / "random weights, Llama-2-7B shape"
+    pa.field("method_note", pa.string()),  # how the numbers were computed, in words
+])
+
+MEMORY = pa.schema(_KEY_COLUMNS + [
+    pa.field("model", pa.string()),
+    pa.field("method", pa.string()),
+    pa.field("backend", pa.string()),
+    pa.field("batch_size", pa.int32()),
+    pa.field("device", pa.string()),
+    pa.field("gpu_name", pa.string()),
+    pa.field("peak_device_memory_bytes", pa.int64()),  # NVML device-wide used, as nvidia-smi (CUDA)
+    pa.field("peak_process_memory_bytes", pa.int64()),  # NVML per-process used (CUDA) / peak RSS (CPU)
+    pa.field("peak_allocator_memory_bytes", pa.int64()),  # torch.cuda.max_memory_reserved (CUDA)
+    pa.field("weights_memory_bytes", pa.int64()),  # bytes of the loaded weights
+    pa.field("kv_cache_bytes", pa.int64()),
+    pa.field("method_note", pa.string()),
+])
+
+TABLES: dict[str, pa.Schema] = {
+    "runs": RUNS,
+    "mmlu_predictions": MMLU_PREDICTIONS,
+    "throughput": THROUGHPUT,
+    "memory": MEMORY,
+}
+
+
+def table_from_rows(table: str, rows: list[dict]) -> pa.Table:
+    """Build a table of ``table``'s schema from row dicts; missing columns become null, unknown ones fail."""
+    schema = TABLES[table]
+    unknown = {k for r in rows for k in r} - set(schema.names)
+    if unknown:
+        raise ValueError(f"{table}: unknown columns {sorted(unknown)}; allowed: {schema.names}")
+    filled = [{name: r.get(name) for name in schema.names} for r in rows]
+    return pa.Table.from_pylist(filled, schema=schema)
