@@ -1,0 +1,253 @@
+"""Run one node of the plan in the current process and commit its rows to the store.
+
+This is the only place that knows how a node kind maps onto a task function; it is plain Python (the
+scheduler wraps it in a Ray task, tests may call it directly).  Whatever happens inside the task - an
+exception, an out-of-memory error - ends as a ``runs`` row with a status, so a sweep never loses a cell.
+Artifacts are written to a temporary folder and renamed into place, like store files.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import sys
+import traceback
+import uuid
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Callable
+
+from orchestrator.plan import Node
+from orchestrator.schema import SCHEMA_VERSION
+from orchestrator.store import ResultStore
+
+_VERSIONED = ("quantsweep", "torch", "transformers", "lm_eval", "ray", "pyarrow", "hydra-core",
+              "llmcompressor", "compressed-tensors", "nvidia-ml-py", "tensorrt_llm")
+
+
+def versions() -> dict[str, str]:
+    found = {"python": sys.version.split()[0]}
+    for name in _VERSIONED:
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return found
+
+
+def is_out_of_memory(err: BaseException) -> bool:
+    """CUDA OOM, Python MemoryError, or the CPU allocator refusing a huge tensor."""
+    import torch
+
+    if isinstance(err, (MemoryError, torch.OutOfMemoryError)):
+        return True
+    text = str(err).lower()
+    return any(s in text for s in ("out of memory", "can't allocate memory", "not enough memory"))
+
+
+def task_device(cfg: dict[str, Any], node: Node) -> str:
+    """The device a node computes on: its Ray-assigned GPU (always cuda:0 inside the task) or the CPU."""
+    import torch
+
+    wanted = cfg["backend"]["device"]
+    if not node.needs_gpu or wanted == "cpu":
+        return "cpu"
+    if torch.cuda.is_available():
+        return "cuda:0"
+    if wanted == "cuda":
+        raise RuntimeError("backend.device=cuda but this task sees no CUDA device "
+                           f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r})")
+    return "cpu"
+
+
+class _Artifact:
+    """A folder written under a temporary name and renamed into ``final`` on success."""
+
+    def __init__(self, artifacts_dir: str, kind: str, key: str):
+        self.final = Path(artifacts_dir) / kind / key
+        self.tmp = Path(artifacts_dir) / kind / f".tmp-{key}-{uuid.uuid4().hex[:8]}"
+        self.tmp.mkdir(parents=True)
+
+    def commit(self) -> str:
+        if self.final.exists():
+            shutil.rmtree(self.final)
+        os.replace(self.tmp, self.final)
+        return str(self.final)
+
+    def discard(self) -> None:
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def _labels(node: Node) -> dict[str, Any]:
+    return {k: node.labels.get(k) for k in ("model", "method", "backend")}
+
+
+def _run_model(node: Node, upstream: list[dict], cfg: dict, device: str) -> tuple[dict, str, dict]:
+    from tasks.models import prepare_model
+
+    artifact = _Artifact(cfg["store"]["artifacts_dir"], "model", node.key)
+    try:
+        result = prepare_model(node.config["model"], artifact.tmp)
+        if result["copied"]:
+            result["checkpoint_dir"] = artifact.commit()
+        else:
+            artifact.discard()
+    except BaseException:
+        artifact.discard()
+        raise
+    return result, result["checkpoint_dir"], {}
+
+
+def _run_quantize(node: Node, upstream: list[dict], cfg: dict, device: str) -> tuple[dict, str, dict]:
+    from tasks.quantize import quantize
+
+    artifact = _Artifact(cfg["store"]["artifacts_dir"], "quantize", node.key)
+    try:
+        result = quantize(Path(upstream[0]["artifact_uri"]), artifact.tmp, node.config["method"],
+                          seed=node.config["seed"])
+        if Path(result["checkpoint_dir"]).resolve() == artifact.tmp.resolve():
+            result["checkpoint_dir"] = artifact.commit()
+        else:
+            artifact.discard()
+    except BaseException:
+        artifact.discard()
+        raise
+    return result, result["checkpoint_dir"], {}
+
+
+def _run_build(node: Node, upstream: list[dict], cfg: dict, device: str) -> tuple[dict, str, dict]:
+    from tasks.backends import get_backend
+    from tasks.backends.base import EngineShape
+
+    backend = get_backend(node.config["backend"])
+    artifact = _Artifact(cfg["store"]["artifacts_dir"], "build", node.key)
+    try:
+        result = backend.build(Path(upstream[0]["artifact_uri"]), artifact.tmp,
+                               EngineShape(**node.config["shape"]), node.config["method"],
+                               node.config["options"])
+        engine_dir = artifact.commit()
+    except BaseException:
+        artifact.discard()
+        raise
+    return result, engine_dir, {}
+
+
+def _load_engine(node: Node, upstream: list[dict], cfg: dict, device: str) -> Any:
+    from tasks.backends import get_backend
+
+    return get_backend(cfg["backend"]["name"]).load(Path(upstream[0]["artifact_uri"]), device,
+                                                    cfg["backend"]["options"])
+
+
+def _run_evaluate(node: Node, upstream: list[dict], cfg: dict, device: str) -> tuple[dict, str, dict]:
+    from tasks.evaluate import evaluate_mmlu
+
+    ev = node.config["eval"]
+    engine = _load_engine(node, upstream, cfg, device)
+    try:
+        rows = evaluate_mmlu(engine.lm_eval_model(ev["batch_size"]), node.config["subjects"],
+                             mmlu_dir=Path(ev["mmlu_dir"]) if ev["mmlu_dir"] else None,
+                             cache_dir=Path(cfg["store"]["artifacts_dir"]) / "mmlu_cache",
+                             num_fewshot=ev["num_fewshot"], scoring=ev["scoring"],
+                             limit_per_subject=ev["limit_per_subject"], seed=node.config["seed"])
+    finally:
+        engine.close()
+    shard = node.config["shard"]
+    rows = [{**_labels(node), "shard": shard, **row} for row in rows]
+    correct = sum(bool(r["correct"]) for r in rows)
+    summary = {"questions": len(rows), "correct": correct, "accuracy": correct / len(rows) if rows else None,
+               "weight_format": engine.weight_format, "dtype": engine.dtype}
+    return summary, None, {"mmlu_predictions": rows}
+
+
+def _run_profile(node: Node, upstream: list[dict], cfg: dict, device: str) -> tuple[dict, str, dict]:
+    from tasks.profile import profile_engine
+
+    c = node.config
+    engine = _load_engine(node, upstream, cfg, device)
+    try:
+        throughput, memory = profile_engine(engine, c["batch_size"], c["input_len"], c["output_len"],
+                                            c["warmup"], c["repeats"], seed=c["seed"])
+    finally:
+        engine.close()
+    note = cfg["model"].get("note") or "real weights"
+    throughput = {**_labels(node), **throughput, "weights_note": note}
+    memory = {**_labels(node), **memory}
+    summary = {k: throughput[k] for k in ("output_tokens_per_s", "decode_tokens_per_s", "ttft_s")}
+    summary["peak_memory_bytes"] = memory["peak_device_memory_bytes"] or memory["peak_process_memory_bytes"]
+    return summary, None, {"throughput": [throughput], "memory": [memory]}
+
+
+RUNNERS: dict[str, Callable[[Node, list[dict], dict, str], tuple[dict, str | None, dict]]] = {
+    "model": _run_model, "quantize": _run_quantize, "build": _run_build,
+    "evaluate": _run_evaluate, "profile": _run_profile,
+}
+
+
+def _where() -> dict[str, Any]:
+    """Which host / Ray node / GPU this task runs on (GPU ids as Ray assigned them)."""
+    where: dict[str, Any] = {"hostname": socket.gethostname(), "ray_node_id": None, "gpu_ids": []}
+    try:
+        import ray
+
+        if ray.is_initialized():
+            context = ray.get_runtime_context()
+            where["ray_node_id"] = context.get_node_id()
+            where["gpu_ids"] = [str(g) for g in ray.get_gpu_ids()]
+    except ImportError:
+        pass
+    return where
+
+
+def execute_node(node: Node, upstream: list[dict], cfg: dict, attempt: int = 1,
+                 on_start: Callable[[], None] | None = None) -> dict[str, Any]:
+    """Run ``node`` (unless an upstream node did not succeed), commit its rows, return its summary."""
+    store = ResultStore(cfg["store"]["uri"])
+    started = datetime.now(timezone.utc)
+    if on_start:
+        on_start()
+    where, device = _where(), "cpu"
+    status, error, result, artifact, tables = "ok", None, {}, None, {}
+    blocked = [u for u in upstream if u["status"] != "ok"]
+    if blocked:
+        status = "skipped"
+        error = "; ".join(f"upstream {u['kind']} node {u['node_key']} {u['status']}: {(u.get('error') or '')[:300]}"
+                          for u in blocked)
+    else:
+        try:
+            device = task_device(cfg, node)
+            result, artifact, tables = RUNNERS[node.kind](node, upstream, cfg, device)
+        except BaseException as err:  # noqa: BLE001 - every failure becomes a row
+            if isinstance(err, KeyboardInterrupt):
+                raise
+            status = "oom" if is_out_of_memory(err) else "failed"
+            error = f"{type(err).__name__}: {err}\n" + "".join(traceback.format_exc(limit=-6))[-3000:]
+            tables = {}
+    from tasks.gpu_metrics import device_info
+
+    info = device_info(device)
+    key_columns = {"schema_version": SCHEMA_VERSION, "sweep_name": cfg["sweep"]["name"], "node_key": node.key}
+    for table in ("mmlu_predictions", "throughput", "memory"):
+        if table in tables:
+            store.write(table, node.key, [{**key_columns, **row} for row in tables[table]])
+        else:  # a rerun that failed must not leave an earlier attempt's rows behind
+            store.delete(table, node.key)
+    finished = datetime.now(timezone.utc)
+    run_row = {
+        **key_columns, "kind": node.kind, "status": status, "error": error,
+        "model": node.labels.get("model"), "method": node.labels.get("method"),
+        "backend": node.labels.get("backend"), "batch_size": node.labels.get("batch_size"),
+        "shard": node.labels.get("shard"), "subjects": node.labels.get("subjects"),
+        "config_json": json.dumps(node.config, sort_keys=True, default=str),
+        "upstream_keys": list(node.upstream), "artifact_uri": artifact,
+        "result_json": json.dumps(result, sort_keys=True, default=str),
+        **where, "gpu_name": info.get("gpu_name"), "gpu_pci_bus_id": info.get("gpu_pci_bus_id"),
+        "device": device, "started_at": started, "finished_at": finished,
+        "duration_s": (finished - started).total_seconds(), "attempt": attempt,
+        "versions_json": json.dumps(versions(), sort_keys=True),
+    }
+    store.write("runs", node.key, [run_row])  # the commit marker: written last
+    return {"node_key": node.key, "kind": node.kind, "status": status, "error": error,
+            "artifact_uri": artifact, "result_json": run_row["result_json"]}

@@ -1,0 +1,110 @@
+"""Expand a validated sweep config into the task graph.
+
+    model ─► quantize(method) ─► build(method, engine shape) ─┬─► evaluate(shard of MMLU subjects)
+                                                              └─► profile(batch size)
+
+Quantize runs once per (model, method), build once per (model, method, engine shape), and every
+evaluate/profile cell hangs off its engine.  A node's key is a hash of its kind, everything in its own
+config that changes its result, its upstream keys and the result schema version; reruns with the same
+inputs therefore find the stored result, and changing one method's group size re-runs exactly that
+method's branch.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from orchestrator.schema import SCHEMA_VERSION
+
+KINDS = ("model", "quantize", "build", "evaluate", "profile")
+
+
+@dataclass(frozen=True)
+class Node:
+    key: str
+    kind: str
+    config: dict[str, Any]  # everything the task needs, JSON-able
+    upstream: tuple[str, ...]
+    needs_gpu: bool
+    labels: dict[str, Any] = field(default_factory=dict)  # model/method/backend/batch_size/shard/subjects
+
+    def describe(self) -> str:
+        parts = [self.kind] + [f"{k}={v}" for k, v in self.labels.items()
+                               if k in ("method", "batch_size", "shard") and v is not None]
+        return " ".join(parts)
+
+
+@dataclass
+class SweepPlan:
+    nodes: dict[str, Node]  # insertion order is a topological order
+
+    def by_kind(self, kind: str) -> list[Node]:
+        return [n for n in self.nodes.values() if n.kind == kind]
+
+    def downstream(self, key: str) -> list[Node]:
+        """Every node that (transitively) depends on ``key``."""
+        hit, out = {key}, []
+        for node in self.nodes.values():
+            if hit.intersection(node.upstream):
+                hit.add(node.key)
+                out.append(node)
+        return out
+
+
+def node_key(kind: str, config: dict[str, Any], upstream: tuple[str, ...]) -> str:
+    payload = json.dumps({"kind": kind, "config": config, "upstream": list(upstream),
+                          "schema_version": SCHEMA_VERSION}, sort_keys=True, default=str)
+    return f"{kind}-{hashlib.sha256(payload.encode()).hexdigest()[:16]}"
+
+
+def shard_subjects(subjects: list[str], num_shards: int) -> list[list[str]]:
+    """Round-robin over the sorted subjects: deterministic, and big/small subjects spread evenly."""
+    ordered = sorted(subjects)
+    return [ordered[i::num_shards] for i in range(num_shards) if ordered[i::num_shards]]
+
+
+def _needs_gpu_quantize(method: dict[str, Any]) -> bool:
+    # Calibration-based methods run forward passes: give them the GPU when the cluster has one.
+    return method["algorithm"] in ("awq", "gptq", "fp8")
+
+
+def plan_sweep(cfg: dict[str, Any]) -> SweepPlan:
+    """``cfg`` is the resolved, validated config as a plain dict (see :func:`orchestrator.validate.validate`)."""
+    sweep, model_cfg, backend, ev = cfg["sweep"], cfg["model"], cfg["backend"], cfg["eval"]
+    hardware = {"accelerator_type": cfg["cluster"].get("accelerator_type"), "device": backend["device"]}
+    nodes: dict[str, Node] = {}
+
+    def add(kind: str, config: dict[str, Any], upstream: tuple[str, ...], needs_gpu: bool,
+            labels: dict[str, Any]) -> Node:
+        node = Node(node_key(kind, config, upstream), kind, config, upstream, needs_gpu,
+                    {"model": model_cfg["name"], **labels})
+        nodes.setdefault(node.key, node)
+        return node
+
+    model_node = add("model", {"model": {k: v for k, v in model_cfg.items() if k != "note"}}, (), False, {})
+    shape = {"max_batch_size": max(sweep["batch_sizes"]), "max_input_len": sweep["input_len"],
+             "max_seq_len": sweep["input_len"] + sweep["output_len"]}
+    shards = shard_subjects(cfg["subjects_resolved"], sweep["num_shards"])
+
+    for method_name in sweep["methods"]:
+        method = cfg["methods"][method_name]
+        labels = {"method": method_name, "backend": backend["name"]}
+        quant = add("quantize", {"method": method, "seed": sweep["seed"]}, (model_node.key,),
+                    _needs_gpu_quantize(method), labels)
+        build = add("build", {"backend": backend["name"], "options": backend["options"], "shape": shape,
+                              "method": method, "hardware": hardware},
+                    (quant.key,), backend["name"] != "torch", labels)
+        if "evaluate" in sweep["stages"]:
+            for index, subjects in enumerate(shards):
+                add("evaluate", {"shard": index, "subjects": subjects, "eval": ev, "hardware": hardware,
+                                 "seed": sweep["seed"]},
+                    (build.key,), True, {**labels, "shard": index, "subjects": subjects})
+        if "profile" in sweep["stages"]:
+            for batch_size in sweep["batch_sizes"]:
+                add("profile", {"batch_size": batch_size, "input_len": sweep["input_len"],
+                                "output_len": sweep["output_len"], "warmup": sweep["warmup"],
+                                "repeats": sweep["repeats"], "hardware": hardware, "seed": sweep["seed"]},
+                    (build.key,), True, {**labels, "batch_size": batch_size})
+    return SweepPlan(nodes)

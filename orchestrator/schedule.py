@@ -1,0 +1,194 @@
+"""Run a plan on Ray: one task per node, dependencies as object refs, stored results reused.
+
+GPU nodes ask for ``cluster.gpus_per_task`` GPUs plus the configured accelerator type and custom
+resources, so they land only on matching nodes and each sees only its own GPU (Ray sets
+CUDA_VISIBLE_DEVICES); they run in fresh worker processes (``max_calls=1``) so GPU memory and peak
+memory readings never leak from one cell into the next.  Ray retries a task whose worker or node died
+(``max_retries``); an exception inside a task is not retried - it is a result, recorded as a row.  When a
+task is lost for good (retries spent, Ray's memory monitor killed it) the driver writes its row, and the
+nodes below it are marked skipped.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from orchestrator.plan import Node, SweepPlan
+from orchestrator.progress import SweepProgress
+from orchestrator.store import ResultStore
+
+log = logging.getLogger("quantsweep")
+
+
+@dataclass
+class SweepOutcome:
+    results: dict[str, dict[str, Any]] = field(default_factory=dict)  # node_key -> summary
+    reused: set[str] = field(default_factory=set)
+    ran: set[str] = field(default_factory=set)
+    wall_s: float = 0.0
+    plan: SweepPlan | None = None
+
+    @property
+    def all_ok(self) -> bool:
+        return all(r["status"] == "ok" for r in self.results.values())
+
+
+def _artifact_present(row: dict[str, Any]) -> bool:
+    uri = row.get("artifact_uri")
+    return uri is None or "://" in uri or Path(uri).exists()
+
+
+def select_nodes_to_run(plan: SweepPlan, stored: dict[str, dict], rerun: str) -> tuple[list[Node], dict[str, dict]]:
+    """Which nodes run now, and the stored summaries of those reused.
+
+    rerun=none reuses every stored node; failed also re-runs failed/oom/skipped ones; all re-runs
+    everything.  A stored node whose artifact vanished is re-run, and so is anything below a node that
+    runs again unless its own stored result is ok (its rows do not depend on where the artifact lives).
+    """
+    to_run, reused = [], {}
+    for node in plan.nodes.values():
+        row = stored.get(node.key)
+        again = (row is None or rerun == "all" or (rerun == "failed" and row["status"] != "ok")
+                 or (row["status"] == "ok" and not _artifact_present(row)))
+        if again:
+            to_run.append(node)
+        else:
+            reused[node.key] = {**row, "kind": node.kind}
+    return to_run, reused
+
+
+def _init_ray(cluster: dict[str, Any]) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # local clusters here need no token auth
+    runtime_env = dict(cluster.get("runtime_env") or {})
+    if cluster.get("address"):
+        ray.init(address=cluster["address"], runtime_env=runtime_env or None, log_to_driver=True)
+    else:
+        ray.init(num_cpus=cluster.get("num_cpus"), num_gpus=cluster.get("num_gpus"),
+                 include_dashboard=cluster.get("include_dashboard", False),
+                 runtime_env=runtime_env or None, log_to_driver=True)
+
+
+def task_options(node: Node, cluster: dict[str, Any], cluster_gpus: float) -> dict[str, Any]:
+    """Ray resource options of one node's task."""
+    options: dict[str, Any] = {"num_cpus": cluster["cpus_per_task"], "max_retries": cluster["max_retries"],
+                               "retry_exceptions": False}
+    gpus = cluster.get("gpus_per_task")
+    if gpus is None:
+        gpus = 1 if cluster_gpus > 0 else 0
+    if node.needs_gpu and gpus > 0:
+        options["num_gpus"] = gpus
+        if cluster.get("accelerator_type"):
+            options["accelerator_type"] = cluster["accelerator_type"]
+        if cluster.get("resources"):
+            options["resources"] = dict(cluster["resources"])
+    if node.kind in ("quantize", "evaluate", "profile"):
+        options["max_calls"] = 1  # a fresh process per cell: clean GPU memory and memory peaks
+    return options
+
+
+def _remote_execute(node: Node, cfg: dict[str, Any], board: Any, *upstream: dict[str, Any]) -> dict[str, Any]:
+    """Body of the Ray task; upstream results arrive resolved (Ray waited for them)."""
+    from orchestrator.execute import execute_node
+
+    return execute_node(node, list(upstream), cfg, on_start=lambda: board.started.remote(node.key))
+
+
+def _progress_board() -> Any:
+    import ray
+
+    @ray.remote(num_cpus=0)
+    class ProgressBoard:
+        """Tasks report when they start, so the driver can show what is running, not just queued."""
+
+        def __init__(self) -> None:
+            self.running: set[str] = set()
+
+        def started(self, key: str) -> None:
+            self.running.add(key)
+
+        def snapshot(self) -> set[str]:
+            return set(self.running)
+
+    return ProgressBoard.remote()
+
+
+def _lost_task_row(node: Node, cfg: dict[str, Any], err: BaseException, status: str) -> dict[str, Any]:
+    """Record a node Ray could not run (worker died after retries, killed by Ray's OOM monitor)."""
+    from datetime import datetime, timezone
+
+    from orchestrator.execute import versions
+    from orchestrator.schema import SCHEMA_VERSION
+
+    now = datetime.now(timezone.utc)
+    row = {"schema_version": SCHEMA_VERSION, "sweep_name": cfg["sweep"]["name"], "node_key": node.key,
+           "kind": node.kind, "status": status, "error": f"{type(err).__name__}: {str(err)[:3000]}",
+           "model": node.labels.get("model"), "method": node.labels.get("method"),
+           "backend": node.labels.get("backend"), "batch_size": node.labels.get("batch_size"),
+           "shard": node.labels.get("shard"), "subjects": node.labels.get("subjects"),
+           "upstream_keys": list(node.upstream), "started_at": now, "finished_at": now,
+           "versions_json": str(versions())}
+    ResultStore(cfg["store"]["uri"]).write("runs", node.key, [row])
+    return {"node_key": node.key, "kind": node.kind, "status": status, "error": row["error"],
+            "artifact_uri": None, "result_json": "{}"}
+
+
+def run_sweep(plan: SweepPlan, cfg: dict[str, Any]) -> SweepOutcome:
+    start = time.perf_counter()
+    store = ResultStore(cfg["store"]["uri"])
+    to_run, reused = select_nodes_to_run(plan, store.finished_nodes(), cfg["sweep"]["rerun"])
+    outcome = SweepOutcome(results=dict(reused), reused=set(reused), plan=plan)
+    progress = SweepProgress(plan, reused)
+    if not to_run:
+        log.info("all %d nodes already in the store %s; nothing to run", len(plan.nodes), store.uri)
+        outcome.wall_s = time.perf_counter() - start
+        return outcome
+
+    import ray
+    from ray.exceptions import OutOfMemoryError, RayError
+
+    _init_ray(cfg["cluster"])
+    cluster_gpus = ray.cluster_resources().get("GPU", 0)
+    remote = ray.remote(_remote_execute)
+    board = _progress_board()
+    cfg_ref = ray.put(cfg)
+    refs: dict[str, Any] = {}
+    node_of_ref: dict[Any, Node] = {}
+    for node in to_run:  # plan order is topological: upstream refs exist before their consumers
+        upstream = [refs[k] if k in refs else outcome.results[k] for k in node.upstream]
+        ref = remote.options(**task_options(node, cfg["cluster"], cluster_gpus),
+                             name=f"quantsweep:{node.describe()}").remote(node, cfg_ref, board, *upstream)
+        refs[node.key] = ref
+        node_of_ref[ref] = node
+
+    pending = list(node_of_ref)
+    with progress.live():
+        while pending:
+            done, pending = ray.wait(pending, num_returns=1, timeout=1.0)
+            for ref in done:
+                node = node_of_ref[ref]
+                try:
+                    result = ray.get(ref)
+                except OutOfMemoryError as err:
+                    result = _lost_task_row(node, cfg, err, "oom")
+                except RayError as err:
+                    upstream_lost = [k for k in node.upstream
+                                     if k in outcome.results and outcome.results[k]["status"] != "ok"]
+                    status = "skipped" if upstream_lost else "failed"
+                    result = _lost_task_row(node, cfg, err, status)
+                outcome.results[node.key] = result
+                outcome.ran.add(node.key)
+                progress.finished(node.key, result["status"])
+            try:
+                progress.set_running(ray.get(board.snapshot.remote(), timeout=5))
+            except RayError:
+                pass
+    outcome.wall_s = time.perf_counter() - start
+    return outcome

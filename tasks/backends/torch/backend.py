@@ -1,0 +1,42 @@
+"""The PyTorch backend: no separate engine format, so ``build`` records what ``load`` will run.
+
+On CUDA devices ``load`` returns the fast engine (static KV cache, CUDA graphs, int4 kernels,
+:mod:`tasks.backends.torch.cuda`); everywhere else, and whenever ``options.engine=hf`` is set, the
+transformers reference engine (:mod:`tasks.backends.torch.hf_engine`).
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from tasks.backends.base import Backend, Engine, EngineShape
+
+MANIFEST = "quantsweep_engine.json"
+
+
+class TorchBackend(Backend):
+    name = "torch"
+
+    def build(self, checkpoint_dir: Path, engine_dir: Path, shape: EngineShape,
+              method: dict[str, Any], options: dict[str, Any]) -> dict[str, Any]:
+        manifest = {"backend": self.name, "checkpoint_dir": str(checkpoint_dir), "shape": asdict(shape),
+                    "method": method, "options": options}
+        engine_dir.mkdir(parents=True, exist_ok=True)
+        (engine_dir / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
+        return {"checkpoint_dir": str(checkpoint_dir), "shape": asdict(shape)}
+
+    def load(self, engine_dir: Path, device: str, options: dict[str, Any]) -> Engine:
+        manifest = json.loads((engine_dir / MANIFEST).read_text())
+        checkpoint_dir = Path(manifest["checkpoint_dir"])
+        options = {**manifest["options"], **options, "shape": manifest["shape"], "method": manifest["method"]}
+        if device.startswith("cuda") and options.get("engine", "fast") == "fast":
+            from tasks.backends.torch.cuda.engine import load_cuda_engine
+
+            return load_cuda_engine(checkpoint_dir, device, options)
+        from tasks.backends.torch.hf_engine import HFEngine
+
+        # bf16/fp16 matmuls are slow on CPUs without AMX; the CPU reference computes in float32 by default.
+        dtype = options.get("cpu_dtype", "float32") if device == "cpu" else manifest["method"]["dtype"]
+        return HFEngine(checkpoint_dir, device, dtype)

