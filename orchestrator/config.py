@@ -87,6 +87,8 @@ class ClusterConfig:
     resources: dict[str, float] = field(default_factory=dict)
     max_retries: int = 2  # retries for transient failures (a dead worker or node)
     include_dashboard: bool = False
+    #: stream every task's stdout/stderr to the driver (errors are always stored in the runs rows).
+    show_task_logs: bool = False
     runtime_env: dict[str, Any] = field(default_factory=dict)
 
 

@@ -26,11 +26,11 @@ from typing import Any
 
 import pandas as pd
 import pyarrow as pa
-import pyarrow.dataset as pads
-import pyarrow.fs as pafs
 
 from orchestrator import report_figures as figs
+from orchestrator.store import ResultStore
 from orchestrator.schema import STATUSES, TABLES
+from tasks.mmlu.categories import CATEGORIES, SUBCATEGORIES, SUBJECTS
 
 log = logging.getLogger("quantsweep.report")
 
@@ -41,29 +41,17 @@ _GIB = 1024 ** 3
 
 
 # --------------------------------------------------------------------------------------------- reading
+#: Columns the report never reads: per-choice scores and generated text are most of a predictions file.
+_SKIP_COLUMNS = {"mmlu_predictions": {"choice_scores", "generation"}}
+
+
 def read_table(store_uri: str, table: str) -> pa.Table:
-    """All rows of one store table, read with its schema; an absent table is an empty one.
+    """All rows of one store table (the columns the report uses), read with the table's schema.
 
-    The only place the report touches the store, so switching to ``orchestrator.store`` is one edit.
+    The only place the report touches the store; an absent table reads as an empty one.
     """
-    try:
-        from orchestrator.store import ResultStore  # the lead's store, when it exists
-    except ImportError:
-        ResultStore = None  # noqa: N806
-    if ResultStore is not None:
-        return ResultStore(store_uri).read(table)
-    schema = TABLES[table]
-    fs, root = pafs.FileSystem.from_uri(_as_uri(store_uri))
-    path = f"{root.rstrip('/')}/{table}"
-    if fs.get_file_info(path).type != pafs.FileType.Directory:
-        return schema.empty_table()
-    # ignore_prefixes (default "." and "_") skips temp files of writers still running.
-    return pads.dataset(path, filesystem=fs, format="parquet", schema=schema).to_table()
-
-
-def _as_uri(store_uri: str) -> str:
-    """Local paths (relative ones too) as absolute paths; URIs with a scheme unchanged."""
-    return store_uri if "://" in store_uri else str(Path(store_uri).resolve())
+    columns = [c for c in TABLES[table].names if c not in _SKIP_COLUMNS.get(table, set())]
+    return ResultStore(store_uri).read(table, columns=columns)
 
 
 @dataclass
@@ -93,6 +81,12 @@ def load_store(store_uri: str, sweep_name: str | None = None) -> StoreData:
                          "shown together (pass --sweep NAME for one).")
     _add_series(frames)
     preds = frames["mmlu_predictions"]
+    unknown = sorted(set(preds["subject"].dropna()) - set(SUBJECTS))
+    if unknown or preds["subject"].isna().any():
+        bad = ~preds["subject"].isin(SUBJECTS)
+        notes.append(f"{int(bad.sum())} MMLU predictions with subjects outside the 57 of MMLU "
+                     f"({', '.join(map(str, unknown)) or 'null'}) were left out.")
+        preds = preds[~bad].reset_index(drop=True)
     if len(preds):
         preds, dropped = _dedupe_predictions(preds, frames["runs"])
         if dropped:
@@ -182,8 +176,9 @@ def baseline_method(data: StoreData, configs: list[dict]) -> str | None:
     return next((n for n in _BASELINE_NAMES if n in seen), None)
 
 
-def series_order(df: pd.DataFrame, methods: list[str]) -> list[str]:
-    """Series sorted by their method's position in the sweep, then by name."""
+def series_order(df: pd.DataFrame, methods: list[str], baseline: str | None) -> list[str]:
+    """Series sorted by their method's position in the sweep (the baseline first), then by name."""
+    methods = ([baseline] if baseline in methods else []) + [m for m in methods if m != baseline]
     rank = {m: i for i, m in enumerate(methods)}
     pairs = df[["series", "method"]].drop_duplicates()
     pairs = pairs.assign(_r=pairs["method"].map(rank).fillna(len(rank)))
@@ -201,6 +196,21 @@ def accuracy_tables(preds: pd.DataFrame) -> pd.DataFrame:
     rows = preds.drop(columns=["method"]).rename(columns={"series": "method"})
     acc = stats.accuracy_table(rows, by=("method",))
     return acc.rename(columns={"method": "series"})
+
+
+def _ordered(df: pd.DataFrame, order: list[str], group_col: str | None = "group") -> pd.DataFrame:
+    """Rows in series order, then MMLU's own group order (categories, subcategories, subjects)."""
+    if df.empty:
+        return df
+    series_rank = {s: i for i, s in enumerate(order)}
+    group_rank = {g: i for names in (CATEGORIES, SUBCATEGORIES, SUBJECTS) for i, g in enumerate(names)}
+    keys = {"_s": df["series"].map(series_rank).fillna(len(order))}
+    if group_col:
+        keys["_g"] = df[group_col].map(group_rank).fillna(len(group_rank))
+    sort_by = ["_s", "series"] + (["_g", group_col] if group_col else [])
+    if "batch_size" in df:
+        sort_by.append("batch_size")
+    return df.assign(**keys).sort_values(sort_by, kind="stable").drop(columns=list(keys)).reset_index(drop=True)
 
 
 def significance_table(preds: pd.DataFrame) -> pd.DataFrame:
@@ -278,7 +288,8 @@ def failures_table(runs: pd.DataFrame) -> pd.DataFrame:
     bad = latest[latest["status"] != "ok"]
     cols = ["kind", "status", "model", "method", "backend", "batch_size", "shard", "device", "gpu_name",
             "attempt", "error", "node_key"]
-    return bad[cols].sort_values(["status", "kind", "method", "batch_size", "shard"]).reset_index(drop=True)
+    out = bad[cols].sort_values(["status", "kind", "method", "batch_size", "shard"]).reset_index(drop=True)
+    return out.astype({"batch_size": "Int64", "shard": "Int64", "attempt": "Int64"})
 
 
 def missing_table(data: StoreData, configs: list[dict], methods: list[str]) -> pd.DataFrame:
@@ -329,7 +340,8 @@ def missing_table(data: StoreData, configs: list[dict], methods: list[str]) -> p
             elif m not in set(data.predictions["method"]):
                 rows.append({"table": "mmlu_predictions", "method": m, "batch_size": None, "shard": None,
                              "reason": "no predictions"})
-    return pd.DataFrame(rows, columns=["table", "method", "batch_size", "shard", "reason"])
+    out = pd.DataFrame(rows, columns=["table", "method", "batch_size", "shard", "reason"])
+    return out.astype({"batch_size": "Int64", "shard": "Int64"})
 
 
 # ------------------------------------------------------------------------------------------ provenance
@@ -346,6 +358,8 @@ def provenance(data: StoreData, configs: list[dict]) -> list[tuple[str, str]]:
         ("Experiment", next((str(c["experiment"]) for c in configs if c.get("experiment")), "—")),
         ("Sweep", ", ".join(data.sweep_names) or "—"),
         ("Model", distinct(pd.concat([runs[["model"]], tp[["model"]], preds[["model"]]]), "model")),
+        ("Model source (model node config)", _model_sources(configs)),
+        ("Methods (quantize node configs)", _method_configs(configs)),
         ("Hardware (GPU / device)", _hardware(runs, tp, mem)),
         ("Driver", distinct(tp, "driver_version")),
         ("Hosts", distinct(runs, "hostname")),
@@ -366,15 +380,38 @@ def provenance(data: StoreData, configs: list[dict]) -> list[tuple[str, str]]:
     return items
 
 
+def _model_sources(configs: list[dict]) -> str:
+    seen = []
+    for cfg in configs:
+        model = cfg.get("model")
+        if isinstance(model, dict) and "source" in model:
+            where = [str(model[k]) for k in ("path", "package", "gguf_file") if model.get(k)]
+            text = f"{model.get('name', '?')}: {' '.join([str(model['source']), *where])}, " \
+                   f"dtype {model.get('dtype', '?')}"
+            if text not in seen:
+                seen.append(text)
+    return "; ".join(seen) or "—"
+
+
+def _method_configs(configs: list[dict]) -> str:
+    """Each method's algorithm, bits, group size and symmetry, as its quantize node recorded them."""
+    seen: dict[str, str] = {}
+    for cfg in configs:
+        method = cfg.get("method")
+        if isinstance(method, dict) and method.get("name") is not None:
+            parts = [f"{k}={method[k]}" for k in ("algorithm", "bits", "group_size", "symmetric", "dtype")
+                     if method.get(k) is not None]
+            seen.setdefault(str(method["name"]), ", ".join(parts))
+    return "; ".join(f"{name}: {desc}" for name, desc in seen.items()) or "—"
+
+
 def _hardware(runs: pd.DataFrame, tp: pd.DataFrame, mem: pd.DataFrame) -> str:
-    """Distinct (gpu_name, device) pairs; CPU nodes have no GPU name."""
-    both = pd.concat([df[["gpu_name", "device"]] for df in (runs, tp, mem)]).drop_duplicates()
-    parts = []
-    for r in both.itertuples():
-        if pd.isna(r.device) and pd.isna(r.gpu_name):
-            continue
-        parts.append(f"{r.gpu_name} ({r.device})" if pd.notna(r.gpu_name) and r.gpu_name else f"{r.device}")
-    return "; ".join(sorted(set(parts))) or "—"
+    """Distinct devices with their GPU (or CPU) name; a bare device is listed only if never named."""
+    both = pd.concat([df[["gpu_name", "device"]] for df in (runs, tp, mem)]).dropna(subset=["device"])
+    named = both.dropna(subset=["gpu_name"]).drop_duplicates()
+    parts = {f"{r.gpu_name} ({r.device})" for r in named.itertuples()}
+    parts |= {str(d) for d in set(both["device"]) - set(named["device"])}
+    return "; ".join(sorted(parts)) or "—"
 
 
 def _per_method(df: pd.DataFrame, col: str) -> str:
@@ -435,6 +472,56 @@ def _render(context: dict[str, str]) -> str:
 
 
 # --------------------------------------------------------------------------------------------- build
+@dataclass
+class Results:
+    """Everything the page shows, computed once from the store; the CSVs are these tables."""
+
+    data: StoreData
+    configs: list[dict]
+    baseline: str | None
+    order: list[str]  # series, in plotting order
+    accuracy: dict[str, pd.DataFrame]  # level -> accuracy rows of that level
+    mcnemar: pd.DataFrame
+    significant: pd.DataFrame
+    throughput: pd.DataFrame
+    memory: pd.DataFrame
+    tradeoff: pd.DataFrame
+    failed: pd.DataFrame
+    missing: pd.DataFrame
+
+    def tables(self) -> dict[str, pd.DataFrame]:
+        return {**{f"accuracy_{lvl}": df for lvl, df in self.accuracy.items()},
+                "mcnemar_all": self.mcnemar, "significant_differences": self.significant,
+                "throughput": self.throughput, "memory": self.memory, "tradeoff": self.tradeoff,
+                "failed_cells": self.failed, "missing": self.missing}
+
+    @property
+    def devices(self) -> set[str]:
+        return set(self.data.throughput["device"].dropna().astype(str))
+
+
+def compute(store_uri: str, sweep_name: str | None = None) -> Results:
+    """Read the store and compute every table of the report."""
+    data = load_store(store_uri, sweep_name)
+    configs = node_configs(data.runs)
+    methods = method_order(data, configs)
+    baseline = baseline_method(data, configs)
+    labelled = pd.concat([df[["series", "method"]] for df in
+                          (data.predictions, data.throughput, data.memory, data.runs)])
+    order = series_order(labelled, methods, baseline)
+    acc = accuracy_tables(data.predictions)
+    by_level = {lvl: _ordered(acc[acc["level"] == lvl], order) if len(acc) else acc
+                for lvl in ("overall", "category", "subcategory", "subject")}
+    mcnemar = significance_table(data.predictions)
+    tput = _ordered(throughput_table(data.throughput, baseline), order, None)
+    return Results(
+        data=data, configs=configs, baseline=baseline, order=order, accuracy=by_level, mcnemar=mcnemar,
+        significant=mcnemar[mcnemar["significant"]].reset_index(drop=True) if len(mcnemar) else mcnemar,
+        throughput=tput, memory=_ordered(memory_table(data.memory), order, None),
+        tradeoff=_ordered(tradeoff_table(acc, tput), order, None),
+        failed=failures_table(data.runs), missing=missing_table(data, configs, methods))
+
+
 def build_report(store_uri: str, out_dir: Path, sweep_name: str | None = None) -> Path:
     """Write the report of the store at ``store_uri`` into ``out_dir``; returns the HTML file's path."""
     out_dir = Path(out_dir)
@@ -442,137 +529,126 @@ def build_report(store_uri: str, out_dir: Path, sweep_name: str | None = None) -
     fig_dir.mkdir(parents=True, exist_ok=True)
     tab_dir.mkdir(parents=True, exist_ok=True)
 
-    data = load_store(store_uri, sweep_name)
-    configs = node_configs(data.runs)
-    methods = method_order(data, configs)
-    baseline = baseline_method(data, configs)
-    order = series_order(pd.concat([df[["series", "method"]] for df in
-                                    (data.predictions, data.throughput, data.memory, data.runs)]), methods)
-
-    acc = accuracy_tables(data.predictions)
-    sig_all = significance_table(data.predictions)
-    significant = sig_all[sig_all["significant"]] if len(sig_all) else sig_all
-    tput = throughput_table(data.throughput, baseline)
-    mem = memory_table(data.memory)
-    trade = tradeoff_table(acc, tput)
-    failed = failures_table(data.runs)
-    missing = missing_table(data, configs, methods)
-
-    by_level = {lvl: acc[acc["level"] == lvl].reset_index(drop=True) if len(acc) else acc
-                for lvl in ("overall", "category", "subcategory", "subject")}
-    tables = {"accuracy_overall": by_level["overall"], "accuracy_category": by_level["category"],
-              "accuracy_subcategory": by_level["subcategory"], "accuracy_subject": by_level["subject"],
-              "mcnemar_all": sig_all, "significant_differences": significant, "throughput": tput,
-              "memory": mem, "tradeoff": trade, "failed_cells": failed, "missing": missing}
-    for name, df in tables.items():
+    res = compute(store_uri, sweep_name)
+    for name, df in res.tables().items():
         df.to_csv(tab_dir / f"{name}.csv", index=False)
-
-    devices = set(data.throughput["device"].dropna().astype(str))
     made = {
-        "accuracy_category": figs.accuracy_bars(by_level["category"], order, fig_dir / "accuracy_category",
+        "accuracy_category": figs.accuracy_bars(res.accuracy["category"], res.order,
+                                                fig_dir / "accuracy_category",
                                                 "MMLU accuracy by category (95% CI)"),
-        "accuracy_subcategory": figs.accuracy_bars(by_level["subcategory"], order,
+        "accuracy_subcategory": figs.accuracy_bars(res.accuracy["subcategory"], res.order,
                                                    fig_dir / "accuracy_subcategory",
                                                    "MMLU accuracy by subcategory (95% CI)", wide=True),
-        "throughput": figs.throughput_lines(tput, order, fig_dir / "throughput", baseline),
-        "memory": figs.memory_lines(mem, order, fig_dir / "memory"),
-        "tradeoff": figs.tradeoff_scatter(trade, order, fig_dir / "tradeoff"),
-        "energy": figs.energy_lines(tput, order, fig_dir / "energy", devices),
+        "throughput": figs.throughput_lines(res.throughput, res.order, fig_dir / "throughput", res.baseline),
+        "memory": figs.memory_lines(res.memory, res.order, fig_dir / "memory"),
+        "tradeoff": figs.tradeoff_scatter(res.tradeoff, res.order, fig_dir / "tradeoff"),
+        "energy": figs.energy_lines(res.throughput, res.order, fig_dir / "energy", res.devices),
     }
-
-    context = _sections(data, store_uri, acc, by_level, tput, mem, trade, significant, sig_all, failed,
-                        missing, made, configs, baseline, devices)
     html_path = out_dir / "report.html"
-    html_path.write_text(_render(context), encoding="utf-8")
+    html_path.write_text(_render(_sections(res, store_uri, made)), encoding="utf-8")
+    log.info("report of %s written to %s", store_uri, html_path)
     return html_path
 
 
-def _sections(data: StoreData, store_uri: str, acc: pd.DataFrame, by_level: dict[str, pd.DataFrame],
-              tput: pd.DataFrame, mem: pd.DataFrame, trade: pd.DataFrame, significant: pd.DataFrame,
-              sig_all: pd.DataFrame, failed: pd.DataFrame, missing: pd.DataFrame,
-              made: dict[str, figs.Figure | None], configs: list[dict], baseline: str | None,
-              devices: set[str]) -> dict[str, str]:
-    """The template's fields: one HTML fragment per section, each saying what is missing."""
-    acc_series = set(acc["series"]) if len(acc) else set()
-    tp_series = set(tput["series"]) if len(tput) else set()
-    mem_series = set(mem["series"]) if len(mem) else set()
-    missing_notes = []
-    for s in sorted(acc_series - tp_series):
-        missing_notes.append(f"{s}: accuracy rows but no throughput rows (missing).")
-    for s in sorted(tp_series - acc_series):
-        missing_notes.append(f"{s}: throughput rows but no MMLU predictions (missing).")
-    for s in sorted(tp_series ^ mem_series):
-        missing_notes.append(f"{s}: only one of throughput / memory rows present (missing the other).")
+def _missing_notes(res: Results) -> list[str]:
+    """Series present in one kind of result but not another (e.g. evaluated but not yet profiled)."""
+    def series(df: pd.DataFrame) -> set[str]:
+        return set(df["series"]) if len(df) else set()
 
-    fmt = lambda df, cols: df[[c for c in cols if c in df]] if len(df) else df  # noqa: E731
-    acc_cols = ["series", "group", "n", "correct", "accuracy", "ci_low", "ci_high"]
-    n_pred = len(data.predictions)
-    status_counts = data.runs["status"].value_counts().to_dict() if len(data.runs) else {}
-    summary = (f"{len(data.runs)} runs rows ({', '.join(f'{k}: {v}' for k, v in sorted(status_counts.items())) or 'none'}), "
-               f"{n_pred} MMLU predictions, {len(data.throughput)} throughput rows, {len(data.memory)} memory rows.")
-    unknown = sorted(set(status_counts) - set(STATUSES))
+    acc, tp, mem = series(res.accuracy["overall"]), series(res.throughput), series(res.memory)
+    notes = [f"{s}: accuracy rows but no throughput rows (missing)." for s in sorted(acc - tp)]
+    notes += [f"{s}: throughput rows but no MMLU predictions (missing)." for s in sorted(tp - acc)]
+    notes += [f"{s}: only one of throughput / memory rows present (missing the other)."
+              for s in sorted(tp ^ mem)]
+    if not len(res.data.runs):
+        notes.append("The store has no runs rows yet: no node has finished.")
+    return notes
+
+
+def _summary(data: StoreData) -> str:
+    counts = data.runs["status"].value_counts().to_dict() if len(data.runs) else {}
+    text = (f"{len(data.runs)} runs rows ({', '.join(f'{k}: {v}' for k, v in sorted(counts.items())) or 'none'}), "
+            f"{len(data.predictions)} MMLU predictions, {len(data.throughput)} throughput rows, "
+            f"{len(data.memory)} memory rows.")
+    unknown = sorted(set(counts) - set(STATUSES))
     if unknown:
-        summary += f" Statuses outside {STATUSES}: {', '.join(unknown)}."
+        text += f" Statuses outside {STATUSES}: {', '.join(unknown)}."
+    return text
 
+
+def _columns(df: pd.DataFrame, cols: list[str]) -> pd.DataFrame:
+    return df[[c for c in cols if c in df]] if len(df) else df
+
+
+def _sections(res: Results, store_uri: str, made: dict[str, figs.Figure | None]) -> dict[str, str]:
+    """The template's fields: one HTML fragment per section, each saying what is missing."""
+    tput, devices, baseline = res.throughput, res.devices, res.baseline
     energy_note = ""
     if len(tput) == 0 or tput["energy_j_per_token"].isna().all():
         energy_note = ("Energy per token: not measured on CPU (no NVML energy counter)."
                        if devices and all(d == "cpu" for d in devices)
                        else "Energy per token: not measured (no throughput rows or no NVML energy counter).")
     speed_note = (f"Speed-up is relative to <b>{html.escape(baseline)}</b> at the same batch size, engine and "
-                  "input/output lengths; tokens/s is the median over repeats as the rows' method note says."
+                  "input/output lengths; tokens/s is the median over the rows of a cell (each row itself a "
+                  "median over repeats, as the rows' method note says)."
                   if baseline else "No unquantized baseline method found, so no speed-ups are shown.")
-
-    ctx = {
-        "title": "quantsweep report" + (f": {html.escape(', '.join(data.sweep_names))}" if data.sweep_names else ""),
+    sweeps = ", ".join(res.data.sweep_names)
+    wide = {lvl: _table_html(_accuracy_wide(df, res.order, lvl)) for lvl, df in res.accuracy.items()}
+    return {
+        "title": "quantsweep report" + (f": {html.escape(sweeps)}" if sweeps else ""),
         "generated": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "store_uri": html.escape(store_uri),
-        "summary": html.escape(summary),
-        "notes": _notes_html(data.notes),
+        "summary": html.escape(_summary(res.data)),
+        "notes": _notes_html(res.data.notes),
         "provenance": "<table class=\"tbl kv\">" + "".join(
-            f"<tr><th>{html.escape(k)}</th><td>{html.escape(v)}</td></tr>" for k, v in provenance(data, configs))
-        + "</table>",
-        "accuracy_overall": _table_html(fmt(by_level["overall"], acc_cols)),
+            f"<tr><th>{html.escape(k)}</th><td>{html.escape(v)}</td></tr>"
+            for k, v in provenance(res.data, res.configs)) + "</table>",
+        "accuracy_overall": wide["overall"],
         "fig_category": _figure_html(made["accuracy_category"], "Accuracy by MMLU category, one bar per method"),
-        "table_category": _table_html(fmt(by_level["category"], acc_cols)),
+        "table_category": wide["category"],
         "fig_subcategory": _figure_html(made["accuracy_subcategory"], "Accuracy by the 17 MMLU subcategories"),
-        "table_subcategory": _table_html(fmt(by_level["subcategory"], acc_cols)),
-        "table_subject": _table_html(_subject_wide(by_level["subject"])),
+        "table_subcategory": wide["subcategory"],
+        "table_subject": wide["subject"],
         "fig_throughput": _figure_html(made["throughput"], "Output tokens/s against batch size"),
         "speed_note": speed_note,
-        "table_throughput": _table_html(fmt(tput, ["series", "batch_size", "input_len", "output_len",
-                                                   "output_tokens_per_s", "decode_tokens_per_s", "ttft_s",
-                                                   "itl_median_s", "speedup_vs_baseline", "device", "n_rows"])),
+        "table_throughput": _table_html(_columns(tput, [
+            "series", "batch_size", "input_len", "output_len", "output_tokens_per_s", "decode_tokens_per_s",
+            "ttft_s", "itl_median_s", "speedup_vs_baseline", "device", "n_rows"])),
         "fig_memory": _figure_html(made["memory"], "Peak memory against batch size"),
-        "table_memory": _table_html(fmt(mem, ["series", "batch_size", "device", "memory_measure",
-                                              "peak_memory_gib", "weights_memory_bytes", "kv_cache_bytes",
-                                              "peak_allocator_memory_bytes", "n_rows"])),
+        "table_memory": _table_html(_columns(res.memory, [
+            "series", "batch_size", "device", "memory_measure", "peak_memory_gib", "weights_memory_bytes",
+            "kv_cache_bytes", "peak_allocator_memory_bytes", "n_rows"])),
         "fig_tradeoff": _figure_html(made["tradeoff"], "Overall accuracy against output tokens/s, every batch size"),
+        "table_tradeoff": _table_html(res.tradeoff),
         "fig_energy": _figure_html(made["energy"], "Energy per output token against batch size"),
         "energy_note": html.escape(energy_note),
-        "table_tradeoff": _table_html(trade),
-        "table_significant": _table_html(fmt(significant, ["model", "series_a", "series_b", "level", "group",
-                                                           "n_pairs", "only_a", "only_b", "accuracy_a",
-                                                           "accuracy_b", "diff", "p_value"]),
-                                         empty=("no significant differences" if len(sig_all)
-                                                else "no data yet (needs two methods with predictions)")),
-        "n_tests": str(len(sig_all)),
-        "table_failed": _table_html(failed, empty="no failed, OOM or skipped cells"),
-        "missing_notes": _notes_html(missing_notes),
-        "table_missing": _table_html(missing, empty="nothing missing: every expected cell has rows",
+        "table_significant": _table_html(_columns(res.significant, [
+            "model", "series_a", "series_b", "level", "group", "n_pairs", "only_a", "only_b", "accuracy_a",
+            "accuracy_b", "diff", "p_value"]),
+            empty=("no significant differences" if len(res.mcnemar)
+                   else "no data yet (needs two methods with predictions)")),
+        "n_tests": str(len(res.mcnemar)),
+        "table_failed": _table_html(res.failed, empty="no failed, OOM or skipped cells"),
+        "missing_notes": _notes_html(_missing_notes(res)),
+        "table_missing": _table_html(res.missing, empty="nothing missing: every expected cell has rows",
                                      max_rows=200),
     }
-    return ctx
 
 
-def _subject_wide(subjects: pd.DataFrame) -> pd.DataFrame:
-    """57-subject table: one row per subject, one accuracy column per series (n in brackets)."""
-    if subjects.empty:
-        return subjects
-    cell = subjects.assign(cell=subjects.apply(
-        lambda r: f"{r['accuracy']:.3f} (n={int(r['n'])})", axis=1))
-    wide = cell.pivot_table(index="group", columns="series", values="cell", aggfunc="first")
-    return wide.reset_index().rename(columns={"group": "subject"})
+def _accuracy_wide(acc: pd.DataFrame, order: list[str], level: str) -> pd.DataFrame:
+    """One row per group, one column per series: "accuracy [95% CI] n=…", for reading side by side.
+
+    Groups keep the stats table's order (the original MMLU order); the CSVs keep the long format.
+    """
+    if acc.empty:
+        return acc
+    cell = acc.assign(cell=[f"{a:.3f} [{lo:.3f}, {hi:.3f}] n={int(n)}" for a, lo, hi, n in
+                            zip(acc["accuracy"], acc["ci_low"], acc["ci_high"], acc["n"])])
+    groups = list(dict.fromkeys(acc["group"]))
+    series = [s for s in order if s in set(acc["series"])] + sorted(set(acc["series"]) - set(order))
+    wide = cell.pivot(index="group", columns="series", values="cell").reindex(index=groups, columns=series)
+    wide.columns.name = None
+    return wide.reset_index().rename(columns={"group": level})
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -581,6 +657,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, type=Path, help="folder for report.html, figures/ and tables/")
     parser.add_argument("--sweep", default=None, help="only this sweep_name (default: every sweep in the store)")
     args = parser.parse_args(argv)
+    if "://" not in args.store_uri and not Path(args.store_uri).is_dir():
+        print(f"quantsweep-report: no store at {args.store_uri}", file=sys.stderr)
+        return 2
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     path = build_report(args.store_uri, args.out, args.sweep)
     print(path)

@@ -15,6 +15,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.ticker  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
@@ -113,9 +114,15 @@ def _value_axis(ax: plt.Axes, values: pd.Series) -> None:
 
 def _main_shape(tput: pd.DataFrame) -> tuple[pd.DataFrame, str]:
     """Rows of the most common (input_len, output_len): one line per series needs one shape."""
-    shape = tput.groupby(["input_len", "output_len"]).size().idxmax()
+    sizes = tput.groupby(["input_len", "output_len"]).size()
+    if sizes.empty:  # lengths not recorded: plot everything
+        return tput, "input/output lengths not recorded"
+    shape = sizes.idxmax()
     rows = tput[(tput["input_len"] == shape[0]) & (tput["output_len"] == shape[1])]
-    return rows, f"input {int(shape[0])} / output {int(shape[1])} tokens"
+    note = f"input {int(shape[0])} / output {int(shape[1])} tokens"
+    if len(sizes) > 1:
+        note += f"; {len(sizes) - 1} other shape(s) in the table only"
+    return rows, note
 
 
 def throughput_lines(tput: pd.DataFrame, order: list[str], stem: Path, baseline: str | None) -> Figure:
@@ -170,6 +177,8 @@ def tradeoff_scatter(trade: pd.DataFrame, order: list[str], stem: Path) -> Figur
             ax.annotate(f"b{int(r.batch_size)}", (r.output_tokens_per_s, r.accuracy), textcoords="offset points",
                         xytext=(4, -10), fontsize=7)
     ax.set_xscale("log")
+    ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax.set_xlabel("output tokens/s (median)")
     ax.set_ylabel("MMLU accuracy (overall)")
     ax.set_title(title, fontsize=10)

@@ -68,12 +68,16 @@ def _init_ray(cluster: dict[str, Any]) -> None:
         return
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # local clusters here need no token auth
     runtime_env = dict(cluster.get("runtime_env") or {})
+    # Quiet per-task progress bars; keep tokenizers from forking thread pools inside Ray workers.
+    runtime_env["env_vars"] = {"HF_HUB_DISABLE_PROGRESS_BARS": "1", "TOKENIZERS_PARALLELISM": "false",
+                               "TRANSFORMERS_VERBOSITY": "error", **runtime_env.get("env_vars", {})}
     if cluster.get("address"):
-        ray.init(address=cluster["address"], runtime_env=runtime_env or None, log_to_driver=True)
+        ray.init(address=cluster["address"], runtime_env=runtime_env or None,
+                 log_to_driver=cluster.get("show_task_logs", False))
     else:
         ray.init(num_cpus=cluster.get("num_cpus"), num_gpus=cluster.get("num_gpus"),
                  include_dashboard=cluster.get("include_dashboard", False),
-                 runtime_env=runtime_env or None, log_to_driver=True)
+                 runtime_env=runtime_env or None, log_to_driver=cluster.get("show_task_logs", False))
 
 
 def task_options(node: Node, cluster: dict[str, Any], cluster_gpus: float) -> dict[str, Any]:
@@ -89,9 +93,12 @@ def task_options(node: Node, cluster: dict[str, Any], cluster_gpus: float) -> di
             options["accelerator_type"] = cluster["accelerator_type"]
         if cluster.get("resources"):
             options["resources"] = dict(cluster["resources"])
-    if node.kind in ("quantize", "evaluate", "profile"):
-        options["max_calls"] = 1  # a fresh process per cell: clean GPU memory and memory peaks
     return options
+
+
+def fresh_process(node: Node) -> bool:
+    """Cells that load models run in a fresh worker (``max_calls=1``): clean GPU memory and memory peaks."""
+    return node.kind in ("quantize", "evaluate", "profile")
 
 
 def _remote_execute(node: Node, cfg: dict[str, Any], board: Any, *upstream: dict[str, Any]) -> dict[str, Any]:
@@ -156,14 +163,14 @@ def run_sweep(plan: SweepPlan, cfg: dict[str, Any]) -> SweepOutcome:
 
     _init_ray(cfg["cluster"])
     cluster_gpus = ray.cluster_resources().get("GPU", 0)
-    remote = ray.remote(_remote_execute)
+    remotes = {True: ray.remote(max_calls=1)(_remote_execute), False: ray.remote(_remote_execute)}
     board = _progress_board()
     cfg_ref = ray.put(cfg)
     refs: dict[str, Any] = {}
     node_of_ref: dict[Any, Node] = {}
     for node in to_run:  # plan order is topological: upstream refs exist before their consumers
         upstream = [refs[k] if k in refs else outcome.results[k] for k in node.upstream]
-        ref = remote.options(**task_options(node, cfg["cluster"], cluster_gpus),
+        ref = remotes[fresh_process(node)].options(**task_options(node, cfg["cluster"], cluster_gpus),
                              name=f"quantsweep:{node.describe()}").remote(node, cfg_ref, board, *upstream)
         refs[node.key] = ref
         node_of_ref[ref] = node

@@ -90,8 +90,8 @@ class ResultStore:
     def read(self, table: str, columns: list[str] | None = None,
              filter: ds.Expression | None = None) -> pa.Table:
         """All rows of ``table`` under the documented schema (empty table when nothing is stored yet)."""
-        schema = TABLES[table]
         directory = self._table_dir(table)
+        schema = TABLES[table]
         if self._fs.get_file_info(directory).type == pafs.FileType.NotFound:
             empty = schema.empty_table()
             return empty.select(columns) if columns else empty

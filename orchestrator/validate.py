@@ -105,7 +105,7 @@ def _check_sweep(cfg: dict[str, Any]) -> list[str]:
     _require(len(sizes) > 0, "sweep.batch_sizes", "is empty")
     for b in sizes:
         _require(isinstance(b, int) and b >= 1, "sweep.batch_sizes",
-                 f"batch size {b!r} is not a positive integer", ("1, 2, 4, 8, 16, 32, 64, ..."))
+                 f"batch size {b!r} is not a positive integer", ("integers >= 1, e.g. 1, 2, 4, 8, 16, 32, 64",))
     _require(len(set(sizes)) == len(sizes), "sweep.batch_sizes", f"duplicate values in {sizes}")
     _require(sweep["input_len"] >= 1, "sweep.input_len", f"must be >= 1, got {sweep['input_len']}")
     _require(sweep["output_len"] >= 2, "sweep.output_len", f"must be >= 2, got {sweep['output_len']}")
@@ -187,6 +187,6 @@ def validate(cfg: DictConfig | dict[str, Any]) -> dict[str, Any]:
     resolved["subjects_resolved"] = _check_sweep(resolved)
     _check_backend(resolved)
     _check_model(resolved["model"])
-    _check_eval(resolved)
     _check_store(resolved)
+    _check_eval(resolved)
     return resolved

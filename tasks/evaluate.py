@@ -13,7 +13,13 @@ Two scoring modes (``eval.scoring``):
 - ``generate``: the TensorRT-LLM MMLU script's way.  Same prompt, greedy generation of 2 tokens (no
   stop string except EOS), correct iff the stripped output starts with the gold letter.  We record
   ``predicted`` as that first character when it is one of A-D, else "" (so ``correct`` is exactly the
-  script's ``pred.strip().startswith(label)``), and the raw generation.
+  script's ``pred.strip().startswith(label)``), and the raw generation.  The prompt stays lm-eval's,
+  so both modes see identical text; TensorRT-LLM's script differs only in whitespace (it does not strip
+  the question and writes "about  abstract algebra" with two spaces) and, for prompts over the engine's
+  input limit, drops few-shot examples where lm-eval truncates the prompt's left end.
+
+No chat template is applied (lm-eval's default), also for instruct models: MMLU's plain completion
+prompt is what published MMLU numbers use.
 
 How lm-eval 0.4.13 is driven (verified in ``shared/notes/orchestration-stack.md`` section 5): a group
 YAML generated into an include folder under ``cache_dir`` lists the stock subject tasks with per-task
@@ -24,6 +30,7 @@ instead of ~8 s for the full index.
 """
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import logging
@@ -104,7 +111,7 @@ def _write_group_yaml(include_root: Path, subjects: list[str], overrides: dict[s
     import yaml  # pyyaml comes with lm-eval
 
     body = {
-        "task": [{"task": f"mmlu_{s}", **overrides} for s in subjects],
+        "task": [{"task": f"mmlu_{s}", **copy.deepcopy(overrides)} for s in subjects],  # no YAML anchors
         "aggregate_metric_list": [{"metric": metric_key(scoring).split(",")[0],
                                    "filter_list": [metric_key(scoring).split(",")[1]],
                                    "weight_by_size": True}],

@@ -131,7 +131,7 @@ def quantize(checkpoint_dir: Path, out_dir: Path, method: dict[str, Any], seed: 
     checkpoint_dir, out_dir = Path(checkpoint_dir), Path(out_dir)
     spec = _normalize_method(method)
     out_dir.mkdir(parents=True, exist_ok=True)
-    start = time.perf_counter()
+    start, start_cpu = time.perf_counter(), time.process_time()
     if spec["algorithm"] == "none":
         result = {"checkpoint_dir": str(checkpoint_dir), "passthrough": True, "format": FORMAT_HF,
                   "bits": spec["bits"], "group_size": None, "algorithm": "none", "dtype": spec["dtype"],
@@ -162,6 +162,7 @@ def quantize(checkpoint_dir: Path, out_dir: Path, method: dict[str, Any], seed: 
         "num_quantized_layers": _count_packed(out_dir), "expected_quantized_layers": len(quantized),
         "checkpoint_bytes": _dir_bytes(out_dir), "source_checkpoint_dir": str(checkpoint_dir),
         "quantize_s": time.perf_counter() - start, "calibrate_s": calibrate_s,
+        "quantize_cpu_s": time.process_time() - start_cpu,  # all threads; wall time on a shared host varies
         "calibration": {**spec["calibration"], "num_tokens": sum(len(s) for s in samples),
                         "fingerprint": calibration_fingerprint(samples), "seed": seed},
     }
@@ -328,9 +329,16 @@ def _cpu_awq_patch(needed: bool) -> Iterator[None]:
 
 
 def _write_marker(out_dir: Path, spec: dict[str, Any], result: dict[str, Any]) -> dict[str, Any]:
-    """Write ``quantsweep_quant.json`` atomically (temp file + rename), as the artifact's last file."""
+    """Write ``quantsweep_quant.json`` atomically (temp file + rename), as the artifact's last file.
+
+    It holds ``{"method": <normalized method>, "result": <quantize()'s return>}``, except that a
+    ``checkpoint_dir`` equal to ``out_dir`` is stored as ``"."`` so the artifact stays valid when moved.
+    """
+    stored = dict(result)
+    if Path(result["checkpoint_dir"]).resolve() == out_dir.resolve():
+        stored["checkpoint_dir"] = "."  # relative: the orchestrator renames the folder after this
     tmp = out_dir / (MARKER + ".tmp")
-    tmp.write_text(json.dumps({"method": spec, "result": result}, indent=2, sort_keys=True, default=str))
+    tmp.write_text(json.dumps({"method": spec, "result": stored}, indent=2, sort_keys=True, default=str))
     os.replace(tmp, out_dir / MARKER)
     return result
 

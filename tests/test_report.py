@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
+from scipy.stats import binomtest, norm
 
 from orchestrator.report import build_report, main
 from orchestrator.schema import SCHEMA_VERSION, table_from_rows
@@ -129,12 +130,13 @@ def _raw(root: Path, table: str) -> pd.DataFrame:
                      ignore_index=True)
 
 
-@pytest.fixture
-def full_report(tmp_path: Path) -> tuple[Path, Path]:
-    store = tmp_path / "store"
-    write_store(store)
-    html = build_report(str(store), tmp_path / "report")
-    return store, html
+@pytest.fixture(scope="module")
+def full_report(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """One full store and its report, shared by the read-only checks below (building takes seconds)."""
+    root = tmp_path_factory.mktemp("full")
+    write_store(root / "store")
+    html = build_report(str(root / "store"), root / "report")
+    return root / "store", html
 
 
 def test_every_figure_and_section_exists(full_report: tuple[Path, Path]) -> None:
@@ -161,7 +163,17 @@ def _check_accuracy(csv: Path, raw: pd.DataFrame, key: str) -> None:
     assert (merged["n"] == merged["n_got"]).all()
     assert (merged["correct"] == merged["correct_got"]).all()
     assert np.allclose(merged["accuracy"], merged["accuracy_got"])
-    assert ((merged["ci_low"] <= merged["accuracy"]) & (merged["accuracy"] <= merged["ci_high"])).all()
+    low, high = _wilson(merged["correct"].to_numpy(float), merged["n"].to_numpy(float))
+    assert np.allclose(merged["ci_low"], low) and np.allclose(merged["ci_high"], high)
+
+
+def _wilson(k: np.ndarray, n: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """95% Wilson score interval (the interval tasks.mmlu.stats documents), from its textbook formula."""
+    z = norm.ppf(0.975)
+    p = k / n
+    center = (p + z ** 2 / (2 * n)) / (1 + z ** 2 / n)
+    half = z / (1 + z ** 2 / n) * np.sqrt(p * (1 - p) / n + z ** 2 / (4 * n ** 2))
+    return center - half, center + half
 
 
 def test_accuracy_tables_match_raw_rows(full_report: tuple[Path, Path]) -> None:
@@ -221,6 +233,7 @@ def test_significance_table_matches_paired_counts(full_report: tuple[Path, Path]
         a, b = wide[r.series_a].astype(bool), wide[r.series_b].astype(bool)
         assert r.only_a == int((a & ~b).sum()) and r.only_b == int((~a & b).sum())
         assert r.n_pairs == len(wide)
+        assert r.p_value == pytest.approx(binomtest(r.only_a, r.only_a + r.only_b, 0.5).pvalue)
     significant = pd.read_csv(html_path.parent / "tables" / "significant_differences.csv")
     assert (significant["p_value"] < 0.05).all()
     assert len(significant) == int(all_pairs["significant"].sum())
@@ -230,8 +243,12 @@ def test_significance_table_matches_paired_counts(full_report: tuple[Path, Path]
 
 
 def test_partial_store_says_what_is_missing(tmp_path: Path) -> None:
+    """Evaluated but not profiled, and one evaluate node (awq, shard 1) not even started."""
     store = tmp_path / "store"
     write_store(store, profile=False, device="cpu")
+    for table in ("runs", "mmlu_predictions"):
+        (store / table / "evaluate-awq-1.parquet").unlink()
+    (store / "runs" / ".tmp-evaluate-awq-1-crashed.parquet").write_bytes(b"half a file")  # ignored
     html_path = build_report(str(store), tmp_path / "report")
     text = html_path.read_text()
     assert "accuracy rows but no throughput rows (missing)" in text
@@ -240,6 +257,13 @@ def test_partial_store_says_what_is_missing(tmp_path: Path) -> None:
     assert set(zip(tp_missing["method"], tp_missing["batch_size"])) == {
         (m, b) for m in METHODS for b in BATCH_SIZES}
     assert (tp_missing.set_index(["method", "batch_size"]).loc[("rtn", 8), "reason"]) == "node oom"
+    ev_missing = missing[missing["table"] == "mmlu_predictions"]
+    assert list(zip(ev_missing["method"], ev_missing["shard"])) == [("awq", 1)]
+    assert ev_missing["reason"].iloc[0].startswith("no runs row")
+    # awq's accuracy now covers shard 0's subjects only, and the table says so through n.
+    overall = pd.read_csv(html_path.parent / "tables" / "accuracy_overall.csv").set_index("series")
+    assert overall.loc["awq", "n"] == QUESTIONS * len(SUBJECTS[0::2])
+    assert overall.loc["fp16", "n"] == QUESTIONS * len(SUBJECTS)
     for name in FIGURES:  # placeholders keep the file set stable
         assert (html_path.parent / "figures" / f"{name}.png").exists()
     assert "no data yet" in text
@@ -262,6 +286,7 @@ def test_empty_store_and_cli(tmp_path: Path, capsys: pytest.CaptureFixture) -> N
     assert main([str(tmp_path / "store"), "--out", str(tmp_path / "report"), "--sweep", "nothing"]) == 0
     html_path = Path(capsys.readouterr().out.strip())
     assert html_path.exists() and "no data yet" in html_path.read_text()
+    assert main([str(tmp_path / "no-such-store"), "--out", str(tmp_path / "r2")]) == 2  # a typo is an error
 
 
 def test_sweep_filter(tmp_path: Path) -> None:
@@ -285,6 +310,11 @@ def render_in_chromium(html_path: Path, screenshot: Path, profile_dir: Path) -> 
     return dom.stdout, shot.stderr + dom.stderr
 
 
+def _console_lines(log: str) -> list[str]:
+    """Page console output (errors included) as Chromium logs it with --enable-logging=stderr."""
+    return [line for line in log.splitlines() if ":CONSOLE" in line or "Uncaught" in line]
+
+
 @pytest.mark.skipif(not CHROMIUM.exists(), reason="needs /usr/bin/chromium (apt-get install -y chromium)")
 def test_html_opens_in_headless_chromium(full_report: tuple[Path, Path], tmp_path: Path) -> None:
     _, html_path = full_report
@@ -293,7 +323,11 @@ def test_html_opens_in_headless_chromium(full_report: tuple[Path, Path], tmp_pat
     assert screenshot.exists() and screenshot.stat().st_size > 10_000
     for section in SECTIONS:
         assert f'id="{section}"' in dom
-    console = [line for line in log.splitlines() if "CONSOLE" in line or "Uncaught" in line]
-    assert not console, console
+    assert not _console_lines(log), _console_lines(log)
+    # The check itself can fail: a page with a script error is caught.
+    bad = tmp_path / "bad.html"
+    bad.write_text("<html><body><script>undefinedFunction();</script></body></html>")
+    _, bad_log = render_in_chromium(bad, tmp_path / "bad.png", tmp_path / "chromium-profile")
+    assert any("undefinedFunction" in line for line in _console_lines(bad_log))
     if os.environ.get("QUANTSWEEP_REPORT_SCREENSHOT"):  # refresh docs/report-screenshot.png by hand
         shutil.copy(screenshot, os.environ["QUANTSWEEP_REPORT_SCREENSHOT"])

@@ -71,6 +71,10 @@ def test_accuracy_table_hand_computed():
     # anatomy's questions count under "other", so STEM has 8 questions, not 12
     assert _get(table, method="fp16", level="category", group="STEM")["n"] == 8
     assert list(table["level"].unique()) == ["subject", "subcategory", "category", "overall"]
+    # rows come in the mapping's order: subjects sorted, categories as in the original MMLU
+    fp16 = table[table["method"] == "fp16"]
+    assert fp16[fp16["level"] == "subject"]["group"].tolist() == sorted(FIXTURE["fp16"])
+    assert fp16[fp16["level"] == "category"]["group"].tolist() == ["STEM", "humanities", OTHER]
 
 
 def _score_statistic(p_hat: float, p: float, n: int) -> float:

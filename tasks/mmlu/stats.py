@@ -125,7 +125,8 @@ def accuracy_table(rows: pd.DataFrame | Iterable[dict], by: Sequence[str] = ("me
 
 
 def _sorted(table: pd.DataFrame, by: list[str]) -> pd.DataFrame:
-    rank = {(lvl, name): i for i, (lvl, names) in enumerate(_ORDER.items()) for name in names}
+    flat = [(lvl, name) for lvl, names in _ORDER.items() for name in names]
+    rank = {key: i for i, key in enumerate(flat)}  # level order, then the mapping's own order
     order = table.apply(lambda r: rank.get((r["level"], r["group"]), 1 << 30), axis=1)
     table = table.assign(_o=order).sort_values(by + ["_o"], kind="stable").drop(columns="_o")
     return table.reset_index(drop=True)

@@ -1,0 +1,367 @@
+"""What int4 buys on one GPU: a Llama-2-7B-shaped model with RANDOM weights, fp16 (bf16) vs int4 g128.
+
+No Ray, no checkpoint: the model is built on the GPU with random weights (its text is meaningless; speed
+and memory do not depend on the values).  Modes:
+
+- ``check``: int4 kernel output vs the de-quantized reference (fp32 on the GPU) on fresh random inputs
+  for every (M, K, N) the model runs: decode M = batch sizes, prefill M = batch x input_len.
+- ``kernels``: per-shape timing of bf16 cuBLAS, torch's tinygemm int4 op, and our Triton kernels over a
+  small config grid; writes the best configs to ``--configs-out`` (the engine reads that JSON).
+- ``e2e``: method x batch -> output tok/s (batch x output_len / end-to-end, prefill included), decode
+  tok/s, TTFT, inter-token latency, peak memory, and % of the bandwidth roofline (bytes a decode step
+  must read / the device-to-device copy bandwidth measured here).  Each method runs in its own process,
+  so one method's memory never shows in the other's peak.
+- ``all``: check, then e2e.
+
+Usage: python bench/gpu_benchmark.py --mode all --out results/
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from tasks.backends.torch.cuda import int4  # noqa: E402
+from tasks.backends.torch.cuda.generate import Generator  # noqa: E402
+from tasks.backends.torch.cuda.loader import random_llama  # noqa: E402
+from tasks.backends.torch.cuda.model import kv_bytes_per_token, llama2_7b_args  # noqa: E402
+
+GIB = 1024**3
+RANDOM_NOTICE = "*** RANDOM WEIGHTS: Llama-2-7B-shaped model, no checkpoint; outputs are meaningless ***"
+
+
+def shapes_kn() -> dict[str, tuple[int, int]]:
+    """The model's int4 linears as (K, N): q|k|v and gate|up are fused as in the engine."""
+    a = llama2_7b_args()
+    return {"wqkv": (a.dim, 3 * a.dim), "wo": (a.dim, a.dim), "w13": (a.dim, 2 * a.intermediate_size),
+            "w2": (a.intermediate_size, a.dim)}
+
+
+def random_int4(k: int, n: int, gs: int = 128) -> tuple[torch.Tensor, ...]:
+    q = torch.randint(0, 16, (n, k), dtype=torch.uint8, device="cuda")
+    scales = (0.002 + 0.004 * torch.rand(k // gs, n, device="cuda")).to(torch.bfloat16)
+    zeros = torch.randint(0, 16, (k // gs, n), device="cuda").to(torch.bfloat16)
+    return q, int4.pack_int4(q), scales, zeros
+
+
+def copy_bandwidth(nbytes: int = 2 * GIB, repeats: int = 20) -> float:
+    """Device-to-device copy bandwidth in bytes/s, counting bytes read plus bytes written (median)."""
+    src = torch.randint(0, 255, (nbytes,), dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    for _ in range(3):
+        dst.copy_(src)
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        dst.copy_(src)
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    assert torch.equal(dst[:4096], src[:4096])
+    del src, dst
+    torch.cuda.empty_cache()
+    return 2 * nbytes / statistics.median(times)
+
+
+# ------------------------------------------------------------------------------------ numerical check
+
+
+def numerical_check(batch_sizes: list[int], input_len: int, out_dir: Path) -> list[dict]:
+    """Relative error of the int4 op vs x @ dequant(W)^T in fp32, fresh random data for every shape."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    rows = []
+    ms = sorted(set(batch_sizes) | {b * input_len for b in batch_sizes})
+    for name, (k, n) in shapes_kn().items():
+        for m in ms:
+            torch.manual_seed(1000 * m + k + n)
+            _, qweight, scales, zeros = random_int4(k, n)
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+            out = torch.ops.quantsweep.w4a16_mm(x, qweight, scales, zeros, k)
+            torch.cuda.synchronize()
+            w = int4.dequantize(qweight, scales, zeros, k)  # fp32 [N, K], exact
+            ref = x.float() @ w.t()
+            dense = F.linear(x, w.to(torch.bfloat16)).float()  # what a bf16 model with these weights gives
+            rel = ((out.float() - ref).norm() / ref.norm()).item()
+            rel_dense = ((dense - ref).norm() / ref.norm()).item()
+            ok = bool(torch.isfinite(out).all()) and rel < 1e-2
+            rows.append({"linear": name, "M": m, "K": k, "N": n, "rel_err_int4": rel,
+                         "rel_err_bf16_dense": rel_dense, "pass": ok})
+            del x, out, w, ref, dense
+    torch.cuda.empty_cache()
+    _write(rows, out_dir / "numerical_check")
+    worst = max(r["rel_err_int4"] for r in rows)
+    print(f"numerical check: {sum(r['pass'] for r in rows)}/{len(rows)} shapes pass (rel err < 1e-2); "
+          f"worst int4 rel err {worst:.2e}; bf16 dense on the same weights: "
+          f"{max(r['rel_err_bf16_dense'] for r in rows):.2e}")
+    return rows
+
+
+# ---------------------------------------------------------------------------------------- kernel sweep
+
+
+def _bench(fn) -> float:
+    """Median ms of fn (Triton's do_bench: L2 flushed before every call, CUDA events)."""
+    import triton
+
+    try:
+        return triton.testing.do_bench(fn, warmup=10, rep=40, return_mode="median")
+    except Exception as exc:  # a config that does not compile or fit counts as infinitely slow
+        print(f"    config failed: {type(exc).__name__}: {str(exc)[:120]}")
+        return float("inf")
+
+
+def _tinygemm(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor):
+    """torch's int4 op on the same weights: w = (q - 8) * s + zero, zero = (8 - zp) * s."""
+    packed = (q[:, ::2] << 4 | q[:, 1::2]).to(torch.uint8)
+    weight = torch.ops.aten._convert_weight_to_int4pack(packed, 8)
+    s = scales.float()
+    sz = torch.stack([s, (8 - zeros.float()) * s], dim=-1).to(torch.bfloat16).contiguous()
+    return weight, sz
+
+
+def kernel_sweep(ms: list[int], out_dir: Path, configs_out: Path | None) -> list[dict]:
+    gemv_grid = [(bn, sp, w) for bn in (64, 128, 256) for sp in (1, 2, 4, 8, 16) for w in (4,)]
+
+    def gemm_grid(m: int) -> list[tuple]:
+        if m <= 64:
+            bms = [16] if m <= 16 else [16, 32] if m <= 32 else [32, 64]
+            return [(bm, bn, sp, 4, 3) for bm in bms for bn in (64, 128, 256) for sp in (1, 2, 4, 8)]
+        return [(bm, bn, 1, w, st) for bm in (64, 128) for bn in (128, 256) for w in (4, 8) for st in (2, 3)]
+
+    rows, tuned = [], []
+    for name, (k, n) in shapes_kn().items():
+        q, qweight, scales, zeros = random_int4(k, n)
+        w_dense = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
+        try:
+            tg_w, tg_sz = _tinygemm(q, scales, zeros)
+        except Exception as exc:
+            print(f"  tinygemm unavailable: {exc}")
+            tg_w = None
+        for m in ms:
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+            row = {"linear": name, "M": m, "K": k, "N": n}
+            row["bf16_ms"] = _bench(lambda: F.linear(x, w_dense))
+            if tg_w is not None:
+                row["tinygemm_ms"] = _bench(lambda: torch.ops.aten._weight_int4pack_mm(x, tg_w, 128, tg_sz))
+            op = lambda: torch.ops.quantsweep.w4a16_mm(x, qweight, scales, zeros, k)  # noqa: E731
+            saved = dict(int4.TUNED)
+            row["triton_heuristic_ms"] = _bench(op)
+            best = (float("inf"), None)
+            if m == 1:
+                kind, grid = "gemv", gemv_grid
+            elif m <= 4096:
+                kind, grid = "gemm", gemm_grid(m)
+            else:
+                kind, grid = None, []
+            old_max = int4.GEMM_MAX_M
+            int4.GEMM_MAX_M = 1 << 30  # force the Triton path while sweeping
+            for cfg in grid:
+                int4.TUNED[(kind, int4.m_bucket(m), n, k)] = cfg
+                t = _bench(op)
+                if t < best[0]:
+                    best = (t, cfg)
+            int4.GEMM_MAX_M = 0  # force de-quantize + cuBLAS
+            row["dequant_cublas_ms"] = _bench(op) if m > 1 else float("inf")
+            int4.GEMM_MAX_M = old_max
+            int4.TUNED.clear()
+            int4.TUNED.update(saved)
+            row["triton_best_ms"], row["triton_best_config"] = best[0], json.dumps(best[1])
+            if best[1] is not None:
+                tuned.append([kind, int4.m_bucket(m), n, k, list(best[1])])
+            int4_best = min(row["triton_best_ms"], row["dequant_cublas_ms"])
+            row["int4_best_over_bf16"] = row["bf16_ms"] / int4_best
+            rows.append(row)
+            print(f"  {name:5s} M={m:6d}: bf16 {row['bf16_ms'] * 1e3:8.1f} us  tinygemm "
+                  f"{row.get('tinygemm_ms', float('nan')) * 1e3:8.1f}  triton heur {row['triton_heuristic_ms'] * 1e3:8.1f}"
+                  f"  best {row['triton_best_ms'] * 1e3:8.1f} {row['triton_best_config']}  deq+cublas "
+                  f"{row['dequant_cublas_ms'] * 1e3:8.1f}  -> x{row['int4_best_over_bf16']:.2f}", flush=True)
+        del q, qweight, scales, zeros, w_dense
+    _write(rows, out_dir / "kernels")
+    if configs_out is not None:
+        # cut-over: the smallest swept M from which de-quantize + cuBLAS wins on every shape
+        big = sorted({r["M"] for r in rows if r["M"] > 1})
+        cut = next((m for m in big if all(r["dequant_cublas_ms"] <= r["triton_best_ms"]
+                                          for r in rows if r["M"] == m)), None)
+        gemm_max = (big[big.index(cut) - 1] if cut and big.index(cut) > 0 else 1) if cut else big[-1]
+        configs_out.write_text(json.dumps({"device": torch.cuda.get_device_name(), "gemm_max_m": gemm_max,
+                                           "configs": tuned}, indent=1))
+        print(f"wrote {configs_out} (gemm_max_m={gemm_max})")
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------- e2e
+
+
+def decode_bytes_per_step(model, batch: int, input_len: int, output_len: int) -> float:
+    """Fewest bytes a decode step must move: every weight once (embedding: B rows), the KV cache of the
+    positions so far (averaged over the steps) read once, and one new K/V per sequence written."""
+    embed = model.tok_embeddings.weight
+    weights = model.weight_bytes() - embed.numel() * embed.element_size() + batch * model.args.dim * 2
+    avg_context = input_len + output_len / 2
+    return weights + batch * (avg_context + 1) * kv_bytes_per_token(model.args)
+
+
+def run_method(method: str, batch_sizes: list[int], input_len: int, output_len: int, warmup: int,
+               repeats: int, bandwidth: float, compile_blocks: bool) -> list[dict]:
+    from tasks.gpu_metrics import MemorySampler, device_info
+
+    print(RANDOM_NOTICE)
+    args = llama2_7b_args()
+    t0 = time.perf_counter()
+    model = random_llama(args, "bfloat16" if method == "fp16" else "int4", "cuda", group_size=128)
+    gen = Generator(model, compile=compile_blocks, cuda_graph=True)
+    print(f"[{method}] built in {time.perf_counter() - t0:.1f} s; weights {model.weight_bytes() / GIB:.2f} GiB")
+    rows = []
+    for batch in batch_sizes:
+        gen.release()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        ids = torch.randint(0, args.vocab_size, (batch, input_len), device="cuda")
+        t0 = time.perf_counter()
+        gen.setup(batch, input_len + output_len)  # allocate the cache, compile, capture the decode graph
+        setup_s = time.perf_counter() - t0
+        with MemorySampler("cuda:0") as sampler:
+            for _ in range(warmup):
+                gen.generate(ids, output_len)
+            runs = [gen.generate(ids, output_len) for _ in range(repeats)]
+        tokens = runs[-1].output_token_ids
+        assert tokens.shape == (batch, output_len) and int(tokens.min()) >= 0 and int(tokens.max()) < args.vocab_size
+        decode_s = [sum(r.decode_step_s) for r in runs]
+        steps = [s for r in runs for s in r.decode_step_s]
+        bytes_step = decode_bytes_per_step(model, batch, input_len, output_len)
+        roofline = batch * bandwidth / bytes_step
+        decode_tps = statistics.median(batch * (output_len - 1) / d for d in decode_s)
+        row = {
+            "method": method, "batch_size": batch,
+            "output_tok_s": statistics.median(batch * output_len / r.total_s for r in runs),
+            "decode_tok_s": decode_tps,
+            "ttft_ms": 1e3 * statistics.median(r.first_token_s for r in runs),
+            "itl_median_ms": 1e3 * statistics.median(steps),
+            "itl_p90_ms": 1e3 * sorted(steps)[int(0.9 * (len(steps) - 1))],
+            "e2e_s": statistics.median(r.total_s for r in runs),
+            "peak_nvml_used_gib": (sampler.peaks.device_used_bytes or 0) / GIB,
+            "peak_nvml_process_gib": (sampler.peaks.process_bytes or 0) / GIB,
+            "torch_max_reserved_gib": torch.cuda.max_memory_reserved() / GIB,
+            "torch_max_allocated_gib": torch.cuda.max_memory_allocated() / GIB,
+            "decode_bytes_per_step_gb": bytes_step / 1e9,
+            "roofline_decode_tok_s": roofline,
+            "pct_roofline": 100 * decode_tps / roofline,
+            "setup_s": setup_s, "repeats": repeats, "warmup": warmup,
+            "weights_gib": model.weight_bytes() / GIB,
+            "gpu": device_info("cuda:0").get("gpu_name"),
+        }
+        rows.append(row)
+        print(f"[{method}] B={batch:3d}: {row['output_tok_s']:9.1f} out tok/s  {decode_tps:9.1f} decode tok/s  "
+              f"TTFT {row['ttft_ms']:7.1f} ms  ITL {row['itl_median_ms']:6.2f} ms  "
+              f"NVML {row['peak_nvml_used_gib']:5.1f} GiB  {row['pct_roofline']:5.1f}% roofline  "
+              f"(setup {setup_s:.1f} s)", flush=True)
+    gen.release()
+    return rows
+
+
+def e2e(args, out_dir: Path, bandwidth: float) -> list[dict]:
+    """Each method in a child process (clean memory), then one table."""
+    rows = []
+    for method in args.methods.split(","):
+        part = out_dir / f"e2e_{method}.json"
+        cmd = [sys.executable, __file__, "--mode", "method", "--method", method, "--out", str(out_dir),
+               "--batch-sizes", args.batch_sizes, "--input-len", str(args.input_len),
+               "--output-len", str(args.output_len), "--warmup", str(args.warmup), "--repeats", str(args.repeats),
+               "--bandwidth", str(bandwidth)] + (["--no-compile"] if args.no_compile else [])
+        proc = subprocess.run(cmd)
+        if proc.returncode != 0 or not part.exists():
+            print(f"[{method}] FAILED (exit {proc.returncode})")
+            continue
+        rows += json.loads(part.read_text())
+    fp16 = {r["batch_size"]: r for r in rows if r["method"] == "fp16"}
+    for r in rows:
+        base = fp16.get(r["batch_size"])
+        r["speedup_vs_fp16"] = r["output_tok_s"] / base["output_tok_s"] if base else float("nan")
+        r["decode_speedup_vs_fp16"] = r["decode_tok_s"] / base["decode_tok_s"] if base else float("nan")
+        r["nvml_vs_fp16"] = r["peak_nvml_used_gib"] / base["peak_nvml_used_gib"] if base else float("nan")
+    _write(rows, out_dir / "e2e")
+    print_table(rows, bandwidth)
+    return rows
+
+
+def print_table(rows: list[dict], bandwidth: float) -> None:
+    print()
+    print(RANDOM_NOTICE)
+    gpu = rows[0]["gpu"] if rows else "?"
+    print(f"GPU: {gpu}; measured copy bandwidth {bandwidth / 1e12:.2f} TB/s (read + write); fp16 = bf16 weights; "
+          "int4 = W4A16 g128 asymmetric (Triton), lm_head/embeddings bf16; input 512, output 200, greedy, EOS ignored")
+    cols = [("method", "{}"), ("batch_size", "{}"), ("output_tok_s", "{:.1f}"), ("decode_tok_s", "{:.1f}"),
+            ("ttft_ms", "{:.1f}"), ("itl_median_ms", "{:.2f}"), ("peak_nvml_used_gib", "{:.2f}"),
+            ("torch_max_reserved_gib", "{:.2f}"), ("roofline_decode_tok_s", "{:.0f}"), ("pct_roofline", "{:.1f}"),
+            ("speedup_vs_fp16", "{:.2f}"), ("nvml_vs_fp16", "{:.2f}")]
+    print("| " + " | ".join(c for c, _ in cols) + " |")
+    print("|" + "---|" * len(cols))
+    for r in rows:
+        print("| " + " | ".join(f.format(r.get(c, "")) for c, f in cols) + " |")
+
+
+def _write(rows: list[dict], stem: Path) -> None:
+    if not rows:
+        return
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    keys = list(dict.fromkeys(k for r in rows for k in r))
+    with open(stem.with_suffix(".csv"), "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=keys)
+        writer.writeheader()
+        writer.writerows(rows)
+    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+    for r in rows:
+        lines.append("| " + " | ".join(f"{r.get(k):.4g}" if isinstance(r.get(k), float) else str(r.get(k, ""))
+                                       for k in keys) + " |")
+    stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--mode", choices=["all", "check", "kernels", "e2e", "method"], default="all")
+    p.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "bench_out")))
+    p.add_argument("--methods", default="fp16,int4")
+    p.add_argument("--method", default="fp16")
+    p.add_argument("--batch-sizes", default="1,2,4,8,16,32,64")
+    p.add_argument("--kernel-ms", default="1,2,4,8,16,32,64,128,256,512,1024,2048,4096")
+    p.add_argument("--input-len", type=int, default=512)
+    p.add_argument("--output-len", type=int, default=200)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--bandwidth", type=float, default=0.0, help="bytes/s; measured when 0")
+    p.add_argument("--configs-out", type=Path, default=None)
+    p.add_argument("--no-compile", action="store_true")
+    args = p.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
+    if args.mode == "method":
+        rows = run_method(args.method, batch_sizes, args.input_len, args.output_len, args.warmup, args.repeats,
+                          args.bandwidth, not args.no_compile)
+        (args.out / f"e2e_{args.method}.json").write_text(json.dumps(rows))
+        return
+    print(RANDOM_NOTICE)
+    print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}")
+    bandwidth = args.bandwidth or copy_bandwidth()
+    print(f"device-to-device copy bandwidth: {bandwidth / 1e12:.3f} TB/s (bytes read + written, median of 20)")
+    if args.mode in ("all", "check"):
+        numerical_check(batch_sizes, args.input_len, args.out)
+    if args.mode == "kernels":
+        kernel_sweep([int(m) for m in args.kernel_ms.split(",")], args.out, args.configs_out)
+    if args.mode in ("all", "e2e"):
+        e2e(args, args.out, bandwidth)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,91 @@
+"""The fast CUDA engine of the torch backend: :class:`CudaLlamaEngine` and :func:`load_cuda_engine`.
+
+Speed and memory come from this engine (static KV cache, CUDA-graph decode, torch.compile'd blocks, W4A16
+Triton kernels).  Accuracy (lm-eval) runs through transformers on the same checkpoint: the int4 weights
+de-quantize to exactly the same values there, so MMLU scores do not depend on which engine computed them.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tasks.backends.base import Engine, GenerationTiming
+from tasks.backends.torch.cuda.generate import Generator
+from tasks.backends.torch.cuda.int4 import Int4Linear
+from tasks.backends.torch.cuda.loader import int4_scheme, load_llama, read_config
+from tasks.backends.torch.cuda.model import Transformer, kv_bytes_per_token
+
+
+def describe_weights(model: Transformer, symmetric: bool | None = None) -> str:
+    int4 = [m for m in model.modules() if isinstance(m, Int4Linear)]
+    if not int4:
+        return "dense bfloat16"
+    grid = "" if symmetric is None else ("-sym" if symmetric else "-asym")
+    return f"int4-g{int4[0].group_size}{grid} (W4A16 Triton kernels, bf16 activations; lm_head and embeddings bf16)"
+
+
+class CudaLlamaEngine(Engine):
+    """A loaded :class:`Transformer` on one GPU plus its :class:`Generator`."""
+
+    def __init__(self, model: Transformer, device: str, checkpoint_dir: Path | None = None,
+                 options: dict[str, Any] | None = None, symmetric: bool | None = None):
+        options = options or {}
+        self.model, self.device, self.checkpoint_dir = model, device, checkpoint_dir
+        self.dtype = "bfloat16"
+        self.weight_format = describe_weights(model, symmetric)
+        self.kv_cache_policy = ("static: batch x (input + output) tokens per layer, bf16, allocated for each "
+                                "generation shape; decode attends over the whole static cache with a mask")
+        self.generator = Generator(model, compile=bool(options.get("compile", True)),
+                                   cuda_graph=bool(options.get("cuda_graph", True)))
+        self.details: dict[str, Any] = {
+            "vocab_size": model.args.vocab_size,
+            "weights_bytes": model.weight_bytes(),
+            "kv_bytes_per_token": kv_bytes_per_token(model.args),
+            "engine": "quantsweep CUDA engine (gpt-fast style): static KV cache, CUDA-graph decode step, "
+                      f"torch.compile'd blocks={self.generator.compiled}, cuda_graph={self.generator.cuda_graph}",
+        }
+
+    @torch.inference_mode()
+    def timed_generate(self, input_ids: torch.Tensor, output_len: int) -> GenerationTiming:
+        return self.generator.generate(input_ids, output_len)
+
+    def lm_eval_model(self, batch_size: int) -> Any:
+        """lm-eval's HFLM over a transformers model of the same checkpoint.
+
+        For an int4 checkpoint transformers de-quantizes the compressed-tensors weights to dense bf16: the
+        same ``(q - zp) * s`` values this engine's kernels use, so log-likelihoods agree up to bf16
+        rounding.  Loaded lazily (a second copy of the model is only needed for accuracy runs).
+        """
+        if self.checkpoint_dir is None:
+            raise RuntimeError("this engine has random weights (no checkpoint): nothing to evaluate")
+        from lm_eval.models.huggingface import HFLM
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(self.checkpoint_dir)
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        hf_model = AutoModelForCausalLM.from_pretrained(self.checkpoint_dir, dtype=torch.bfloat16)
+        hf_model = hf_model.to(self.device).eval()
+        return HFLM(pretrained=hf_model, tokenizer=tokenizer, batch_size=batch_size,
+                    max_length=getattr(hf_model.config, "max_position_embeddings", 2048))
+
+    def close(self) -> None:
+        self.generator.release()
+        del self.model
+        torch.cuda.empty_cache()
+
+
+def load_cuda_engine(checkpoint_dir: Path, device: str, options: dict[str, Any]) -> Engine:
+    """What :class:`~tasks.backends.torch.backend.TorchBackend` calls for ``cuda`` devices.
+
+    options: ``compile`` (default True) and ``cuda_graph`` (default True) switch the two speed-ups off
+    for debugging; other keys are ignored.
+    """
+    if device.startswith("cuda"):
+        torch.cuda.set_device(torch.device(device))
+    scheme = int4_scheme(read_config(checkpoint_dir))
+    model = load_llama(Path(checkpoint_dir), device)
+    return CudaLlamaEngine(model, device, Path(checkpoint_dir), options,
+                           symmetric=None if scheme is None else scheme["symmetric"])

@@ -1,0 +1,102 @@
+"""Greedy generation over :class:`~.model.Transformer`: batched prefill, then one CUDA-graph replay per token.
+
+The decode step (embed -> 32 compiled blocks -> norm -> lm_head -> argmax -> feed the token back, advance
+the position) is captured once per (batch, cache length) shape, so a step costs one graph launch instead of
+hundreds of kernel launches from Python.  Timings synchronise the device after prefill and after every
+step, so each number is the device time of that step plus one host round trip.
+"""
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+
+from tasks.backends.base import GenerationTiming
+from tasks.backends.torch.cuda.model import Transformer
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class Generator:
+    """Fixed-length greedy generation (EOS ignored) with a static KV cache sized batch x (input + output)."""
+
+    def __init__(self, model: Transformer, compile: bool = True, cuda_graph: bool = True,
+                 compile_options: dict[str, Any] | None = None):
+        self.model = model
+        self.device = model.tok_embeddings.weight.device
+        on_cuda = self.device.type == "cuda"
+        self.cuda_graph = cuda_graph and on_cuda
+        if compile and on_cuda:
+            import torch._dynamo
+
+            # one compilation per shape class and weight format; the default limit (8) is too small for a sweep
+            torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+            model.compile_decode(**(compile_options or {"dynamic": True}))
+        self.compiled = compile and on_cuda
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.shape: tuple[int, int] | None = None
+
+    def _decode_step(self) -> None:
+        """tok [B, 1] at pos [1] -> next tok written back into tok; pos advanced (all on the device)."""
+        logits = self.model(self.tok, self.pos)  # [B, V]
+        self.tok.copy_(logits.argmax(dim=-1, keepdim=True))
+        self.pos.add_(1)
+
+    def setup(self, batch: int, max_seq: int) -> None:
+        """Allocate the cache for this shape and capture the decode step (warm-up compiles it first)."""
+        if self.shape == (batch, max_seq):
+            return
+        self.graph = None  # release the previous graph's memory pool before the new cache is allocated
+        self.model.setup_cache(batch, max_seq)
+        self.tok = torch.zeros(batch, 1, dtype=torch.long, device=self.device)
+        self.pos = torch.zeros(1, dtype=torch.long, device=self.device)
+        if self.cuda_graph:
+            stream = torch.cuda.Stream(self.device)
+            stream.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(stream):
+                for _ in range(3):  # compile, autotune, allocate outside the capture
+                    self._decode_step()
+            torch.cuda.current_stream(self.device).wait_stream(stream)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self._decode_step()
+        self.shape = (batch, max_seq)
+
+    @torch.inference_mode()
+    def generate(self, input_ids: torch.Tensor, output_len: int) -> GenerationTiming:
+        """input_ids [B, L] -> exactly output_len greedy tokens per row, with synchronised timings."""
+        batch, length = input_ids.shape
+        self.setup(batch, length + output_len)
+        ids = input_ids.to(self.device)
+        positions = torch.arange(length, device=self.device)
+        outputs = torch.empty(batch, output_len, dtype=torch.long, device=self.device)
+        _sync(self.device)
+        start = time.perf_counter()
+        logits = self.model(ids, positions)  # prefill: [B, V] of the last position
+        self.tok.copy_(logits.argmax(dim=-1, keepdim=True))
+        self.pos.fill_(length)
+        outputs[:, 0:1].copy_(self.tok)
+        _sync(self.device)
+        first = time.perf_counter() - start
+        steps = []
+        for i in range(1, output_len):
+            t0 = time.perf_counter()
+            if self.graph is not None:
+                self.graph.replay()
+            else:
+                self._decode_step()
+            outputs[:, i:i + 1].copy_(self.tok)
+            _sync(self.device)
+            steps.append(time.perf_counter() - t0)
+        total = time.perf_counter() - start
+        return GenerationTiming(batch, length, output_len, first, steps, total, outputs.cpu())
+
+    def release(self) -> None:
+        self.graph = None
+        self.model.caches = []
+        self.model.cache_shape = None
+        self.shape = None

@@ -1,0 +1,346 @@
+"""W4A16 group-wise int4 linear layers: one packed layout, a CPU reference and CUDA kernels.
+
+Layout (``qweight`` int32 [ceil(K/128)*16, N]): the K axis is cut into blocks of 128; word ``[16*b + i, n]``
+holds, in nibble ``j`` (bits 4j..4j+3), the unsigned 4-bit value of weight ``(n, k = 128*b + 16*j + i)``.
+So one 16-row slab of words is a whole 128-deep K block, and shifting it by 4j gives the 16 x N slice
+``k = 128*b + 16*j + [0, 16)`` with no reshuffling: a Triton program unpacks in registers with one shift
+and mask per nibble and feeds a K=16 slice straight to the multiply.  Consecutive ``n`` are consecutive
+words, so every load is coalesced along N.  ``scales`` and ``zeros`` are bf16 [K/group_size, N]; ``zeros``
+holds the *integer* zero point (0..15, exact in bf16) so that ``w = (q - zero) * scale`` is the same
+arithmetic as compressed-tensors' ``(q - zp) * s`` (a symmetric checkpoint has zero 8 everywhere).
+
+Kernels (CUDA, Triton, chosen per shape by :func:`w4a16_mm`):
+- M == 1: a split-K GEMV that keeps a [16, BLOCK_N] fp32 accumulator of ``(q - zero) * x`` per group and
+  applies the group's scale once per group (4 ALU ops a weight), partial sums combined by fp32 atomics.
+- 2 <= M <= ``GEMM_MAX_M``: a tensor-core GEMM (``tl.dot`` on the K=16 slices, split-K for small M).
+- larger M (prefill): de-quantize the weight to bf16 once (a 4-bit read and a 16-bit write) and use cuBLAS;
+  at M in the thousands the matmul is compute-bound and cuBLAS beats any dequantizing kernel.
+CPU (and any device without Triton) runs the pure-PyTorch reference, which the tests compare against.
+
+``torch.ops.quantsweep.w4a16_mm`` is a custom op, so ``torch.compile`` treats it as one opaque call and
+CUDA-graph capture records the kernels it launches.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+from torch import nn
+
+try:  # Triton ships with CUDA builds of torch only
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - CPU machines
+    triton = None
+
+PACK_BLOCK = 128  # K rows per 16-word slab
+CONFIG_FILE = Path(__file__).with_name("int4_configs.json")  # written by bench/gpu_benchmark.py --mode kernels
+
+
+# ----------------------------------------------------------------------------------------------- packing
+
+
+def _to_int32_bits(words: torch.Tensor) -> torch.Tensor:
+    """int64 holding 32-bit patterns -> int32 with the same bits (two's complement, written out)."""
+    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+
+
+def pack_int4(q: torch.Tensor) -> torch.Tensor:
+    """Unsigned 4-bit values ``q`` [N, K] (0..15, any int dtype) -> ``qweight`` int32 [ceil(K/128)*16, N]."""
+    n, k = q.shape
+    k_pad = math.ceil(k / PACK_BLOCK) * PACK_BLOCK
+    qt = torch.zeros(k_pad, n, dtype=torch.int64, device=q.device)
+    qt[:k] = q.t().to(torch.int64)
+    slabs = qt.view(k_pad // PACK_BLOCK, 8, 16, n)  # [blocks, nibble j, row i, N]
+    shifts = (4 * torch.arange(8, device=q.device, dtype=torch.int64)).view(1, 8, 1, 1)
+    words = (slabs << shifts).sum(dim=1)  # nibbles are disjoint bit fields: sum == bitwise or
+    return _to_int32_bits(words.reshape(-1, n)).contiguous()
+
+
+def unpack_int4(qweight: torch.Tensor, k: int) -> torch.Tensor:
+    """Inverse of :func:`pack_int4`: int32 [ceil(K/128)*16, N] -> uint8 [N, K] in 0..15."""
+    words = qweight.to(torch.int64) & 0xFFFFFFFF
+    blocks, n = words.shape[0] // 16, words.shape[1]
+    shifts = (4 * torch.arange(8, device=qweight.device, dtype=torch.int64)).view(1, 8, 1, 1)
+    nibbles = (words.view(blocks, 1, 16, n) >> shifts) & 0xF  # [blocks, j, i, N]
+    return nibbles.reshape(blocks * PACK_BLOCK, n)[:k].t().to(torch.uint8).contiguous()
+
+
+def dequantize(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, in_features: int,
+               dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The reference de-quantization ``W[n, k] = (q - zero) * scale`` -> [N, K] in ``dtype``.
+
+    Computed in float32 (exact for these integers; one rounding of the product), then cast.
+    """
+    q = unpack_int4(qweight, in_features).to(torch.float32)  # [N, K]
+    group_size = in_features // scales.shape[0]
+    s = scales.to(torch.float32).t().repeat_interleave(group_size, dim=1)  # [N, K]
+    z = zeros.to(torch.float32).t().repeat_interleave(group_size, dim=1)
+    return ((q - z) * s).to(dtype)
+
+
+def quantize_rtn(weight: torch.Tensor, group_size: int, symmetric: bool = False
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Round-to-nearest int4 of a dense [N, K] weight -> (q uint8 [N, K], scales [G, N], zeros [G, N]).
+
+    Only for tests and examples: the study's int4 weights come from AWQ/GPTQ checkpoints.
+    """
+    n, k = weight.shape
+    w = weight.to(torch.float32).view(n, k // group_size, group_size)
+    if symmetric:
+        s = (w.abs().amax(-1) / 7.5).clamp(min=1e-8)
+        zp = torch.full_like(s, 8.0)
+    else:
+        lo, hi = w.amin(-1).clamp(max=0), w.amax(-1).clamp(min=0)
+        s = ((hi - lo) / 15).clamp(min=1e-8)
+        zp = torch.round(-lo / s).clamp(0, 15)
+    q = torch.clamp(torch.round(w / s[..., None]) + zp[..., None], 0, 15).to(torch.uint8).view(n, k)
+    return q, s.t().to(torch.bfloat16).contiguous(), zp.t().to(torch.bfloat16).contiguous()
+
+
+# ------------------------------------------------------------------------------------ Triton kernels
+
+if triton is not None:
+
+    @triton.jit
+    def _gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, N, K, n_groups, blocks_per_split,
+                     GROUP_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, ATOMIC: tl.constexpr):
+        """out[n] (+)= sum_k x[k] * (q[k, n] - z) * s over this program's K blocks; x is one row."""
+        pid_n = tl.program_id(0)
+        pid_k = tl.program_id(1)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_mask = offs_n < N
+        offs_i = tl.arange(0, 16)
+        SLICES: tl.constexpr = (GROUP_SIZE if GROUP_SIZE < 128 else 128) // 16  # K=16 slices per scale
+        acc2 = tl.zeros((16, BLOCK_N), dtype=tl.float32)  # reduced over its 16 rows once, at the end
+        n_blocks = tl.cdiv(K, 128)
+        kb_start = pid_k * blocks_per_split
+        kb_end = tl.minimum(kb_start + blocks_per_split, n_blocks)
+        for kb in range(kb_start, kb_end):
+            qw = tl.load(qw_ptr + (kb * 16 + offs_i)[:, None] * N + offs_n[None, :], mask=n_mask[None, :], other=0)
+            part = tl.zeros((16, BLOCK_N), dtype=tl.float32)
+            for j in tl.static_range(8):
+                k0 = kb * 128 + j * 16
+                if j % SLICES == 0:
+                    g = k0 // GROUP_SIZE
+                    g_ok = n_mask & (g < n_groups)
+                    s = tl.load(s_ptr + g * N + offs_n, mask=g_ok, other=0.0).to(tl.float32)
+                    # 2**23 + zero: OR-ing q into the mantissa of 2**23 and subtracting this gives q - zero.
+                    c = tl.load(z_ptr + g * N + offs_n, mask=g_ok, other=0.0).to(tl.float32) + 8388608.0
+                    part = tl.zeros((16, BLOCK_N), dtype=tl.float32)
+                x = tl.load(x_ptr + k0 + offs_i, mask=(k0 + offs_i) < K, other=0.0).to(tl.float32)
+                q = ((qw >> (4 * j)) & 0xF) | 0x4B000000
+                part += (q.to(tl.float32, bitcast=True) - c[None, :]) * x[:, None]
+                if (j + 1) % SLICES == 0:
+                    acc2 += part * s[None, :]
+        acc = tl.sum(acc2, axis=0)
+        if ATOMIC:
+            tl.atomic_add(out_ptr + offs_n, acc, mask=n_mask, sem="relaxed")
+        else:
+            tl.store(out_ptr + offs_n, acc.to(out_ptr.dtype.element_ty), mask=n_mask)
+
+    @triton.jit
+    def _gemm_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, M, N, K, n_groups, stride_xm, stride_om,
+                     blocks_per_split, GROUP_SIZE: tl.constexpr, BLOCK_M: tl.constexpr,
+                     BLOCK_N: tl.constexpr, ATOMIC: tl.constexpr):
+        """out[M, N] (+)= x[M, K] @ dequant(W)[K, N]: per 128-deep block, 8 tensor-core dots of K=16."""
+        pid_n = tl.program_id(0)
+        pid_m = tl.program_id(1)
+        pid_k = tl.program_id(2)
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        m_mask = offs_m < M
+        n_mask = offs_n < N
+        offs_i = tl.arange(0, 16)
+        SLICES: tl.constexpr = (GROUP_SIZE if GROUP_SIZE < 128 else 128) // 16
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        n_blocks = tl.cdiv(K, 128)
+        kb_start = pid_k * blocks_per_split
+        kb_end = tl.minimum(kb_start + blocks_per_split, n_blocks)
+        for kb in range(kb_start, kb_end):
+            qw = tl.load(qw_ptr + (kb * 16 + offs_i)[:, None] * N + offs_n[None, :], mask=n_mask[None, :], other=0)
+            part = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            for j in tl.static_range(8):
+                k0 = kb * 128 + j * 16
+                if j % SLICES == 0:
+                    g = k0 // GROUP_SIZE
+                    g_ok = n_mask & (g < n_groups)
+                    s = tl.load(s_ptr + g * N + offs_n, mask=g_ok, other=0.0).to(tl.float32)
+                    c = tl.load(z_ptr + g * N + offs_n, mask=g_ok, other=0.0).to(tl.float32) + 8388608.0
+                    part = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+                x = tl.load(x_ptr + offs_m[:, None] * stride_xm + (k0 + offs_i)[None, :],
+                            mask=m_mask[:, None] & ((k0 + offs_i) < K)[None, :], other=0.0)
+                q = ((qw >> (4 * j)) & 0xF) | 0x4B000000
+                w = (q.to(tl.float32, bitcast=True) - c[None, :]).to(x.dtype)  # q - zero: small integers, exact
+                part = tl.dot(x, w, part)
+                if (j + 1) % SLICES == 0:
+                    acc += part * s[None, :]
+        out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
+        o_mask = m_mask[:, None] & n_mask[None, :]
+        if ATOMIC:
+            tl.atomic_add(out_ptrs, acc, mask=o_mask, sem="relaxed")
+        else:
+            tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=o_mask)
+
+    @triton.jit
+    def _dequant_kernel(qw_ptr, s_ptr, z_ptr, w_ptr, N, K, GROUP_SIZE: tl.constexpr, BLOCK_N: tl.constexpr):
+        """w[K, N] (bf16) = (q - zero) * scale, one 128-deep block x BLOCK_N columns per program."""
+        kb = tl.program_id(0)
+        pid_n = tl.program_id(1)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_mask = offs_n < N
+        offs_i = tl.arange(0, 16)
+        qw = tl.load(qw_ptr + (kb * 16 + offs_i)[:, None] * N + offs_n[None, :], mask=n_mask[None, :], other=0)
+        for j in tl.static_range(8):
+            k = kb * 128 + j * 16 + offs_i
+            k_ok = k < K
+            g = k // GROUP_SIZE
+            ok = k_ok[:, None] & n_mask[None, :]
+            s = tl.load(s_ptr + g[:, None] * N + offs_n[None, :], mask=ok, other=0.0).to(tl.float32)
+            z = tl.load(z_ptr + g[:, None] * N + offs_n[None, :], mask=ok, other=0.0).to(tl.float32)
+            q = ((qw >> (4 * j)) & 0xF).to(tl.float32)
+            tl.store(w_ptr + k[:, None] * N + offs_n[None, :], ((q - z) * s).to(w_ptr.dtype.element_ty), mask=ok)
+
+
+def m_bucket(m: int) -> int:
+    """Tuned configs are stored per power-of-two M (the sweep's M values)."""
+    return 1 << max(0, (m - 1).bit_length())
+
+
+def _load_tuned() -> tuple[dict[tuple[str, int, int, int], tuple[int, ...]], int]:
+    """Per-shape kernel configs and the GEMM/cuBLAS cut-over measured by the kernel sweep (optional file)."""
+    if not CONFIG_FILE.exists():
+        return {}, 1024
+    data = json.loads(CONFIG_FILE.read_text())
+    table = {(kind, int(m), int(n), int(k)): tuple(cfg) for kind, m, n, k, cfg in data["configs"]}
+    return table, int(data.get("gemm_max_m", 1024))
+
+
+#: {("gemv"|"gemm", M bucket, N, K): config}; the kernel sweep writes it, the heuristics below fill gaps.
+#: Above GEMM_MAX_M rows the weight is de-quantized once and the product goes to cuBLAS.
+TUNED, GEMM_MAX_M = _load_tuned()
+
+
+def gemv_config(n: int, k: int) -> tuple[int, ...]:
+    """(BLOCK_N, split_k, num_warps) for M == 1; aims at >= ~4 programs per SM so loads stay in flight."""
+    if ("gemv", 1, n, k) in TUNED:
+        return TUNED[("gemv", 1, n, k)]
+    block_n = 128
+    n_tiles = triton.cdiv(n, block_n)
+    n_blocks = triton.cdiv(k, PACK_BLOCK)
+    split = max(1, min(n_blocks, (132 * 4) // n_tiles))
+    return block_n, split, 4
+
+
+def gemm_config(m: int, n: int, k: int) -> tuple[int, ...]:
+    """(BLOCK_M, BLOCK_N, split_k, num_warps, num_stages) for 2 <= M <= GEMM_MAX_M."""
+    if ("gemm", m_bucket(m), n, k) in TUNED:
+        return TUNED[("gemm", m_bucket(m), n, k)]
+    block_m = 16 if m <= 16 else 32 if m <= 32 else 64
+    block_n = 128 if m <= 64 else 256
+    tiles = triton.cdiv(n, block_n) * triton.cdiv(m, block_m)
+    n_blocks = triton.cdiv(k, PACK_BLOCK)
+    split = max(1, min(n_blocks // 4, (132 * 2) // tiles)) if m <= 64 else 1
+    return block_m, block_n, split, 4 if block_m * block_n <= 64 * 128 else 8, 3
+
+
+def _cuda_w4a16_mm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                   group_size: int) -> torch.Tensor:
+    m, k = x.shape
+    n = qweight.shape[1]
+    n_groups = scales.shape[0]
+    if m > GEMM_MAX_M:  # module global, so the sweep can move it
+        w = dequantize_cuda(qweight, scales, zeros, k, x.dtype)
+        return x @ w
+    if m == 1:
+        block_n, split, warps = gemv_config(n, k)
+        n_blocks = triton.cdiv(k, PACK_BLOCK)
+        per_split = triton.cdiv(n_blocks, split)
+        split = triton.cdiv(n_blocks, per_split)
+        out = torch.zeros(1, n, dtype=torch.float32, device=x.device) if split > 1 else \
+            torch.empty(1, n, dtype=x.dtype, device=x.device)
+        _gemv_kernel[(triton.cdiv(n, block_n), split)](
+            x, qweight, scales, zeros, out, n, k, n_groups, per_split,
+            GROUP_SIZE=group_size, BLOCK_N=block_n, ATOMIC=split > 1, num_warps=warps)
+        return out.to(x.dtype) if split > 1 else out
+    block_m, block_n, split, warps, stages = gemm_config(m, n, k)
+    n_blocks = triton.cdiv(k, PACK_BLOCK)
+    per_split = triton.cdiv(n_blocks, split)
+    split = triton.cdiv(n_blocks, per_split)
+    out = torch.zeros(m, n, dtype=torch.float32, device=x.device) if split > 1 else \
+        torch.empty(m, n, dtype=x.dtype, device=x.device)
+    grid = (triton.cdiv(n, block_n), triton.cdiv(m, block_m), split)
+    _gemm_kernel[grid](x, qweight, scales, zeros, out, m, n, k, n_groups, x.stride(0), out.stride(0), per_split,
+                       GROUP_SIZE=group_size, BLOCK_M=block_m, BLOCK_N=block_n, ATOMIC=split > 1,
+                       num_warps=warps, num_stages=stages)
+    return out.to(x.dtype) if split > 1 else out
+
+
+def dequantize_cuda(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, in_features: int,
+                    dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """De-quantize on the GPU with Triton -> W^T [K, N] in ``dtype`` (for ``x @ W^T``)."""
+    n = qweight.shape[1]
+    w = torch.empty(in_features, n, dtype=dtype, device=qweight.device)
+    block_n = 128
+    _dequant_kernel[(triton.cdiv(in_features, PACK_BLOCK), triton.cdiv(n, block_n))](
+        qweight, scales, zeros, w, n, in_features, GROUP_SIZE=in_features // scales.shape[0], BLOCK_N=block_n,
+        num_warps=4)
+    return w
+
+
+# ------------------------------------------------------------------------------------------ custom op
+
+
+@torch.library.custom_op("quantsweep::w4a16_mm", mutates_args=())
+def w4a16_mm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+             in_features: int) -> torch.Tensor:
+    """``x`` [M, K] @ de-quantized W^T -> [M, N] in x's dtype (Triton on CUDA, reference elsewhere)."""
+    group_size = in_features // scales.shape[0]
+    if x.is_cuda and triton is not None:
+        return _cuda_w4a16_mm(x.contiguous(), qweight, scales, zeros, group_size)
+    w = dequantize(qweight, scales, zeros, in_features, torch.float32)
+    return (x.to(torch.float32) @ w.t()).to(x.dtype)
+
+
+@w4a16_mm.register_fake
+def _(x, qweight, scales, zeros, in_features):
+    return x.new_empty(x.shape[0], qweight.shape[1])
+
+
+class Int4Linear(nn.Module):
+    """A bias-free linear layer with int4 weights in the layout above; drop-in for ``nn.Linear``."""
+
+    def __init__(self, in_features: int, out_features: int, group_size: int,
+                 device: torch.device | str | None = None):
+        super().__init__()
+        if in_features % group_size:
+            raise ValueError(f"in_features {in_features} is not a multiple of group_size {group_size}")
+        self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
+        words = math.ceil(in_features / PACK_BLOCK) * 16
+        groups = in_features // group_size
+        self.register_buffer("qweight", torch.zeros(words, out_features, dtype=torch.int32, device=device))
+        self.register_buffer("scales", torch.ones(groups, out_features, dtype=torch.bfloat16, device=device))
+        self.register_buffer("zeros", torch.full((groups, out_features), 8.0, dtype=torch.bfloat16, device=device))
+
+    @classmethod
+    def from_quantized(cls, q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> "Int4Linear":
+        """From unsigned values q [N, K] (0..15), scales [G, N] and integer zero points [G, N]."""
+        n, k = q.shape
+        layer = cls(k, n, k // scales.shape[0], device=q.device)
+        layer.qweight = pack_int4(q)
+        layer.scales = scales.to(torch.bfloat16).contiguous()
+        layer.zeros = zeros.to(torch.bfloat16).contiguous()
+        return layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.ops.quantsweep.w4a16_mm(x.reshape(-1, self.in_features), self.qweight, self.scales,
+                                          self.zeros, self.in_features)
+        return y.view(*x.shape[:-1], self.out_features)
+
+    def weight_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.qweight, self.scales, self.zeros))
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, group_size={self.group_size}"

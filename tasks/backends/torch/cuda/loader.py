@@ -1,0 +1,194 @@
+"""Build the CUDA engine's model: from a Hugging Face Llama folder, or with random weights for benchmarks.
+
+Checkpoints: dense safetensors (any float dtype; cast to bf16) and compressed-tensors ``pack-quantized``
+int4 as llm-compressor's ``save_pretrained(save_compressed=True)`` writes them (AWQ, GPTQ, RTN alike):
+``weight_packed`` int32 [N, K/8] (value i in bits 4*(i%8) of word i//8, stored as signed + 8),
+``weight_scale`` [N, K/gs], optional ``weight_zero_point`` int32 [N/8, K/gs] packed the same way along
+dim 0, and ``W = (q - zp) * s``.  The stored unsigned nibbles are (q + 8) and (zp + 8), so their difference
+is already q - zp: they are repacked into :mod:`.int4`'s layout without touching the values.  ``lm_head``
+stays dense (llm-compressor's recipes ignore it).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from tasks.backends.torch.cuda.int4 import Int4Linear, PACK_BLOCK, pack_int4
+from tasks.backends.torch.cuda.model import LinearFactory, ModelArgs, Transformer, dense_linear
+
+
+def read_config(checkpoint_dir: Path) -> dict[str, Any]:
+    return json.loads((Path(checkpoint_dir) / "config.json").read_text())
+
+
+def int4_scheme(config: dict[str, Any]) -> dict[str, Any] | None:
+    """{"group_size", "symmetric"} of a compressed-tensors int4 checkpoint; None for a dense one."""
+    quant = config.get("quantization_config")
+    if not quant:
+        return None
+    if quant.get("quant_method") != "compressed-tensors" or quant.get("format") != "pack-quantized":
+        raise NotImplementedError(f"quantization_config {quant.get('quant_method')}/{quant.get('format')} "
+                                  "is not supported (compressed-tensors pack-quantized only)")
+    groups = list(quant.get("config_groups", {}).values())
+    weights = [g.get("weights") or {} for g in groups]
+    if len({json.dumps(w, sort_keys=True) for w in weights}) != 1:
+        raise NotImplementedError("checkpoints mixing several weight schemes are not supported")
+    w = weights[0]
+    if w.get("num_bits") != 4 or w.get("type", "int") != "int" or w.get("strategy") not in ("group", "channel"):
+        raise NotImplementedError(f"weight scheme {w} is not int4 group/channel")
+    if (groups[0].get("input_activations") or None) is not None:
+        raise NotImplementedError("activation quantization is not supported (W4A16 only)")
+    return {"group_size": w.get("group_size"), "symmetric": bool(w.get("symmetric", True)),
+            "strategy": w["strategy"]}
+
+
+def unpack_nibbles(packed: torch.Tensor, length: int) -> torch.Tensor:
+    """compressed-tensors int32 words [R, W] packed along dim 1 -> stored unsigned nibbles uint8 [R, length]."""
+    words = packed.to(torch.int64) & 0xFFFFFFFF
+    shifts = 4 * torch.arange(8, device=packed.device, dtype=torch.int64)
+    nibbles = (words[:, :, None] >> shifts) & 0xF  # [R, W, 8]: value i is word i // 8, nibble i % 8
+    return nibbles.reshape(packed.shape[0], -1)[:, :length].to(torch.uint8)
+
+
+def from_compressed_tensors(packed: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None,
+                            shape: tuple[int, int], g_idx: torch.Tensor | None = None
+                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One layer's compressed-tensors tensors -> (q uint8 [N, K] 0..15, scales [G, N], zeros [G, N]).
+
+    ``zeros`` are integer zero points in the same unsigned domain as ``q`` (8 for symmetric weights).
+    """
+    n, k = shape
+    q = unpack_nibbles(packed, k)  # [N, K]
+    groups = scale.shape[1]
+    if g_idx is not None:
+        expected = torch.arange(k, device=g_idx.device) // (k // groups)
+        if not torch.equal(g_idx.to(expected.dtype), expected):
+            raise NotImplementedError("activation-ordered groups (weight_g_idx) are not supported by the int4 kernel")
+    if zero_point is None:
+        zeros = torch.full((groups, n), 8.0, dtype=torch.bfloat16, device=packed.device)
+    else:
+        zeros = unpack_nibbles(zero_point.t().contiguous(), n).to(torch.bfloat16)  # [G, N]
+    return q, scale.t().to(torch.bfloat16).contiguous(), zeros.contiguous()
+
+
+def int4_linear_factory(group_size: int) -> LinearFactory:
+    return lambda k, n: Int4Linear(k, n, group_size if group_size else k, device="meta")
+
+
+def _hf_names(i: int) -> dict[str, list[str]]:
+    """Our fused linear -> the HF linears concatenated into it, in output order."""
+    p = f"model.layers.{i}."
+    return {f"layers.{i}.attention.wqkv": [p + "self_attn.q_proj", p + "self_attn.k_proj", p + "self_attn.v_proj"],
+            f"layers.{i}.attention.wo": [p + "self_attn.o_proj"],
+            f"layers.{i}.feed_forward.w13": [p + "mlp.gate_proj", p + "mlp.up_proj"],
+            f"layers.{i}.feed_forward.w2": [p + "mlp.down_proj"]}
+
+
+class _Tensors:
+    """All tensors of a safetensors checkpoint folder, read lazily by name."""
+
+    def __init__(self, checkpoint_dir: Path):
+        from safetensors import safe_open
+
+        self.files = {}
+        for f in sorted(Path(checkpoint_dir).glob("*.safetensors")):
+            handle = safe_open(str(f), framework="pt", device="cpu")
+            for name in handle.keys():
+                self.files[name] = handle
+        if not self.files:
+            raise FileNotFoundError(f"no *.safetensors in {checkpoint_dir}")
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.files
+
+    def get(self, name: str, device: Any) -> torch.Tensor:
+        return self.files[name].get_tensor(name).to(device)
+
+
+def load_llama(checkpoint_dir: Path, device: str | torch.device, dtype: torch.dtype = torch.bfloat16) -> Transformer:
+    """A :class:`Transformer` on ``device`` from a HF Llama folder (dense or compressed-tensors int4)."""
+    config = read_config(checkpoint_dir)
+    args = ModelArgs.from_hf_config(config)
+    scheme = int4_scheme(config)
+    linear = dense_linear(dtype, "meta") if scheme is None else int4_linear_factory(
+        scheme["group_size"] if scheme["strategy"] == "group" else 0)
+    with torch.device("meta"):
+        model = Transformer(args, linear, dtype)
+    model.to_empty(device=device)
+    model.tie_weights()
+    tensors = _Tensors(checkpoint_dir)
+
+    def dense(name: str) -> torch.Tensor:
+        return tensors.get(name, device).to(dtype)
+
+    with torch.no_grad():
+        model.tok_embeddings.weight.copy_(dense("model.embed_tokens.weight"))
+        model.norm.weight.copy_(dense("model.norm.weight"))
+        if not args.tie_word_embeddings:
+            model.output.weight.copy_(dense("lm_head.weight" if "lm_head.weight" in tensors
+                                            else "model.embed_tokens.weight"))
+        for i, block in enumerate(model.layers):
+            block.attention_norm.weight.copy_(dense(f"model.layers.{i}.input_layernorm.weight"))
+            block.ffn_norm.weight.copy_(dense(f"model.layers.{i}.post_attention_layernorm.weight"))
+            for ours, theirs in _hf_names(i).items():
+                module = model.get_submodule(ours)
+                if scheme is None:
+                    module.weight.copy_(torch.cat([dense(t + ".weight") for t in theirs], dim=0))
+                else:
+                    _load_int4(module, theirs, tensors, device)
+    model.setup_cache(1, 16)  # rope tables and a small cache so the model runs at once; engines resize it
+    return model.eval()
+
+
+def _load_int4(module: nn.Module, theirs: list[str], tensors: _Tensors, device: Any) -> None:
+    parts = []
+    for t in theirs:
+        if t + ".weight_packed" not in tensors:
+            raise NotImplementedError(f"{t} is not int4 in this checkpoint (mixed dense/int4 layers unsupported)")
+        shape = tuple(int(v) for v in tensors.get(t + ".weight_shape", "cpu").tolist())
+        zp = tensors.get(t + ".weight_zero_point", device) if t + ".weight_zero_point" in tensors else None
+        g_idx = tensors.get(t + ".weight_g_idx", device) if t + ".weight_g_idx" in tensors else None
+        parts.append(from_compressed_tensors(tensors.get(t + ".weight_packed", device),
+                                             tensors.get(t + ".weight_scale", device), zp, shape, g_idx))
+    q = torch.cat([p[0] for p in parts], dim=0)  # [N_total, K]
+    module.qweight.copy_(pack_int4(q))
+    module.scales.copy_(torch.cat([p[1] for p in parts], dim=1))
+    module.zeros.copy_(torch.cat([p[2] for p in parts], dim=1))
+
+
+def random_llama(args: ModelArgs, weight_format: str, device: str | torch.device, group_size: int = 128,
+                 seed: int = 0) -> Transformer:
+    """A model of ``args``' shape with RANDOM weights, built directly on ``device`` (no checkpoint).
+
+    ``weight_format``: "bfloat16" (dense) or "int4" (uniform random nibbles, asymmetric zero points,
+    scales chosen so that weights have std ~0.02 like a trained Llama).  For speed and memory only:
+    its outputs mean nothing.
+    """
+    gen = torch.Generator(device=device).manual_seed(seed)
+    linear = dense_linear(torch.bfloat16, "meta") if weight_format == "bfloat16" else int4_linear_factory(group_size)
+    with torch.device("meta"):
+        model = Transformer(args, linear, torch.bfloat16)
+    model.to_empty(device=device)
+    model.tie_weights()
+    with torch.no_grad():
+        for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+            if name.endswith("qweight"):
+                t.copy_(torch.randint(-2**31, 2**31 - 1, t.shape, generator=gen, device=device, dtype=torch.int32))
+            elif name.endswith("scales"):
+                t.copy_(0.02 / 4.6 * (0.5 + torch.rand(t.shape, generator=gen, device=device)))
+            elif name.endswith("zeros"):
+                t.copy_(torch.randint(6, 10, t.shape, generator=gen, device=device).to(t.dtype))
+            elif name.endswith("norm.weight"):
+                t.fill_(1.0)
+            elif t.is_floating_point():
+                t.copy_(0.02 * torch.randn(t.shape, generator=gen, device=device, dtype=torch.float32))
+    model.setup_cache(1, 16)
+    return model.eval()
+
+
+__all__ = ["load_llama", "random_llama", "read_config", "int4_scheme", "from_compressed_tensors",
+           "unpack_nibbles", "PACK_BLOCK"]

@@ -1,0 +1,223 @@
+"""A gpt-fast-style Llama: fused projections, a static KV cache written at ``input_pos``, no framework.
+
+Shapes: B batch, L tokens in this call, S cache length (input + output), D model dim, H heads, Hkv KV heads,
+hd head dim, I MLP width, V vocab.  Every linear layer is either ``nn.Linear`` (bf16) or
+:class:`~tasks.backends.torch.cuda.int4.Int4Linear`; the model code does not know which.
+
+Prefill (L > 1) always starts at position 0 and attends causally over its own keys (flash attention);
+decode (L == 1) attends over the whole static cache with a mask of the positions written so far, so its
+shapes never change and the step can be captured in a CUDA graph.  Rotary embedding follows Hugging
+Face's Llama (``rotate_half``), so HF checkpoints load without permuting q/k.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass(frozen=True)
+class ModelArgs:
+    vocab_size: int
+    dim: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    intermediate_size: int
+    head_dim: int
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    tie_word_embeddings: bool = False
+
+    @classmethod
+    def from_hf_config(cls, cfg: dict[str, Any]) -> "ModelArgs":
+        """From a Hugging Face Llama ``config.json`` dict; refuses rope scalings this model does not do."""
+        scaling = cfg.get("rope_scaling") or {}
+        rope_type = scaling.get("rope_type", scaling.get("type", "default"))
+        if rope_type not in ("default", None):
+            raise NotImplementedError(f"rope_scaling {scaling} is not implemented by the CUDA engine")
+        theta = cfg.get("rope_theta") or (cfg.get("rope_parameters") or {}).get("rope_theta", 10000.0)
+        heads = cfg["num_attention_heads"]
+        return cls(vocab_size=cfg["vocab_size"], dim=cfg["hidden_size"], n_layers=cfg["num_hidden_layers"],
+                   n_heads=heads, n_kv_heads=cfg.get("num_key_value_heads") or heads,
+                   intermediate_size=cfg["intermediate_size"],
+                   head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads,
+                   rms_norm_eps=cfg.get("rms_norm_eps", 1e-5), rope_theta=float(theta),
+                   tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)))
+
+
+def llama2_7b_args() -> ModelArgs:
+    """Llama-2-7B's shape (the benchmark's model; weights are random there)."""
+    return ModelArgs(vocab_size=32000, dim=4096, n_layers=32, n_heads=32, n_kv_heads=32,
+                     intermediate_size=11008, head_dim=128)
+
+
+LinearFactory = Callable[[int, int], nn.Module]  # (in_features, out_features) -> module
+
+
+def dense_linear(dtype: torch.dtype = torch.bfloat16, device: torch.device | str | None = None) -> LinearFactory:
+    return lambda k, n: nn.Linear(k, n, bias=False, dtype=dtype, device=device)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float, dtype: torch.dtype, device: Any = None):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim, dtype=dtype, device=device))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # as HF: normalise in fp32, cast, then scale
+        x32 = x.float()
+        return self.weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
+
+
+def rope_tables(args: ModelArgs, max_seq: int, device: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin [max_seq, hd] in fp32 (HF's layout: the hd/2 frequencies repeated twice)."""
+    inv_freq = 1.0 / (args.rope_theta ** (torch.arange(0, args.head_dim, 2, dtype=torch.float32,
+                                                         device=device) / args.head_dim))
+    freqs = torch.outer(torch.arange(max_seq, dtype=torch.float32, device=device), inv_freq)
+    emb = torch.cat([freqs, freqs], dim=-1)
+    return emb.cos(), emb.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [B, L, h, hd]; cos/sin [L, hd] -> rotated x, computed in fp32."""
+    x32 = x.float()
+    half = x32.shape[-1] // 2
+    rotated = torch.cat([-x32[..., half:], x32[..., :half]], dim=-1)
+    return (x32 * cos[None, :, None] + rotated * sin[None, :, None]).to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs, linear: LinearFactory):
+        super().__init__()
+        self.args = args
+        self.q_size, self.kv_size = args.n_heads * args.head_dim, args.n_kv_heads * args.head_dim
+        self.wqkv = linear(args.dim, self.q_size + 2 * self.kv_size)  # [q | k | v] along the output dim
+        self.wo = linear(self.q_size, args.dim)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, input_pos: torch.Tensor,
+                k_cache: torch.Tensor, v_cache: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        a = self.args
+        b, length, _ = x.shape  # x [B, L, D]
+        q, k, v = self.wqkv(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = apply_rope(q.view(b, length, a.n_heads, a.head_dim), cos, sin).transpose(1, 2)  # [B, H, L, hd]
+        k = apply_rope(k.view(b, length, a.n_kv_heads, a.head_dim), cos, sin).transpose(1, 2)  # [B, Hkv, L, hd]
+        v = v.view(b, length, a.n_kv_heads, a.head_dim).transpose(1, 2)
+        k_cache.index_copy_(2, input_pos, k)  # caches [B, Hkv, S, hd]
+        v_cache.index_copy_(2, input_pos, v)
+        gqa = a.n_kv_heads != a.n_heads
+        if mask is None:  # prefill from position 0: causal over its own keys
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+        else:  # decode: the whole cache, mask [1, S] of written positions
+            y = F.scaled_dot_product_attention(q, k_cache, v_cache, attn_mask=mask[None, None], enable_gqa=gqa)
+        return self.wo(y.transpose(1, 2).reshape(b, length, self.q_size))  # [B, L, D]
+
+
+class FeedForward(nn.Module):
+    def __init__(self, args: ModelArgs, linear: LinearFactory):
+        super().__init__()
+        self.intermediate = args.intermediate_size
+        self.w13 = linear(args.dim, 2 * args.intermediate_size)  # [gate | up]
+        self.w2 = linear(args.intermediate_size, args.dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.w13(x).split([self.intermediate, self.intermediate], dim=-1)  # [B, L, I] each
+        return self.w2(F.silu(gate) * up)
+
+
+class Block(nn.Module):
+    def __init__(self, args: ModelArgs, linear: LinearFactory, dtype: torch.dtype, device: Any):
+        super().__init__()
+        self.attention = Attention(args, linear)
+        self.feed_forward = FeedForward(args, linear)
+        self.attention_norm = RMSNorm(args.dim, args.rms_norm_eps, dtype, device)
+        self.ffn_norm = RMSNorm(args.dim, args.rms_norm_eps, dtype, device)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, input_pos: torch.Tensor,
+                k_cache: torch.Tensor, v_cache: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        h = x + self.attention(self.attention_norm(x), cos, sin, input_pos, k_cache, v_cache, mask)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class Transformer(nn.Module):
+    """The model plus its static KV cache (allocated by :meth:`setup_cache`)."""
+
+    def __init__(self, args: ModelArgs, linear: LinearFactory, dtype: torch.dtype = torch.bfloat16,
+                 device: Any = None):
+        super().__init__()
+        self.args, self.dtype = args, dtype
+        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim, dtype=dtype, device=device)
+        self.layers = nn.ModuleList(Block(args, linear, dtype, device) for _ in range(args.n_layers))
+        self.norm = RMSNorm(args.dim, args.rms_norm_eps, dtype, device)
+        self.output = nn.Linear(args.dim, args.vocab_size, bias=False, dtype=dtype, device=device)  # kept dense
+        self.tie_weights()
+        self.block_calls: list[Callable[..., torch.Tensor]] = list(self.layers)  # compiled wrappers go here
+        self.caches: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.cache_shape: tuple[int, int] | None = None
+
+    def tie_weights(self) -> None:
+        if self.args.tie_word_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+
+    def setup_cache(self, batch: int, max_seq: int) -> None:
+        """Static KV cache [B, Hkv, S, hd] per layer, rope tables and the causal mask for S positions."""
+        if self.cache_shape == (batch, max_seq):
+            return
+        self.caches = []  # free the old cache before allocating the new one
+        device = self.tok_embeddings.weight.device
+        a = self.args
+        shape = (batch, a.n_kv_heads, max_seq, a.head_dim)
+        self.caches = [(torch.zeros(shape, dtype=self.dtype, device=device),
+                        torch.zeros(shape, dtype=self.dtype, device=device)) for _ in range(a.n_layers)]
+        self.cos, self.sin = rope_tables(a, max_seq, device)
+        self.causal = torch.tril(torch.ones(max_seq, max_seq, dtype=torch.bool, device=device))  # [S, S]
+        self.cache_shape = (batch, max_seq)
+
+    def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor, all_logits: bool = False) -> torch.Tensor:
+        """tokens [B, L] at positions input_pos [L] -> logits [B, V] of the last position ([B, L, V] if asked).
+
+        L > 1 must be a prefill from position 0; L == 1 is a decode step.
+        """
+        length = tokens.shape[1]
+        x = self.tok_embeddings(tokens)  # [B, L, D]
+        cos, sin = self.cos[input_pos], self.sin[input_pos]  # [L, hd]
+        mask = None if length > 1 else self.causal[input_pos]  # decode: [1, S]
+        blocks = self.block_calls if length == 1 else self.layers  # compiled wrappers serve decode only
+        for block, (k_cache, v_cache) in zip(blocks, self.caches):
+            x = block(x, cos, sin, input_pos, k_cache, v_cache, mask)
+        if not all_logits:
+            x = x[:, -1]  # [B, D]: prefill needs only the last position's logits
+        return self.output(self.norm(x)).float()
+
+    def compile_decode(self, **compile_kwargs: Any) -> None:
+        """Compile the transformer block once for decode; every layer reuses the compiled code.
+
+        With dynamo's default ``inline_inbuilt_nn_modules`` the layers' weights are graph inputs, so the 32
+        layers share one compilation (per shape class: B == 1 and B >= 2) instead of compiling 32 times.
+        """
+        self.block_calls = [torch.compile(layer, **compile_kwargs) for layer in self.layers]
+
+    def weight_bytes(self) -> int:
+        """Bytes of all parameters and buffers the model reads (tied weights counted once)."""
+        seen: set[int] = set()
+        total = 0
+        for t in list(self.parameters()) + list(self.buffers()):
+            if t.data_ptr() not in seen:
+                seen.add(t.data_ptr())
+                total += t.numel() * t.element_size()
+        return total
+
+
+def kv_bytes_per_token(args: ModelArgs, dtype: torch.dtype = torch.bfloat16) -> int:
+    """K and V of one token over all layers."""
+    return 2 * args.n_layers * args.n_kv_heads * args.head_dim * torch.finfo(dtype).bits // 8
+
+
+def num_linear_params(args: ModelArgs) -> int:
+    """Parameters in the quantizable linears (all but embeddings, norms and lm_head)."""
+    per_layer = args.dim * (args.n_heads + 2 * args.n_kv_heads) * args.head_dim \
+        + args.n_heads * args.head_dim * args.dim + 3 * args.dim * args.intermediate_size
+    return per_layer * args.n_layers

@@ -1,0 +1,203 @@
+"""The CUDA engine's parts: int4 packing, compressed-tensors loading, the model vs transformers.
+
+Everything except the ``gpu``-marked tests runs on CPU (the int4 op falls back to its pure-PyTorch
+reference there); the GPU tests check the Triton kernels, the compiled CUDA-graph decode and the engine.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from tasks.backends.torch.cuda import int4
+from tasks.backends.torch.cuda.generate import Generator
+from tasks.backends.torch.cuda.loader import from_compressed_tensors, load_llama, random_llama, unpack_nibbles
+from tasks.backends.torch.cuda.model import ModelArgs
+
+gpu = pytest.mark.gpu
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+TINY = dict(vocab_size=512, hidden_size=256, intermediate_size=384, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-5,
+            rope_theta=10000.0, tie_word_embeddings=False)
+
+
+def _hf_tiny(seed: int = 0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(LlamaConfig(**TINY)).eval()
+
+
+# ------------------------------------------------------------------------------------------ packing
+
+
+@pytest.mark.parametrize("k", [128, 384, 576])
+def test_pack_unpack_round_trip(k: int) -> None:
+    q = torch.randint(0, 16, (24, k), dtype=torch.uint8)
+    packed = int4.pack_int4(q)
+    assert packed.dtype == torch.int32 and packed.shape == (-(-k // 128) * 16, 24)
+    assert torch.equal(int4.unpack_int4(packed, k), q)
+
+
+def test_pack_layout_puts_slice_j_in_nibble_j() -> None:
+    """Word [16*b + i, n] nibble j is weight (n, 128*b + 16*j + i): the layout the kernels rely on."""
+    q = torch.randint(0, 16, (3, 256), dtype=torch.uint8)
+    words = int4.pack_int4(q).to(torch.int64) & 0xFFFFFFFF
+    for b, j, i, n in [(0, 0, 0, 0), (0, 7, 15, 2), (1, 3, 5, 1), (1, 7, 0, 0)]:
+        assert (words[16 * b + i, n] >> (4 * j)) & 0xF == q[n, 128 * b + 16 * j + i]
+
+
+def test_compressed_tensors_layout_round_trip() -> None:
+    """Our unpacking of compressed-tensors words agrees with the library's own packer and dequantizer."""
+    helpers = pytest.importorskip("compressed_tensors.compressors.pack_quantized.helpers")
+    n, k, gs = 40, 256, 64
+    q_signed = torch.randint(-8, 8, (n, k), dtype=torch.int8)
+    zp_signed = torch.randint(-8, 8, (n, k // gs), dtype=torch.int8)
+    scale = torch.rand(n, k // gs, dtype=torch.bfloat16) + 0.1
+    packed = helpers.pack_to_int32(q_signed, 4, packed_dim=1)
+    packed_zp = helpers.pack_to_int32(zp_signed, 4, packed_dim=0)
+    assert torch.equal(unpack_nibbles(packed, k).to(torch.int16) - 8, q_signed.to(torch.int16))
+    q, scales, zeros = from_compressed_tensors(packed, scale, packed_zp, (n, k))
+    ours = int4.dequantize(int4.pack_int4(q), scales, zeros, k)
+    theirs = (q_signed.float() - zp_signed.float().repeat_interleave(gs, 1)) * scale.float().repeat_interleave(gs, 1)
+    assert torch.equal(ours, theirs)
+
+
+def test_symmetric_checkpoint_has_zero_point_eight() -> None:
+    q = torch.randint(0, 16, (8, 128), dtype=torch.uint8)
+    words = q.view(8, 16, 8).to(torch.int64)
+    packed = int4._to_int32_bits((words << (4 * torch.arange(8))).sum(-1))
+    _, _, zeros = from_compressed_tensors(packed, torch.ones(8, 1), None, (8, 128))
+    assert torch.all(zeros == 8)
+
+
+def test_int4_linear_matches_dequantized_reference_on_cpu() -> None:
+    w = torch.randn(96, 256)
+    q, scales, zeros = int4.quantize_rtn(w, 64)
+    layer = int4.Int4Linear.from_quantized(q, scales, zeros)
+    x = torch.randn(5, 256, dtype=torch.bfloat16)
+    ref = x.float() @ int4.dequantize(layer.qweight, layer.scales, layer.zeros, 256).t()
+    out = layer(x)
+    assert out.shape == (5, 96) and out.dtype == torch.bfloat16
+    assert ((out.float() - ref).norm() / ref.norm()) < 1e-2
+    # and the quantization itself is close to the dense weight it came from
+    assert ((int4.dequantize(layer.qweight, layer.scales, layer.zeros, 256) - w).norm() / w.norm()) < 0.15
+
+
+# ---------------------------------------------------------------------------------------- model/loader
+
+
+def test_model_matches_transformers_logits(tmp_path: Path) -> None:
+    hf = _hf_tiny()
+    hf.save_pretrained(tmp_path)
+    ours = load_llama(tmp_path, "cpu", dtype=torch.float32)
+    ids = torch.randint(0, TINY["vocab_size"], (2, 12))
+    ours.setup_cache(2, 16)
+    with torch.no_grad():
+        ref = hf(ids).logits
+        got = ours(ids, torch.arange(12), all_logits=True)
+    assert torch.allclose(got, ref, atol=1e-4, rtol=1e-4)
+
+
+def test_greedy_generation_matches_transformers(tmp_path: Path) -> None:
+    hf = _hf_tiny(seed=1)
+    hf.save_pretrained(tmp_path)
+    gen = Generator(load_llama(tmp_path, "cpu", dtype=torch.float32))
+    ids = torch.randint(0, TINY["vocab_size"], (3, 10))
+    timing = gen.generate(ids, 6)
+    with torch.no_grad():
+        ref = hf.generate(ids, max_new_tokens=6, min_new_tokens=6, do_sample=False)[:, 10:]
+    assert torch.equal(timing.output_token_ids, ref)
+    assert len(timing.decode_step_s) == 5 and timing.total_s >= timing.first_token_s > 0
+
+
+def _write_compressed_checkpoint(hf, path: Path, gs: int, symmetric: bool) -> None:
+    """A compressed-tensors pack-quantized checkpoint of ``hf`` (RTN), laid out as llm-compressor writes it."""
+    from safetensors.torch import save_file
+
+    helpers = pytest.importorskip("compressed_tensors.compressors.pack_quantized.helpers")
+    tensors = {}
+    for name, t in hf.state_dict().items():
+        is_linear = name.endswith("_proj.weight")
+        if not is_linear:
+            tensors[name] = t.contiguous()
+            continue
+        q, scales, zeros = int4.quantize_rtn(t, gs, symmetric)  # unsigned domain
+        base = name[: -len(".weight")]
+        tensors[base + ".weight_packed"] = helpers.pack_to_int32((q.to(torch.int16) - 8).to(torch.int8), 4, 1)
+        tensors[base + ".weight_scale"] = scales.t().contiguous()
+        tensors[base + ".weight_shape"] = torch.tensor(t.shape)
+        if not symmetric:
+            zp = (zeros.t().to(torch.int16) - 8).to(torch.int8).contiguous()
+            tensors[base + ".weight_zero_point"] = helpers.pack_to_int32(zp, 4, packed_dim=0).contiguous()
+    save_file(tensors, str(path / "model.safetensors"))
+    config = dict(TINY, architectures=["LlamaForCausalLM"], model_type="llama", quantization_config={
+        "quant_method": "compressed-tensors", "format": "pack-quantized", "ignore": ["lm_head"],
+        "config_groups": {"group_0": {"targets": ["Linear"], "input_activations": None, "weights": {
+            "num_bits": 4, "type": "int", "symmetric": symmetric, "strategy": "group", "group_size": gs}}}})
+    (path / "config.json").write_text(json.dumps(config))
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_int4_checkpoint_loads_to_same_weights(tmp_path: Path, symmetric: bool) -> None:
+    hf = _hf_tiny(seed=2)
+    _write_compressed_checkpoint(hf, tmp_path, 64, symmetric)
+    model = load_llama(tmp_path, "cpu", dtype=torch.float32)
+    layer = model.layers[1].feed_forward.w13
+    assert isinstance(layer, int4.Int4Linear) and layer.group_size == 64
+    gate = hf.model.layers[1].mlp.gate_proj.weight
+    q, scales, zeros = int4.quantize_rtn(gate, 64, symmetric)
+    expect = int4.dequantize(int4.pack_int4(q), scales, zeros, gate.shape[1])
+    got = int4.dequantize(layer.qweight, layer.scales, layer.zeros, layer.in_features)[: gate.shape[0]]
+    assert torch.equal(got, expect)
+    ids = torch.randint(0, TINY["vocab_size"], (1, 8))
+    with torch.no_grad():
+        logits = model(ids, torch.arange(8))
+    assert torch.isfinite(logits).all()
+
+
+def test_random_llama_shapes_and_int4_bytes() -> None:
+    args = ModelArgs(vocab_size=256, dim=256, n_layers=2, n_heads=4, n_kv_heads=4, intermediate_size=384,
+                     head_dim=64)
+    dense = random_llama(args, "bfloat16", "cpu")
+    quant = random_llama(args, "int4", "cpu", group_size=128)
+    assert quant.layers[0].attention.wqkv.qweight.shape == (256 // 8, 3 * 256)
+    # int4 linears take ~1/4 of bf16 + scales/zeros; embeddings and lm_head stay bf16 in both
+    assert quant.weight_bytes() < 0.6 * dense.weight_bytes()
+    with torch.no_grad():
+        assert torch.isfinite(quant(torch.randint(0, 256, (1, 4)), torch.arange(4))).all()
+
+
+# ----------------------------------------------------------------------------------------------- GPU
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("m", [1, 3, 8, 16, 64, 200, 2048])
+@pytest.mark.parametrize("k,n,gs", [(4096, 4096, 128), (576, 1536, 64), (11008, 512, 128)])
+def test_triton_kernels_match_reference(m: int, k: int, n: int, gs: int) -> None:
+    q = torch.randint(0, 16, (n, k), dtype=torch.uint8, device="cuda")
+    scales = (torch.rand(k // gs, n, device="cuda") * 0.01 + 0.001).to(torch.bfloat16)
+    zeros = torch.randint(0, 16, (k // gs, n), device="cuda").to(torch.bfloat16)
+    qweight = int4.pack_int4(q)
+    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+    ref = x.double() @ int4.dequantize(qweight, scales, zeros, k).double().t()
+    out = torch.ops.quantsweep.w4a16_mm(x, qweight, scales, zeros, k)
+    assert torch.isfinite(out).all()
+    assert ((out.double() - ref).norm() / ref.norm()).item() < 1e-2
+
+
+@gpu
+@needs_cuda
+def test_cuda_graph_decode_matches_eager(tmp_path: Path) -> None:
+    args = ModelArgs(vocab_size=512, dim=256, n_layers=2, n_heads=4, n_kv_heads=4, intermediate_size=512,
+                     head_dim=64)
+    for fmt in ("bfloat16", "int4"):
+        model = random_llama(args, fmt, "cuda", group_size=128)
+        ids = torch.randint(0, 512, (2, 16), device="cuda")
+        fast = Generator(model, compile=True, cuda_graph=True).generate(ids, 8)
+        slow = Generator(model, compile=False, cuda_graph=False).generate(ids, 8)
+        assert (fast.output_token_ids == slow.output_token_ids).float().mean() > 0.9, fmt

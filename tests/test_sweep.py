@@ -1,0 +1,123 @@
+"""End to end on real Ray, real Parquet, real lm-eval: the sweep, failures as rows, kill and resume."""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from orchestrator.plan import plan_sweep
+from orchestrator.schedule import run_sweep
+from orchestrator.store import ResultStore
+from orchestrator.validate import validate
+from tests.sweep_helpers import TINY, compose_config
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(autouse=True)
+def _ray_shutdown():
+    yield
+    import ray
+
+    ray.shutdown()
+
+
+def _sweep(overrides: list[str]):
+    cfg = validate(compose_config(TINY + overrides))
+    plan = plan_sweep(cfg)
+    return cfg, plan, run_sweep(plan, cfg)
+
+
+def test_cpu_sweep_fills_the_expected_grid(tmp_path: Path, mmlu_dir: Path) -> None:
+    subjects = ["abstract_algebra", "anatomy"]
+    cfg, plan, outcome = _sweep([f"store.uri={tmp_path}", f"eval.mmlu_dir={mmlu_dir}", "sweep.methods=[fp16,rtn]",
+                                 f"sweep.subjects=[{','.join(subjects)}]", "sweep.batch_sizes=[1,3]",
+                                 "sweep.num_shards=2"])
+    assert outcome.all_ok, {k: r["error"] for k, r in outcome.results.items() if r["status"] != "ok"}
+    store = ResultStore(str(tmp_path))
+    runs = store.read("runs").to_pandas()
+    assert sorted(runs["node_key"]) == sorted(plan.nodes) and (runs["status"] == "ok").all()
+    predictions = store.read("mmlu_predictions").to_pandas()
+    # 3 questions per subject (eval.limit_per_subject) x 2 subjects x 2 methods, one row per question
+    assert len(predictions) == 3 * 2 * 2
+    assert set(map(tuple, predictions[["method", "subject"]].drop_duplicates().values)) == {
+        (m, s) for m in ("fp16", "rtn") for s in subjects}
+    assert (predictions["correct"] == (predictions["predicted"] == predictions["gold"])).all()
+    assert set(predictions.loc[predictions.subject == "anatomy", "category"]) == {"other (business, health, misc.)"}
+    throughput = store.read("throughput").to_pandas()
+    assert sorted(zip(throughput["method"], throughput["batch_size"])) == [
+        ("fp16", 1), ("fp16", 3), ("rtn", 1), ("rtn", 3)]
+    assert (throughput["output_tokens_per_s"] > 0).all() and (throughput["ttft_s"] > 0).all()
+    memory = store.read("memory").to_pandas()
+    assert len(memory) == 4 and (memory["peak_process_memory_bytes"] > 50 * 2**20).all()
+    assert memory["method_note"].str.contains("RSS").all()
+    # a second run finds everything in the store and runs nothing
+    _, _, again = _sweep([f"store.uri={tmp_path}", f"eval.mmlu_dir={mmlu_dir}", "sweep.methods=[fp16,rtn]",
+                          f"sweep.subjects=[{','.join(subjects)}]", "sweep.batch_sizes=[1,3]", "sweep.num_shards=2"])
+    assert again.ran == set() and again.reused == set(plan.nodes)
+
+
+def test_failing_and_oom_cells_become_rows(tmp_path: Path, mmlu_dir: Path) -> None:
+    broken = tmp_path / "mmlu"
+    shutil.copytree(mmlu_dir, broken)
+    (broken / "test" / "virology_test.csv").write_text('"only one column\n"\x00\x00,,\n')
+    store_dir = tmp_path / "store"
+    cfg, plan, outcome = _sweep([f"store.uri={store_dir}", f"eval.mmlu_dir={broken}", "sweep.methods=[fp16]",
+                                 "sweep.subjects=[anatomy,virology]", "sweep.num_shards=2",
+                                 # 10**11 sequences of 8 tokens cannot be allocated: an out-of-memory cell
+                                 "sweep.batch_sizes=[1,100000000000]"])
+    runs = ResultStore(str(store_dir)).read("runs").to_pandas().set_index("node_key")
+    assert sorted(runs.index) == sorted(plan.nodes)  # every node has its row: the sweep finished
+    evaluate = runs[runs.kind == "evaluate"].set_index("shard")
+    by_subject = {tuple(s): row for s, row in zip(evaluate["subjects"], evaluate.itertuples())}
+    assert by_subject[("anatomy",)].status == "ok"
+    assert by_subject[("virology",)].status == "failed" and "virology" in by_subject[("virology",)].error
+    profile = runs[runs.kind == "profile"].set_index("batch_size")
+    assert profile.loc[1, "status"] == "ok"
+    assert profile.loc[100000000000, "status"] == "oom"
+    assert "allocate" in profile.loc[100000000000, "error"]
+    assert not outcome.all_ok
+    # the failed cells, and only they, run again on the next run (sweep.rerun=failed)
+    _, _, again = _sweep([f"store.uri={store_dir}", f"eval.mmlu_dir={broken}", "sweep.methods=[fp16]",
+                          "sweep.subjects=[anatomy,virology]", "sweep.num_shards=2",
+                          "sweep.batch_sizes=[1,100000000000]"])
+    assert {plan.nodes[k].describe() for k in again.ran} == {"evaluate method=fp16 shard=1",
+                                                             "profile method=fp16 batch_size=100000000000"}
+
+
+def test_kill_driver_and_resume(tmp_path: Path, mmlu_dir: Path) -> None:
+    store_dir = tmp_path / "store"
+    args = [sys.executable, "-m", "orchestrator.cli", *TINY, f"store.uri={store_dir}", f"eval.mmlu_dir={mmlu_dir}",
+            "sweep.methods=[fp16,rtn]", "sweep.stages=[profile]", "sweep.batch_sizes=[1,2,3,4,5,6]",
+            "sweep.repeats=2", "sweep.output_len=32"]
+    first = subprocess.Popen(args, cwd=tmp_path, start_new_session=True, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+    runs_dir = store_dir / "runs"
+    deadline = time.time() + 240
+    while time.time() < deadline:
+        done = list(runs_dir.glob("profile-*.parquet")) if runs_dir.exists() else []
+        if len(done) >= 2:
+            break
+        time.sleep(0.2)
+    os.killpg(first.pid, signal.SIGKILL)  # the driver and everything it started, mid-sweep
+    first.wait()
+    store = ResultStore(str(store_dir))
+    before = store.read("runs").to_pandas().set_index("node_key")
+    assert 2 <= (before.kind == "profile").sum() < 12, "kill landed before or after the sweep; nothing to resume"
+    second = subprocess.run(args, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert second.returncode == 0, second.stderr[-3000:]
+    after = store.read("runs").to_pandas()
+    assert after["node_key"].is_unique and len(after) == 1 + 2 + 2 + 12
+    assert (after["status"] == "ok").all()
+    after = after.set_index("node_key")
+    for key, row in before.iterrows():  # finished nodes were not redone
+        assert after.loc[key, "finished_at"] == row["finished_at"]
+    throughput = store.read("throughput").to_pandas()
+    assert throughput["node_key"].is_unique and len(throughput) == 12
+    assert not [p for p in store_dir.rglob(".tmp-*")], "a temporary file survived the rerun"
