@@ -116,6 +116,7 @@ def _add_series(frames: dict[str, pd.DataFrame]) -> None:
             label = df["model"].fillna("?").astype(str) + "/" + label
         if multi_backend:
             label = label + "@" + df["backend"].fillna("?").astype(str)
+        df["series_base"] = label  # without the evaluation setup: what profiling rows are keyed by
         if multi_eval and name == "mmlu_predictions":
             label = label + " [" + df["scoring"].astype(str) + ", " + df["num_fewshot"].astype(str) + "-shot]"
         df["series"] = label
@@ -218,7 +219,8 @@ def significance_table(preds: pd.DataFrame) -> pd.DataFrame:
     from tasks.mmlu import stats
 
     if preds.empty or preds["series"].nunique() < 2:
-        return pd.DataFrame()
+        return pd.DataFrame(columns=["model", "series_a", "series_b", "level", "group", "n_pairs", "only_a",
+                                     "only_b", "accuracy_a", "accuracy_b", "diff", "p_value", "significant"])
     rows = preds.drop(columns=["method"]).rename(columns={"series": "method"})
     pairs = stats.mcnemar_pairs(rows)
     return pairs.rename(columns={"method_a": "series_a", "method_b": "series_b"})
@@ -230,11 +232,12 @@ def throughput_table(tp: pd.DataFrame, baseline: str | None) -> pd.DataFrame:
     The speed-up divides by the baseline's output tokens/s at the same model, engine, batch size and
     input/output lengths; it is empty where the baseline has no row there.
     """
-    if tp.empty:
-        return pd.DataFrame()
     keys = ["series", "model", "method", "backend", "batch_size", "input_len", "output_len"]
     metrics = ["output_tokens_per_s", "decode_tokens_per_s", "e2e_s", "ttft_s", "itl_median_s",
                "itl_p90_s", "energy_j_per_token"]
+    if tp.empty:
+        return pd.DataFrame(columns=keys + metrics + ["n_rows", "device", "gpu_name", "dtype", "weight_format",
+                                                      "speedup_vs_baseline"])
     g = tp.groupby(keys, dropna=False, sort=False)
     out = g[metrics].median().reset_index()
     out["n_rows"] = g.size().values
@@ -254,15 +257,15 @@ def memory_table(mem: pd.DataFrame) -> pd.DataFrame:
     On CUDA that is the device-wide peak (NVML, as nvidia-smi shows it); on CPU there is no device
     memory, so it is the process's peak RSS, and ``memory_measure`` says which.
     """
+    keys = ["series", "model", "method", "backend", "batch_size", "device", "memory_measure"]
+    cols = ["peak_memory_bytes", "peak_device_memory_bytes", "peak_process_memory_bytes",
+            "peak_allocator_memory_bytes", "weights_memory_bytes", "kv_cache_bytes"]
     if mem.empty:
-        return pd.DataFrame()
+        return pd.DataFrame(columns=keys + cols + ["n_rows", "peak_memory_gib"])
     mem = mem.copy()
     on_cuda = mem["device"].fillna("").str.startswith("cuda") & mem["peak_device_memory_bytes"].notna()
     mem["peak_memory_bytes"] = mem["peak_device_memory_bytes"].where(on_cuda, mem["peak_process_memory_bytes"])
     mem["memory_measure"] = on_cuda.map({True: "device memory (NVML)", False: "process peak RSS"})
-    keys = ["series", "model", "method", "backend", "batch_size", "device", "memory_measure"]
-    cols = ["peak_memory_bytes", "peak_device_memory_bytes", "peak_process_memory_bytes",
-            "peak_allocator_memory_bytes", "weights_memory_bytes", "kv_cache_bytes"]
     g = mem.groupby(keys, dropna=False, sort=False)
     out = g[cols].max().reset_index()
     out["n_rows"] = g.size().values
@@ -270,24 +273,31 @@ def memory_table(mem: pd.DataFrame) -> pd.DataFrame:
     return out.sort_values(["series", "batch_size"]).reset_index(drop=True)
 
 
-def tradeoff_table(acc: pd.DataFrame, tput: pd.DataFrame) -> pd.DataFrame:
-    """Overall accuracy (batch-independent) next to output tokens/s at every measured batch size."""
+def tradeoff_table(acc: pd.DataFrame, tput: pd.DataFrame, preds: pd.DataFrame) -> pd.DataFrame:
+    """Overall accuracy (batch-independent) next to output tokens/s at every measured batch size.
+
+    Accuracy series may carry an evaluation suffix (scoring, shots) that profiling rows don't have; they
+    are joined on the series without it, so each evaluation setup gets its own points.
+    """
     if acc.empty or tput.empty:
-        return pd.DataFrame()
-    overall = acc[acc["level"] == "overall"][["series", "accuracy", "ci_low", "ci_high", "n"]]
+        return pd.DataFrame(columns=["series", "accuracy", "ci_low", "ci_high", "n", "batch_size", "input_len",
+                                     "output_len", "output_tokens_per_s", "energy_j_per_token"])
+    base = preds[["series", "series_base"]].drop_duplicates()
+    overall = acc[acc["level"] == "overall"][["series", "accuracy", "ci_low", "ci_high", "n"]].merge(base, on="series")
     speed = tput[["series", "batch_size", "input_len", "output_len", "output_tokens_per_s",
-                  "energy_j_per_token"]]
-    return overall.merge(speed, on="series", how="inner").sort_values(["series", "batch_size"]).reset_index(drop=True)
+                  "energy_j_per_token"]].rename(columns={"series": "series_base"})
+    out = overall.merge(speed, on="series_base", how="inner").drop(columns="series_base")
+    return out.sort_values(["series", "batch_size"]).reset_index(drop=True)
 
 
 def failures_table(runs: pd.DataFrame) -> pd.DataFrame:
     """Every node whose latest row is not ``ok`` (failed, OOM, skipped, or any other status)."""
-    if runs.empty:
-        return pd.DataFrame()
-    latest = runs.sort_values("finished_at", na_position="first").drop_duplicates("node_key", keep="last")
-    bad = latest[latest["status"] != "ok"]
     cols = ["kind", "status", "model", "method", "backend", "batch_size", "shard", "device", "gpu_name",
             "attempt", "error", "node_key"]
+    if runs.empty:
+        return pd.DataFrame(columns=cols)
+    latest = runs.sort_values("finished_at", na_position="first").drop_duplicates("node_key", keep="last")
+    bad = latest[latest["status"] != "ok"]
     out = bad[cols].sort_values(["status", "kind", "method", "batch_size", "shard"]).reset_index(drop=True)
     return out.astype({"batch_size": "Int64", "shard": "Int64", "attempt": "Int64"})
 
@@ -518,7 +528,7 @@ def compute(store_uri: str, sweep_name: str | None = None) -> Results:
         data=data, configs=configs, baseline=baseline, order=order, accuracy=by_level, mcnemar=mcnemar,
         significant=mcnemar[mcnemar["significant"]].reset_index(drop=True) if len(mcnemar) else mcnemar,
         throughput=tput, memory=_ordered(memory_table(data.memory), order, None),
-        tradeoff=_ordered(tradeoff_table(acc, tput), order, None),
+        tradeoff=_ordered(tradeoff_table(acc, tput, data.predictions), order, None),
         failed=failures_table(data.runs), missing=missing_table(data, configs, methods))
 
 
@@ -555,7 +565,9 @@ def _missing_notes(res: Results) -> list[str]:
     def series(df: pd.DataFrame) -> set[str]:
         return set(df["series"]) if len(df) else set()
 
-    acc, tp, mem = series(res.accuracy["overall"]), series(res.throughput), series(res.memory)
+    preds = res.data.predictions
+    acc = set(preds["series_base"]) if len(preds) else set()
+    tp, mem = series(res.throughput), series(res.memory)
     notes = [f"{s}: accuracy rows but no throughput rows (missing)." for s in sorted(acc - tp)]
     notes += [f"{s}: throughput rows but no MMLU predictions (missing)." for s in sorted(tp - acc)]
     notes += [f"{s}: only one of throughput / memory rows present (missing the other)."

@@ -101,15 +101,17 @@ def _lines(ax: plt.Axes, df: pd.DataFrame, order: list[str], y: str, scale: floa
     ax.grid(alpha=0.3)
 
 
-def _value_axis(ax: plt.Axes, values: pd.Series) -> None:
+def _value_axis(ax: plt.Axes, values: pd.Series, axis: str = "y") -> None:
     """Log scale only when values span more than 20×; plain numbers on the ticks either way."""
     v = values.dropna()
     v = v[v > 0]
+    target = ax.yaxis if axis == "y" else ax.xaxis
     if len(v) and v.max() / v.min() > 20:
-        ax.set_yscale("log")
-        ax.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda y, _: f"{y:g}"))
+        (ax.set_yscale if axis == "y" else ax.set_xscale)("log")
+        target.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda t, _: f"{t:g}"))
+        target.set_minor_formatter(matplotlib.ticker.NullFormatter())
     else:
-        ax.set_ylim(bottom=0)
+        (ax.set_ylim if axis == "y" else ax.set_xlim)(0, float(v.max()) * 1.08 if len(v) else None)
 
 
 def _main_shape(tput: pd.DataFrame) -> tuple[pd.DataFrame, str]:
@@ -154,7 +156,7 @@ def memory_lines(mem: pd.DataFrame, order: list[str], stem: Path) -> Figure:
     _lines(ax, mem, order, "peak_memory_bytes", scale=_GIB)
     measures = sorted(mem["memory_measure"].dropna().unique())
     ax.set_ylabel(f"peak {' / '.join(measures)} (GiB)")
-    ax.set_ylim(bottom=0)
+    ax.set_ylim(0, float(mem["peak_memory_bytes"].max()) / _GIB * 1.12)
     ax.set_title(f"{title} ({' / '.join(measures)})", fontsize=10)
     ax.legend(fontsize=8)
     return _save(fig, stem)
@@ -176,9 +178,7 @@ def tradeoff_scatter(trade: pd.DataFrame, order: list[str], stem: Path) -> Figur
         for r in rows.itertuples():
             ax.annotate(f"b{int(r.batch_size)}", (r.output_tokens_per_s, r.accuracy), textcoords="offset points",
                         xytext=(4, -10), fontsize=7)
-    ax.set_xscale("log")
-    ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
-    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    _value_axis(ax, trade["output_tokens_per_s"], axis="x")
     ax.set_xlabel("output tokens/s (median)")
     ax.set_ylabel("MMLU accuracy (overall)")
     ax.set_title(title, fontsize=10)

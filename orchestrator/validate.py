@@ -104,7 +104,7 @@ def _check_sweep(cfg: dict[str, Any]) -> list[str]:
     sizes = sweep["batch_sizes"]
     _require(len(sizes) > 0, "sweep.batch_sizes", "is empty")
     for b in sizes:
-        _require(isinstance(b, int) and b >= 1, "sweep.batch_sizes",
+        _require(isinstance(b, int) and 1 <= b < 2**31, "sweep.batch_sizes",
                  f"batch size {b!r} is not a positive integer", ("integers >= 1, e.g. 1, 2, 4, 8, 16, 32, 64",))
     _require(len(set(sizes)) == len(sizes), "sweep.batch_sizes", f"duplicate values in {sizes}")
     _require(sweep["input_len"] >= 1, "sweep.input_len", f"must be >= 1, got {sweep['input_len']}")

@@ -6,8 +6,8 @@ reference manual topics in ``pydoc_data.topics`` (79 topics, ~465k characters of
 some code in Python 3.11), so every interpreter has it and no data set download is needed.  It is
 technical prose rather than web text, which is what the small calibration sets of the AWQ/GPTQ
 papers (C4, Pile, WikiText samples) approximate; a few hundred samples of any ordinary English text
-change int4 perplexity only slightly.  The topics are split by key: **even** positions of the
-sorted keys are calibration text and **odd** positions are held out, so the held-out perplexity
+change int4 perplexity only slightly.  The topics are split by key: of the distinct texts in sorted
+key order, **even** positions are calibration text and **odd** positions are held out, so the held-out perplexity
 (``heldout_texts``) is never measured on text the quantizer saw.
 
 Caveat: the topics differ slightly between Python versions, so the exact calibration tokens depend on
@@ -33,8 +33,8 @@ def pydoc_topic_texts(split: str = "calibration") -> list[str]:
 
     if split not in ("calibration", "heldout"):
         raise ValueError(f"split must be 'calibration' or 'heldout', got {split!r}")
-    keys = sorted(topics)[0 if split == "calibration" else 1::2]
-    return [topics[k] for k in keys]
+    unique = list(dict.fromkeys(topics[k] for k in sorted(topics)))  # 'if' and 'else' share a text
+    return unique[0 if split == "calibration" else 1::2]
 
 
 def heldout_texts() -> list[str]:
@@ -67,15 +67,16 @@ def token_windows(tokenizer: Any, texts: list[str], seq_len: int, num_samples: i
     """Cut the texts into ``num_samples`` windows of exactly ``seq_len`` token ids.
 
     The texts are joined with blank lines and tokenized once without special tokens, then cut into
-    non-overlapping windows; each window starts with the tokenizer's BOS token when it has one (the
-    model always sees BOS first at inference).  When more windows exist than are asked for, a
+    non-overlapping windows; each window starts with BOS when the tokenizer itself prepends BOS to
+    text (Llama does, SmolLM2 does not), so calibration sees what the model sees at inference.  When more windows exist than are asked for, a
     ``seed``-ed random subset is taken (kept in corpus order), so the samples cover the whole text
     rather than only its first topics.  ``num_samples=None`` returns every window.
     """
     if seq_len < 2:
         raise ValueError(f"calibration.seq_len must be >= 2, got {seq_len}")
     ids = tokenizer("\n\n".join(texts), add_special_tokens=False)["input_ids"]
-    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    bos_id = tokenizer.bos_token_id
+    bos = [bos_id] if bos_id is not None and tokenizer("a")["input_ids"][:1] == [bos_id] else []
     body = seq_len - len(bos)
     windows = [bos + ids[i:i + body] for i in range(0, len(ids) - body + 1, body)]
     if num_samples is None:

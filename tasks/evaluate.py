@@ -184,6 +184,8 @@ def run_mmlu(lm, subjects: list[str], *, mmlu_dir: Path | str | None, cache_dir:
     for s in subjects:
         csv_rows = read_subject(local, s, "test") if local is not None else None
         rows += _rows_from_samples(s, res["samples"][f"mmlu_{s}"], scoring, num_fewshot, csv_rows)
+    log.info("MMLU %s, %d-shot, %s: %d questions over %d subjects, %d correct", group, num_fewshot, scoring,
+             len(rows), len(subjects), sum(r["correct"] for r in rows))
     return rows, res
 
 

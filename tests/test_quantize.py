@@ -232,7 +232,7 @@ def test_group_size_must_divide_in_features(tmp_path):
 ])
 def test_bad_method_configs_fail_before_work(tmp_path, bad, match):
     with pytest.raises(ValueError, match=match):
-        quantize(tmp_path / "missing", tmp_path / "out", _method("gptq", **bad))
+        quantize(tmp_path / "missing", tmp_path / "out", {**_method("gptq"), **bad})
 
 
 def test_passthrough_writes_only_the_marker(tmp_path):

@@ -269,6 +269,26 @@ def test_partial_store_says_what_is_missing(tmp_path: Path) -> None:
     assert "no data yet" in text
 
 
+def test_duplicates_count_once_and_eval_setups_stay_apart(tmp_path: Path) -> None:
+    """A re-sharded rerun repeats questions (counted once); a 0-shot rerun of fp16 is its own series."""
+    store = tmp_path / "store"
+    write_store(store)
+    shard0 = pq.read_table(store / "mmlu_predictions" / "evaluate-fp16-0.parquet").to_pylist()
+    _write(store, "mmlu_predictions", "evaluate-fp16-resharded",
+           [{**r, "node_key": "evaluate-fp16-resharded"} for r in shard0])
+    zero_shot = [{**r, "node_key": "evaluate-fp16-0shot", "num_fewshot": 0, "correct": True} for r in shard0]
+    _write(store, "mmlu_predictions", "evaluate-fp16-0shot", zero_shot)
+    html_path = build_report(str(store), tmp_path / "report")
+    overall = pd.read_csv(html_path.parent / "tables" / "accuracy_overall.csv").set_index("series")
+    five, zero = "fp16 [loglikelihood, 5-shot]", "fp16 [loglikelihood, 0-shot]"
+    assert overall.loc[five, "n"] == QUESTIONS * len(SUBJECTS)  # not + the resharded copy
+    assert overall.loc[zero, "n"] == len(zero_shot) and overall.loc[zero, "accuracy"] == 1.0
+    assert "duplicate MMLU predictions" in html_path.read_text()
+    trade = pd.read_csv(html_path.parent / "tables" / "tradeoff.csv")
+    assert {five, zero} <= set(trade["series"])
+    assert "accuracy rows but no throughput rows" not in html_path.read_text()
+
+
 def test_cpu_rows_are_labelled_as_rss_and_no_energy(tmp_path: Path) -> None:
     store = tmp_path / "store"
     write_store(store, device="cpu")

@@ -70,8 +70,8 @@ def test_failing_and_oom_cells_become_rows(tmp_path: Path, mmlu_dir: Path) -> No
     store_dir = tmp_path / "store"
     cfg, plan, outcome = _sweep([f"store.uri={store_dir}", f"eval.mmlu_dir={broken}", "sweep.methods=[fp16]",
                                  "sweep.subjects=[anatomy,virology]", "sweep.num_shards=2",
-                                 # 10**11 sequences of 8 tokens cannot be allocated: an out-of-memory cell
-                                 "sweep.batch_sizes=[1,100000000000]"])
+                                 # 2e9 sequences x 8 tokens x int64 = 128 GB cannot be allocated: an out-of-memory cell
+                                 "sweep.batch_sizes=[1,2000000000]"])
     runs = ResultStore(str(store_dir)).read("runs").to_pandas().set_index("node_key")
     assert sorted(runs.index) == sorted(plan.nodes)  # every node has its row: the sweep finished
     evaluate = runs[runs.kind == "evaluate"].set_index("shard")
@@ -80,15 +80,15 @@ def test_failing_and_oom_cells_become_rows(tmp_path: Path, mmlu_dir: Path) -> No
     assert by_subject[("virology",)].status == "failed" and "virology" in by_subject[("virology",)].error
     profile = runs[runs.kind == "profile"].set_index("batch_size")
     assert profile.loc[1, "status"] == "ok"
-    assert profile.loc[100000000000, "status"] == "oom"
-    assert "allocate" in profile.loc[100000000000, "error"]
+    assert profile.loc[2000000000, "status"] == "oom"
+    assert "allocate" in profile.loc[2000000000, "error"]
     assert not outcome.all_ok
     # the failed cells, and only they, run again on the next run (sweep.rerun=failed)
     _, _, again = _sweep([f"store.uri={store_dir}", f"eval.mmlu_dir={broken}", "sweep.methods=[fp16]",
                           "sweep.subjects=[anatomy,virology]", "sweep.num_shards=2",
-                          "sweep.batch_sizes=[1,100000000000]"])
+                          "sweep.batch_sizes=[1,2000000000]"])
     assert {plan.nodes[k].describe() for k in again.ran} == {"evaluate method=fp16 shard=1",
-                                                             "profile method=fp16 batch_size=100000000000"}
+                                                             "profile method=fp16 batch_size=2000000000"}
 
 
 def test_kill_driver_and_resume(tmp_path: Path, mmlu_dir: Path) -> None:

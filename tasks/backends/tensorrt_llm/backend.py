@@ -20,6 +20,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+import torch
 from typing import Any, ClassVar
 
 from tasks.backends.base import Backend, EngineShape
@@ -71,19 +73,26 @@ def trtllm_build_executable() -> list[str]:
     return [found] if found else [sys.executable, "-m", "tensorrt_llm.commands.build"]
 
 
-def default_calibration_texts() -> list[str]:
-    """Calibration text that ships with every Python (``pydoc_data.topics``), so nodes need no download.
+def dense_source(checkpoint_dir: Path) -> Path:
+    """The fp16 checkpoint ModelOpt must calibrate from.
 
-    Same source as the quantize task's default; the method config's ``calibration`` may override size.
+    ``checkpoint_dir`` itself when it is dense; for a quantize-task artifact (int4 compressed-tensors)
+    the ``source_checkpoint_dir`` it records in ``quantsweep_quant.json``, so ModelOpt AWQ works behind
+    the same task graph as the PyTorch backend.
     """
-    from pydoc_data.topics import topics  # noqa: PLC0415
-
-    return [topics[k] for k in sorted(topics)[::2] if len(topics[k]) > 500]
+    cfg = json.loads((Path(checkpoint_dir) / "config.json").read_text())
+    if not cfg.get("quantization_config"):
+        return Path(checkpoint_dir)
+    marker = Path(checkpoint_dir) / "quantsweep_quant.json"
+    source = json.loads(marker.read_text()).get("source_checkpoint_dir") if marker.exists() else None
+    if not source or not (Path(source) / "config.json").exists():
+        raise EngineBuildError(
+            f"{checkpoint_dir} is already quantized and names no readable fp16 source; ModelOpt AWQ/FP8 "
+            "needs the fp16 checkpoint (or set backend.options.awq_source=checkpoint for AWQ)")
+    return Path(source)
 
 
 def _capability() -> tuple[int, int]:
-    import torch  # noqa: PLC0415
-
     if not torch.cuda.is_available():
         raise EngineBuildError("backend=tensorrt_llm needs a CUDA GPU to build and run engines")
     return tuple(torch.cuda.get_device_capability())  # type: ignore[return-value]
@@ -98,17 +107,18 @@ def prepare_checkpoint(checkpoint_dir: Path, out_dir: Path, plan: QuantPlan, met
         report = convert.convert_checkpoint(checkpoint_dir, out_dir, plan, opts.dtype,
                                             preprocess=convert.trtllm_weight_preprocessor(sm_version))
         return {"checkpoint_source": "converted", **report.__dict__}
-    from tasks.backends.tensorrt_llm import modelopt_quantize  # noqa: PLC0415 - needs modelopt
-
-    calib_cfg = dict(method.get("calibration") or {})
     from transformers import AutoTokenizer  # noqa: PLC0415
 
-    tok = AutoTokenizer.from_pretrained(checkpoint_dir)
-    batches = modelopt_quantize.calibration_batches(
-        tok, calib_cfg.get("texts") or default_calibration_texts(),
-        int(calib_cfg.get("num_samples", opts.calib_size)), int(calib_cfg.get("seq_len", opts.calib_seq_len)))
-    meta = modelopt_quantize.quantize_and_export(checkpoint_dir, out_dir, plan, batches, opts.dtype)
-    return {"checkpoint_source": "modelopt", **meta}
+    from tasks.backends.tensorrt_llm import modelopt_quantize  # noqa: PLC0415 - needs modelopt
+    from tasks.calibration import calibration_samples  # noqa: PLC0415
+
+    source = dense_source(checkpoint_dir)
+    calibration = {"dataset": "pydoc_topics", "num_samples": opts.calib_size, "seq_len": opts.calib_seq_len,
+                   **dict(method.get("calibration") or {})}
+    samples = calibration_samples(AutoTokenizer.from_pretrained(source), calibration, seed=0)
+    batches = [torch.tensor([s]) for s in samples]  # the quantize task's calibration source and sizes (seed 0)
+    meta = modelopt_quantize.quantize_and_export(source, out_dir, plan, batches, opts.dtype)
+    return {"checkpoint_source": "modelopt", "modelopt_source_dir": str(source), **meta}
 
 
 class TensorRTLLMBackend(Backend):
@@ -129,7 +139,8 @@ class TensorRTLLMBackend(Backend):
         try:
             prep = prepare_checkpoint(checkpoint_dir, ckpt_dir, plan, method, opts, cc[0] * 10 + cc[1])
         except Exception as exc:
-            raise EngineBuildError(f"preparing the TensorRT-LLM checkpoint failed: {type(exc).__name__}: {exc}") from exc
+            raise EngineBuildError(
+                f"preparing the TensorRT-LLM checkpoint failed: {type(exc).__name__}: {exc}") from exc
         prepare_s = time.perf_counter() - t0
         trt_ckpt = Path(prep.get("trtllm_checkpoint") or ckpt_dir)
         trt_cfg = json.loads((trt_ckpt / "config.json").read_text())
@@ -146,6 +157,9 @@ class TensorRTLLMBackend(Backend):
             "quantization": plan.quantization_json(), "weight_format": plan.weight_format(),
             "dtype": opts.dtype, "limits": limits.__dict__, "gather_context_logits": opts.gather_context_logits,
             "vocab_size": int(trt_cfg["vocab_size"]), "compute_capability": list(cc),
+            "num_hidden_layers": int(trt_cfg["num_hidden_layers"]),
+            "num_key_value_heads": int(trt_cfg.get("num_key_value_heads") or trt_cfg["num_attention_heads"]),
+            "head_size": int(trt_cfg.get("head_size") or trt_cfg["hidden_size"] // trt_cfg["num_attention_heads"]),
             "tensorrt_llm_version": getattr(tensorrt_llm, "__version__", "unknown"),
             "engine_bytes": sum(p.stat().st_size for p in engine_dir.glob("*.engine")),
             "prepare_s": prepare_s, "build_s": build_s, "build_command": cmd, **prep,

@@ -159,34 +159,44 @@ def _check_int4(method: dict[str, Any], name: str) -> int:
     return group_size
 
 
+def method_kind(method: dict[str, Any]) -> str:
+    """What the method does: its ``algorithm`` (conf/method/*.yaml), else its name."""
+    kind = str(method.get("algorithm") or method_name(method)).lower()
+    if kind in ("none", "fp16", "float16", "bf16", "bfloat16"):
+        dtype = str(method.get("dtype") or ("bfloat16" if kind.startswith("bf") else "float16"))
+        return "bf16" if dtype in ("bf16", "bfloat16") else "fp16"
+    return kind
+
+
 def quant_plan(method: dict[str, Any], options: TensorRTLLMOptions | None = None) -> QuantPlan:
     """Map a quantsweep method config to the TensorRT-LLM quantization recipe.
 
-    ``fp16``/``bf16``: no quantization, the HF checkpoint is converted.  ``gptq``: the quantize task's
-    compressed-tensors int4 checkpoint is converted to ``W4A16_GPTQ`` (asymmetric unless the method
-    says ``symmetric: true``).  ``awq``: ModelOpt ``W4A16_AWQ`` (symmetric, pre-quant scale) or, with
-    ``awq_source=checkpoint``, the compressed-tensors AWQ checkpoint converted like GPTQ.  ``fp8``:
-    ModelOpt ``FP8`` (W8A8 per-tensor e4m3), optionally with an FP8 KV cache.
+    ``algorithm: none`` (fp16/bf16): no quantization, the HF checkpoint is converted.  ``gptq`` and
+    ``rtn``: the quantize task's compressed-tensors int4 checkpoint is converted to ``W4A16_GPTQ``
+    (asymmetric unless ``symmetric: true``).  ``awq``: ModelOpt ``W4A16_AWQ`` (symmetric, pre-quant
+    scale) or, with ``awq_source=checkpoint``, the compressed-tensors AWQ checkpoint converted like GPTQ.
+    ``fp8``: ModelOpt ``FP8`` (W8A8 per-tensor e4m3), optionally with an FP8 KV cache.
     """
     options = options or TensorRTLLMOptions()
-    name = method_name(method)
-    if name in ("fp16", "float16", "bf16", "bfloat16", "none"):
+    name, kind = method_name(method), method_kind(method)
+    if kind in ("fp16", "bf16"):
         return QuantPlan(name, None, None, None, False, False, (), "convert", None, (7, 0))
-    if name == "gptq" or (name == "awq" and options.awq_source == "checkpoint"):
+    if kind in ("gptq", "rtn") or (kind == "awq" and options.awq_source == "checkpoint"):
         group_size = _check_int4(method, name)
         symmetric = bool(method.get("symmetric", False))
         return QuantPlan(name, "W4A16_GPTQ", None, group_size, not symmetric, False, ("lm_head",),
                          "convert", None, INT4_MIN_CAPABILITY)
-    if name == "awq":
+    if kind == "awq":
         group_size = _check_int4(method, name)
         return QuantPlan(name, "W4A16_AWQ", None, group_size, False, True, ("lm_head",),
                          "modelopt", "INT4_AWQ_CFG", INT4_MIN_CAPABILITY)
-    if name == "fp8":
+    if kind == "fp8":
         kv = "FP8" if options.fp8_kv_cache else None
         return QuantPlan(name, "FP8", kv, None, False, False, ("lm_head",), "modelopt", "FP8_DEFAULT_CFG",
                          FP8_MIN_CAPABILITY)
     raise UnsupportedMethodError(
-        f"backend=tensorrt_llm: method {name!r} is not supported; supported: fp16, bf16, gptq, awq, fp8")
+        f"backend=tensorrt_llm: method {name!r} (algorithm {kind!r}) is not supported; "
+        "supported algorithms: none (fp16/bf16), rtn, gptq, awq, fp8")
 
 
 def check_method_supported(method: dict[str, Any], compute_capability: tuple[int, int],
@@ -206,7 +216,7 @@ def check_method_supported(method: dict[str, Any], compute_capability: tuple[int
         raise UnsupportedMethodError(
             f"backend=tensorrt_llm: method {plan.method} ({plan.quant_algo}) needs compute capability "
             f">= {need}, this GPU has {cc[0]}.{cc[1]}.{extra}")
-    if plan.quant_algo is None and plan.method in ("bf16", "bfloat16") and cc < (8, 0):
+    if plan.quant_algo is None and method_kind(method) == "bf16" and cc < (8, 0):
         raise UnsupportedMethodError("backend=tensorrt_llm: bfloat16 needs compute capability >= 8.0")
     return plan
 

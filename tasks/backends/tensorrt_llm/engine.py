@@ -51,6 +51,13 @@ def stream_step_times(events: Sequence[tuple[float, Sequence[int]]], output_len:
     return step_end[0], decode, step_end[-1]
 
 
+def kv_cache_bytes(meta: dict[str, Any], tokens: int) -> int:
+    """Bytes of a KV cache of ``tokens`` tokens: K and V per layer, kv heads x head size each."""
+    fp8 = (meta.get("quantization") or {}).get("kv_cache_quant_algo") == "FP8"
+    element = 1 if fp8 else 2  # fp16/bf16 cache unless FP8 KV
+    return tokens * 2 * meta["num_hidden_layers"] * meta["num_key_value_heads"] * meta["head_size"] * element
+
+
 class TensorRTLLMEngine(Engine):
     """``Engine`` over a ``ModelRunnerCpp``; also the ``TokenScorer`` of the lm-eval wrapper."""
 
@@ -65,7 +72,10 @@ class TensorRTLLMEngine(Engine):
         self.max_input_len = int(meta["limits"]["max_input_len"])
         self.has_prompt_logits = bool(meta["gather_context_logits"])
         self.pad_id = int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id)
-        self.details = {**meta, "kv_cache_tokens": kv_cache_tokens, "vocab_size": meta["vocab_size"]}
+        self.details = {**meta, "kv_cache_tokens": kv_cache_tokens, "vocab_size": meta["vocab_size"],
+                        "kv_cache_bytes": kv_cache_bytes(meta, kv_cache_tokens),
+                        "kv_bytes_per_token": kv_cache_bytes(meta, 1),
+                        "weights_bytes": meta.get("engine_bytes")}  # the serialized engine: weights + kernels
 
     # ---- Engine -----------------------------------------------------------------------------------
     def lm_eval_model(self, batch_size: int) -> TensorRTLLMLM:

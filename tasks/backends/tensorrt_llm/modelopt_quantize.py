@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import copy
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -63,26 +63,12 @@ def modelopt_quant_config(mtq: ModuleType | Any, plan: QuantPlan) -> dict[str, A
     return cfg
 
 
-def calibration_batches(tokenizer: Any, texts: Sequence[str], num_samples: int, seq_len: int,
-                        batch_size: int = 1) -> list[torch.Tensor]:
-    """Tokenised calibration batches [B, <=seq_len] from ``texts`` (cycled if there are fewer)."""
-    if not texts:
-        raise ValueError("calibration needs at least one text")
-    ids = [tokenizer(texts[i % len(texts)], return_tensors="pt", truncation=True, max_length=seq_len)["input_ids"][0]
-           for i in range(num_samples)]
-    batches = []
-    for start in range(0, len(ids), batch_size):
-        chunk = ids[start:start + batch_size]
-        width = min(len(t) for t in chunk)  # equal lengths, no padding/attention mask needed
-        batches.append(torch.stack([t[:width] for t in chunk]))
-    return batches
-
-
 def quantize_and_export(hf_dir: Path, out_dir: Path, plan: QuantPlan, calib: Iterable[torch.Tensor],
                         dtype: str = "float16", device: str = "cuda") -> dict[str, Any]:
     """Calibrate ``hf_dir`` with ModelOpt for ``plan`` and write a TensorRT-LLM checkpoint to ``out_dir``.
 
-    ``calib`` yields input-id batches (see ``calibration_batches``).  Returns metadata for the row.
+    ``calib`` yields input-id batches [B, T] (the backend passes the quantize task's calibration
+    windows).  Returns metadata for the row.
     """
     import modelopt.torch.quantization as mtq  # noqa: PLC0415 - optional, GPU-node only
     from modelopt.torch.export import export_tensorrt_llm_checkpoint  # noqa: PLC0415

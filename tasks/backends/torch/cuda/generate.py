@@ -46,6 +46,7 @@ class Generator:
         self.tok.copy_(logits.argmax(dim=-1, keepdim=True))
         self.pos.add_(1)
 
+    @torch.inference_mode()
     def setup(self, batch: int, max_seq: int) -> None:
         """Allocate the cache for this shape and capture the decode step (warm-up compiles it first)."""
         if self.shape == (batch, max_seq):

@@ -185,6 +185,51 @@ if triton is not None:
             tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=o_mask)
 
     @triton.jit
+    def _gemm128_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, M, N, K, n_groups, stride_xm, stride_om,
+                        blocks_per_split, GROUP_SIZE: tl.constexpr, BLOCK_M: tl.constexpr,
+                        BLOCK_N: tl.constexpr, ATOMIC: tl.constexpr):
+        """As :func:`_gemm_kernel`, but one K=128 tensor-core dot per block: row r of the [128, BLOCK_N]
+        weight tile reads word row r % 16 (each word 8 times, from L1) and shifts by 4 * (r // 16)."""
+        pid_n = tl.program_id(0)
+        pid_m = tl.program_id(1)
+        pid_k = tl.program_id(2)
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        m_mask = offs_m < M
+        n_mask = offs_n < N
+        offs_k = tl.arange(0, 128)
+        word_row = offs_k % 16
+        shift = (offs_k // 16) * 4
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        n_blocks = tl.cdiv(K, 128)
+        kb_start = pid_k * blocks_per_split
+        kb_end = tl.minimum(kb_start + blocks_per_split, n_blocks)
+        for kb in range(kb_start, kb_end):
+            k = kb * 128 + offs_k
+            qw = tl.load(qw_ptr + (kb * 16 + word_row)[:, None] * N + offs_n[None, :], mask=n_mask[None, :], other=0)
+            qf = (((qw >> shift[:, None]) & 0xF) | 0x4B000000).to(tl.float32, bitcast=True)  # 2**23 + q
+            x = tl.load(x_ptr + offs_m[:, None] * stride_xm + k[None, :], mask=m_mask[:, None] & (k < K)[None, :],
+                        other=0.0)
+            if GROUP_SIZE >= 128:  # one group per block: scale after the dot
+                g = (kb * 128) // GROUP_SIZE
+                g_ok = n_mask & (g < n_groups)
+                s = tl.load(s_ptr + g * N + offs_n, mask=g_ok, other=0.0).to(tl.float32)
+                c = tl.load(z_ptr + g * N + offs_n, mask=g_ok, other=0.0).to(tl.float32) + 8388608.0
+                acc += tl.dot(x, (qf - c[None, :]).to(x.dtype)) * s[None, :]
+            else:
+                g = k // GROUP_SIZE
+                ok = ((k < K) & (g < n_groups))[:, None] & n_mask[None, :]
+                s = tl.load(s_ptr + g[:, None] * N + offs_n[None, :], mask=ok, other=0.0).to(tl.float32)
+                c = tl.load(z_ptr + g[:, None] * N + offs_n[None, :], mask=ok, other=0.0).to(tl.float32) + 8388608.0
+                acc = tl.dot(x, ((qf - c) * s).to(x.dtype), acc)
+        out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
+        o_mask = m_mask[:, None] & n_mask[None, :]
+        if ATOMIC:
+            tl.atomic_add(out_ptrs, acc, mask=o_mask, sem="relaxed")
+        else:
+            tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=o_mask)
+
+    @triton.jit
     def _dequant_kernel(qw_ptr, s_ptr, z_ptr, w_ptr, N, K, GROUP_SIZE: tl.constexpr, BLOCK_N: tl.constexpr):
         """w[K, N] (bf16) = (q - zero) * scale, one 128-deep block x BLOCK_N columns per program."""
         kb = tl.program_id(0)
@@ -235,7 +280,10 @@ def gemv_config(n: int, k: int) -> tuple[int, ...]:
 
 
 def gemm_config(m: int, n: int, k: int) -> tuple[int, ...]:
-    """(BLOCK_M, BLOCK_N, split_k, num_warps, num_stages) for 2 <= M <= GEMM_MAX_M."""
+    """(BLOCK_M, BLOCK_N, split_k, num_warps, num_stages[, variant]) for 2 <= M <= GEMM_MAX_M.
+
+    variant 0: K=16-slice kernel, 1: K=128 kernel, 2: de-quantize + cuBLAS (the rest is ignored).
+    """
     if ("gemm", m_bucket(m), n, k) in TUNED:
         return TUNED[("gemm", m_bucket(m), n, k)]
     block_m = 16 if m <= 16 else 32 if m <= 32 else 64
@@ -265,16 +313,20 @@ def _cuda_w4a16_mm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
             x, qweight, scales, zeros, out, n, k, n_groups, per_split,
             GROUP_SIZE=group_size, BLOCK_N=block_n, ATOMIC=split > 1, num_warps=warps)
         return out.to(x.dtype) if split > 1 else out
-    block_m, block_n, split, warps, stages = gemm_config(m, n, k)
+    block_m, block_n, split, warps, stages, *rest = gemm_config(m, n, k)
+    variant = rest[0] if rest else 0
+    if variant == 2:
+        return x @ dequantize_cuda(qweight, scales, zeros, k, x.dtype)
     n_blocks = triton.cdiv(k, PACK_BLOCK)
     per_split = triton.cdiv(n_blocks, split)
     split = triton.cdiv(n_blocks, per_split)
     out = torch.zeros(m, n, dtype=torch.float32, device=x.device) if split > 1 else \
         torch.empty(m, n, dtype=x.dtype, device=x.device)
     grid = (triton.cdiv(n, block_n), triton.cdiv(m, block_m), split)
-    _gemm_kernel[grid](x, qweight, scales, zeros, out, m, n, k, n_groups, x.stride(0), out.stride(0), per_split,
-                       GROUP_SIZE=group_size, BLOCK_M=block_m, BLOCK_N=block_n, ATOMIC=split > 1,
-                       num_warps=warps, num_stages=stages)
+    kernel = _gemm128_kernel if variant == 1 else _gemm_kernel
+    kernel[grid](x, qweight, scales, zeros, out, m, n, k, n_groups, x.stride(0), out.stride(0), per_split,
+                 GROUP_SIZE=group_size, BLOCK_M=block_m, BLOCK_N=block_n, ATOMIC=split > 1,
+                 num_warps=warps, num_stages=stages)
     return out.to(x.dtype) if split > 1 else out
 
 

@@ -140,6 +140,7 @@ def load_llama(checkpoint_dir: Path, device: str | torch.device, dtype: torch.dt
                     module.weight.copy_(torch.cat([dense(t + ".weight") for t in theirs], dim=0))
                 else:
                     _load_int4(module, theirs, tensors, device)
+    model.requires_grad_(False)  # inference only: no autograd graphs in compiled code
     model.setup_cache(1, 16)  # rope tables and a small cache so the model runs at once; engines resize it
     return model.eval()
 
@@ -186,6 +187,7 @@ def random_llama(args: ModelArgs, weight_format: str, device: str | torch.device
                 t.fill_(1.0)
             elif t.is_floating_point():
                 t.copy_(0.02 * torch.randn(t.shape, generator=gen, device=device, dtype=torch.float32))
+    model.requires_grad_(False)
     model.setup_cache(1, 16)
     return model.eval()
 
