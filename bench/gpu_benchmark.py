@@ -139,10 +139,14 @@ def kernel_sweep(ms: list[int], out_dir: Path, configs_out: Path | None) -> list
     def gemm_grid(m: int) -> list[tuple]:
         """(BLOCK_M, BLOCK_N, split, warps, stages, variant); variant 2 = de-quantize + cuBLAS."""
         grid = [(0, 0, 1, 0, 0, 2)]
-        if m <= 64:
-            bms = [16] if m <= 16 else [16, 32] if m <= 32 else [32, 64]
-            grid += [(bm, bn, sp, 4, st, 1) for bm in bms for bn in (64, 128) for sp in (1, 2, 4, 8) for st in (3, 4)]
-            grid += [(bm, bn, sp, 4, 3, 0) for bm in bms[:1] for bn in (64, 128) for sp in (1, 4, 8)]
+        if m <= 16:
+            grid += [(16, bn, sp, 4, st, 1) for bn in (64, 128) for sp in (1, 2, 4, 8) for st in (3, 4)]
+            grid += [(16, bn, sp, 4, 3, 0) for bn in (64, 128) for sp in (1, 4, 8)]
+        elif m <= 64:
+            grid += [(bm, bn, sp, w, st, 1) for bm in (32, 64) for bn in (64, 128, 256) for sp in (1, 2, 4)
+                     for w in (4, 8) for st in (2, 3)]
+            grid += [(bm, bn, sp, w, 3, 0) for bm in (32, 64) for bn in (64, 128, 256) for sp in (1, 2, 4)
+                     for w in (4, 8)]
         else:
             grid += [(bm, bn, 1, w, 3, 1) for bm in (64, 128) for bn in (128, 256) for w in (4, 8)]
         return grid
@@ -201,7 +205,8 @@ def kernel_sweep(ms: list[int], out_dir: Path, configs_out: Path | None) -> list
         old = json.loads(int4.CONFIG_FILE.read_text())["configs"] if int4.CONFIG_FILE.exists() else []
         swept = {tuple(t[:4]) for t in tuned}
         merged = [t for t in old if tuple(t[:4]) not in swept] + tuned
-        gemm_max = max(m for m in ms if m <= 1024)
+        previous = json.loads(int4.CONFIG_FILE.read_text()).get("gemm_max_m", 0) if int4.CONFIG_FILE.exists() else 0
+        gemm_max = max([previous] + [m for m in ms if m <= 1024])
         configs_out.write_text(json.dumps({"device": torch.cuda.get_device_name(), "gemm_max_m": gemm_max,
                                            "configs": merged}, indent=1))
         print(f"wrote {configs_out} (gemm_max_m={gemm_max})")

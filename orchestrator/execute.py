@@ -105,8 +105,11 @@ def _run_quantize(node: Node, upstream: list[dict], cfg: dict, device: str) -> t
 
     artifact = _Artifact(cfg["store"]["artifacts_dir"], "quantize", node.key)
     try:
-        result = quantize(Path(upstream[0]["artifact_uri"]), artifact.tmp, node.config["method"],
-                          seed=node.config["seed"])
+        method = node.config["method"]
+        if method["algorithm"] == "fp8":
+            # FP8 is quantized by the TensorRT-LLM backend (ModelOpt) at build time, from the fp checkpoint.
+            method = {**method, "algorithm": "none", "bits": 16}
+        result = quantize(Path(upstream[0]["artifact_uri"]), artifact.tmp, method, seed=node.config["seed"])
         if Path(result["checkpoint_dir"]).resolve() == artifact.tmp.resolve():
             result["checkpoint_dir"] = artifact.commit()
         else:
@@ -134,11 +137,12 @@ def _run_build(node: Node, upstream: list[dict], cfg: dict, device: str) -> tupl
     return result, engine_dir, {}
 
 
-def _load_engine(node: Node, upstream: list[dict], cfg: dict, device: str) -> Any:
+def _load_engine(node: Node, upstream: list[dict], cfg: dict, device: str,
+                 extra: dict[str, Any] | None = None) -> Any:
     from tasks.backends import get_backend
 
     return get_backend(cfg["backend"]["name"]).load(Path(upstream[0]["artifact_uri"]), device,
-                                                    cfg["backend"]["options"])
+                                                    {**cfg["backend"]["options"], **(extra or {})})
 
 
 def _run_evaluate(node: Node, upstream: list[dict], cfg: dict, device: str) -> tuple[dict, str, dict]:
@@ -166,7 +170,11 @@ def _run_profile(node: Node, upstream: list[dict], cfg: dict, device: str) -> tu
     from tasks.profile import profile_engine
 
     c = node.config
-    engine = _load_engine(node, upstream, cfg, device)
+    # Size the KV cache for this cell's batch x (input + output), so peak memory is comparable across
+    # batch sizes (engines would otherwise pre-allocate for the largest batch or most free memory).
+    engine = _load_engine(node, upstream, cfg, device, {"kv_cache_batch_size": c["batch_size"],
+                                                         "kv_cache_input_len": c["input_len"],
+                                                         "kv_cache_output_len": c["output_len"]})
     try:
         throughput, memory = profile_engine(engine, c["batch_size"], c["input_len"], c["output_len"],
                                             c["warmup"], c["repeats"], seed=c["seed"])

@@ -141,6 +141,11 @@ def _check_eval(cfg: dict[str, Any]) -> None:
 
 def _check_backend(cfg: dict[str, Any]) -> None:
     backend = cfg["backend"]
+    for name in cfg["sweep"]["methods"]:
+        algorithm = cfg["methods"][name]["algorithm"]
+        _require(algorithm != "fp8" or backend["name"] == "tensorrt_llm", f"methods.{name}.algorithm",
+                 "fp8 runs only on backend=tensorrt_llm (GPUs with FP8: Ada L40/L40S, Hopper)",
+                 ("none", "rtn", "awq", "gptq") if backend["name"] == "torch" else ALGORITHMS)
     _require(backend["name"] in BACKENDS, "backend.name", f"unknown backend {backend['name']!r}", BACKENDS)
     _require(backend["device"] in DEVICES, "backend.device", f"unknown device {backend['device']!r}", DEVICES)
     if backend["name"] == "tensorrt_llm" and cfg["cluster"].get("address") is None:

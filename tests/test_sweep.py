@@ -34,32 +34,38 @@ def _sweep(overrides: list[str]):
     return cfg, plan, run_sweep(plan, cfg)
 
 
+METHODS = ("fp16", "awq", "gptq")
+
+
 def test_cpu_sweep_fills_the_expected_grid(tmp_path: Path, mmlu_dir: Path) -> None:
+    """fp16, AWQ and GPTQ on a tiny model, 2 MMLU subjects in 2 shards, 2 batch sizes."""
     subjects = ["abstract_algebra", "anatomy"]
-    cfg, plan, outcome = _sweep([f"store.uri={tmp_path}", f"eval.mmlu_dir={mmlu_dir}", "sweep.methods=[fp16,rtn]",
-                                 f"sweep.subjects=[{','.join(subjects)}]", "sweep.batch_sizes=[1,3]",
-                                 "sweep.num_shards=2"])
+    grid = [f"store.uri={tmp_path}", f"eval.mmlu_dir={mmlu_dir}", f"sweep.methods=[{','.join(METHODS)}]",
+            f"sweep.subjects=[{','.join(subjects)}]", "sweep.batch_sizes=[1,3]", "sweep.num_shards=2"]
+    cfg, plan, outcome = _sweep(grid)
     assert outcome.all_ok, {k: r["error"] for k, r in outcome.results.items() if r["status"] != "ok"}
     store = ResultStore(str(tmp_path))
     runs = store.read("runs").to_pandas()
     assert sorted(runs["node_key"]) == sorted(plan.nodes) and (runs["status"] == "ok").all()
     predictions = store.read("mmlu_predictions").to_pandas()
-    # 3 questions per subject (eval.limit_per_subject) x 2 subjects x 2 methods, one row per question
-    assert len(predictions) == 3 * 2 * 2
+    # 3 questions per subject (eval.limit_per_subject) x 2 subjects x 3 methods, one row per question
+    assert len(predictions) == 3 * 2 * 3
     assert set(map(tuple, predictions[["method", "subject"]].drop_duplicates().values)) == {
-        (m, s) for m in ("fp16", "rtn") for s in subjects}
+        (m, s) for m in METHODS for s in subjects}
     assert (predictions["correct"] == (predictions["predicted"] == predictions["gold"])).all()
     assert set(predictions.loc[predictions.subject == "anatomy", "category"]) == {"other (business, health, misc.)"}
     throughput = store.read("throughput").to_pandas()
-    assert sorted(zip(throughput["method"], throughput["batch_size"])) == [
-        ("fp16", 1), ("fp16", 3), ("rtn", 1), ("rtn", 3)]
+    assert sorted(zip(throughput["method"], throughput["batch_size"])) == sorted(
+        (m, b) for m in METHODS for b in (1, 3))
     assert (throughput["output_tokens_per_s"] > 0).all() and (throughput["ttft_s"] > 0).all()
     memory = store.read("memory").to_pandas()
-    assert len(memory) == 4 and (memory["peak_process_memory_bytes"] > 50 * 2**20).all()
+    assert len(memory) == 6 and (memory["peak_process_memory_bytes"] > 50 * 2**20).all()
     assert memory["method_note"].str.contains("RSS").all()
     # a second run finds everything in the store and runs nothing
-    _, _, again = _sweep([f"store.uri={tmp_path}", f"eval.mmlu_dir={mmlu_dir}", "sweep.methods=[fp16,rtn]",
-                          f"sweep.subjects=[{','.join(subjects)}]", "sweep.batch_sizes=[1,3]", "sweep.num_shards=2"])
+    quantized = runs[runs.kind == "quantize"].set_index("method")
+    for method in ("awq", "gptq"):
+        assert "compressed-tensors" in quantized.loc[method, "result_json"]
+    _, _, again = _sweep(grid)
     assert again.ran == set() and again.reused == set(plan.nodes)
 
 
