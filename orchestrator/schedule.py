@@ -147,10 +147,50 @@ def _lost_task_row(node: Node, cfg: dict[str, Any], err: BaseException, status: 
             "artifact_uri": None, "result_json": "{}"}
 
 
+def _record_sweep(cfg: dict[str, Any], outcome: SweepOutcome, started: Any) -> None:
+    """One ``runs`` row of kind ``sweep`` per (sweep name, config): what was asked for, as a whole.
+
+    The report reads the experiment, the expected grid and the eval settings from it; its key depends
+    only on the config, so a resumed sweep replaces its row instead of adding one.
+    """
+    import json
+    import socket
+    from datetime import datetime, timezone
+
+    from orchestrator.execute import versions
+    from orchestrator.plan import node_key
+    from orchestrator.schema import SCHEMA_VERSION
+
+    described = {k: cfg[k] for k in ("experiment", "model", "methods", "backend", "cluster", "eval", "sweep")}
+    described["methods"] = {m: cfg["methods"][m] for m in cfg["sweep"]["methods"]}
+    statuses = [r["status"] for r in outcome.results.values()]
+    summary = {"nodes": len(outcome.results), "ran": len(outcome.ran), "reused": len(outcome.reused),
+               "wall_s": outcome.wall_s, **{s: statuses.count(s) for s in ("ok", "failed", "oom", "skipped")}}
+    finished = datetime.now(timezone.utc)
+    row = {"schema_version": SCHEMA_VERSION, "sweep_name": cfg["sweep"]["name"],
+           "node_key": node_key("sweep", described, ()), "kind": "sweep", "status": "ok",
+           "backend": cfg["backend"]["name"], "model": cfg["model"]["name"],
+           "config_json": json.dumps(described, sort_keys=True, default=str),
+           "result_json": json.dumps(summary, sort_keys=True), "hostname": socket.gethostname(),
+           "started_at": started, "finished_at": finished, "duration_s": (finished - started).total_seconds(),
+           "versions_json": json.dumps(versions(), sort_keys=True)}
+    ResultStore(cfg["store"]["uri"]).write("runs", row["node_key"], [row])
+
+
 def run_sweep(plan: SweepPlan, cfg: dict[str, Any]) -> SweepOutcome:
+    from datetime import datetime, timezone
+
+    started = datetime.now(timezone.utc)
+    outcome = _run_nodes(plan, cfg)
+    _record_sweep(cfg, outcome, started)
+    return outcome
+
+
+def _run_nodes(plan: SweepPlan, cfg: dict[str, Any]) -> SweepOutcome:
     start = time.perf_counter()
     store = ResultStore(cfg["store"]["uri"])
-    to_run, reused = select_nodes_to_run(plan, store.finished_nodes(), cfg["sweep"]["rerun"])
+    stored = {k: v for k, v in store.finished_nodes().items() if v["kind"] != "sweep"}
+    to_run, reused = select_nodes_to_run(plan, stored, cfg["sweep"]["rerun"])
     outcome = SweepOutcome(results=dict(reused), reused=set(reused), plan=plan)
     progress = SweepProgress(plan, reused)
     if not to_run:

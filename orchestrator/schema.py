@@ -23,7 +23,9 @@ _KEY_COLUMNS = [
 ]
 
 RUNS = pa.schema(_KEY_COLUMNS + [
-    pa.field("kind", pa.string()),  # model | quantize | build | evaluate | profile
+    # model | quantize | build | evaluate | profile; plus one row of kind "sweep" per (sweep name, config)
+    # whose config_json holds what the sweep asked for (experiment, methods, grid, eval settings).
+    pa.field("kind", pa.string()),
     pa.field("status", pa.string()),  # one of STATUSES
     pa.field("error", pa.string()),  # exception type + message (+ log excerpt) when not ok
     pa.field("model", pa.string()),

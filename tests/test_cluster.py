@@ -58,3 +58,4 @@ def test_gpu_cells_run_on_the_accelerator_node_in_parallel_each_on_its_own_gpu(t
     cpu_cells = runs[runs.kind.isin(["model", "build"])]
     assert cpu_cells["gpu_ids"].map(len).eq(0).all()
     assert pd.Series(runs["status"]).eq("ok").all()
+    assert (runs.kind == "sweep").sum() == 1

@@ -33,7 +33,7 @@ def test_study_experiment_is_one_override_away(tmp_path: Path, mmlu_dir: Path) -
 
 
 @pytest.mark.parametrize("overrides, field, allowed", [
-    (["sweep.methods=[fp16,bogus]"], "sweep.methods", "allowed: awq, fp16, gptq, rtn"),
+    (["sweep.methods=[fp16,bogus]"], "sweep.methods", "allowed: awq, fp16, fp8, gptq, rtn"),
     (["sweep.batch_sizes=[0,1]"], "sweep.batch_sizes", "integers >= 1"),
     (["sweep.subjects=[astrology]"], "sweep.subjects", "abstract_algebra"),
     (["eval.scoring=vibes"], "eval.scoring", "allowed: loglikelihood, generate"),

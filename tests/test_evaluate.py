@@ -63,7 +63,8 @@ def _tiny_lm(mmlu_dir):
     bpe.train_from_iterator(corpus * 4, trainers.BpeTrainer(
         vocab_size=400, special_tokens=["<unk>", "<s>", "</s>", "<pad>"],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
-    bpe.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", bpe.token_to_id("<s>"))])
+    bpe.post_processor = processors.TemplateProcessing(single="<s> $A",
+                                                       special_tokens=[("<s>", bpe.token_to_id("<s>"))])
     tok = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
                                   pad_token="<pad>")
     torch.manual_seed(0)

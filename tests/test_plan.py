@@ -34,7 +34,7 @@ def test_keys_are_stable_and_change_only_downstream_of_a_change(tmp_path: Path, 
     first = _plan(tmp_path, mmlu_dir, base)
     again = _plan(tmp_path, mmlu_dir, base)
     assert list(first.nodes) == list(again.nodes)
-    changed = _plan(tmp_path, mmlu_dir, base + ["methods.awq.group_size=32"])
+    changed = _plan(tmp_path, mmlu_dir, base + ["methods.awq.group_size=16"])
     moved = set(first.nodes) - set(changed.nodes)
     assert moved and all(first.nodes[k].labels.get("method") == "awq" for k in moved)
     assert {first.nodes[k].kind for k in moved} == {"quantize", "build", "evaluate", "profile"}

@@ -46,6 +46,9 @@ def test_cpu_sweep_fills_the_expected_grid(tmp_path: Path, mmlu_dir: Path) -> No
     assert outcome.all_ok, {k: r["error"] for k, r in outcome.results.items() if r["status"] != "ok"}
     store = ResultStore(str(tmp_path))
     runs = store.read("runs").to_pandas()
+    sweep_rows = runs[runs.kind == "sweep"]
+    assert len(sweep_rows) == 1 and '"experiment"' in sweep_rows.iloc[0]["config_json"]
+    runs = runs[runs.kind != "sweep"]
     assert sorted(runs["node_key"]) == sorted(plan.nodes) and (runs["status"] == "ok").all()
     predictions = store.read("mmlu_predictions").to_pandas()
     # 3 questions per subject (eval.limit_per_subject) x 2 subjects x 3 methods, one row per question
@@ -78,7 +81,7 @@ def test_failing_and_oom_cells_become_rows(tmp_path: Path, mmlu_dir: Path) -> No
                                  "sweep.subjects=[anatomy,virology]", "sweep.num_shards=2",
                                  # 2e9 sequences x 8 tokens x int64 = 128 GB cannot be allocated: an out-of-memory cell
                                  "sweep.batch_sizes=[1,2000000000]"])
-    runs = ResultStore(str(store_dir)).read("runs").to_pandas().set_index("node_key")
+    runs = ResultStore(str(store_dir)).read("runs").to_pandas().query("kind != 'sweep'").set_index("node_key")
     assert sorted(runs.index) == sorted(plan.nodes)  # every node has its row: the sweep finished
     evaluate = runs[runs.kind == "evaluate"].set_index("shard")
     by_subject = {tuple(s): row for s, row in zip(evaluate["subjects"], evaluate.itertuples())}
@@ -114,12 +117,14 @@ def test_kill_driver_and_resume(tmp_path: Path, mmlu_dir: Path) -> None:
     os.killpg(first.pid, signal.SIGKILL)  # the driver and everything it started, mid-sweep
     first.wait()
     store = ResultStore(str(store_dir))
-    before = store.read("runs").to_pandas().set_index("node_key")
+    before = store.read("runs").to_pandas().query("kind != 'sweep'").set_index("node_key")
     assert 2 <= (before.kind == "profile").sum() < 12, "kill landed before or after the sweep; nothing to resume"
     second = subprocess.run(args, cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert second.returncode == 0, second.stderr[-3000:]
     after = store.read("runs").to_pandas()
-    assert after["node_key"].is_unique and len(after) == 1 + 2 + 2 + 12
+    assert after["node_key"].is_unique and (after.kind == "sweep").sum() == 1
+    after = after[after.kind != "sweep"]
+    assert len(after) == 1 + 2 + 2 + 12  # model, 2 quantize, 2 build, 12 profile: one row each
     assert (after["status"] == "ok").all()
     after = after.set_index("node_key")
     for key, row in before.iterrows():  # finished nodes were not redone

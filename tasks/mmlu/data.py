@@ -200,13 +200,17 @@ def prepare_hf_layout(mmlu_dir: str | os.PathLike, cache_dir: str | os.PathLike,
     tmp = Path(tempfile.mkdtemp(dir=parent, prefix=f".tmp-{target.name}-"))
     try:
         _write_layout(mmlu_dir, tmp, subjects, splits)
-        try:
-            os.rename(tmp, target)  # atomic; fails if another writer got there first
-        except OSError:
-            if not _is_complete(target, subjects):
-                # A stale, incomplete folder (not ours, not from a writer of this code): replace it.
+        for attempt in range(3):
+            try:
+                os.rename(tmp, target)  # atomic; fails if the target exists (another writer won)
+                break
+            except OSError:
+                if _is_complete(target, subjects):
+                    break
+                if attempt == 2:
+                    raise
+                # A stale, incomplete folder (e.g. a killed writer of an older version): replace it.
                 shutil.rmtree(target, ignore_errors=True)
-                os.rename(tmp, target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
