@@ -7,6 +7,7 @@ Artifacts are written to a temporary folder and renamed into place, like store f
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -17,7 +18,7 @@ import uuid
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from orchestrator.plan import Node
 from orchestrator.schema import SCHEMA_VERSION
@@ -70,14 +71,24 @@ class _Artifact:
         self.tmp = Path(artifacts_dir) / kind / f".tmp-{key}-{uuid.uuid4().hex[:8]}"
         self.tmp.mkdir(parents=True)
 
-    def commit(self) -> str:
+    def keep(self, path: str | Path) -> str:
+        """Commit the folder if the task wrote its result there; else the task pointed elsewhere."""
+        if Path(path).resolve() != self.tmp.resolve():
+            return str(path)
         if self.final.exists():
             shutil.rmtree(self.final)
         os.replace(self.tmp, self.final)
         return str(self.final)
 
-    def discard(self) -> None:
-        shutil.rmtree(self.tmp, ignore_errors=True)
+
+@contextlib.contextmanager
+def _artifact(cfg: dict, kind: str, key: str) -> Iterator[_Artifact]:
+    """Whatever the task left uncommitted (a failure, a pass-through) is removed."""
+    artifact = _Artifact(cfg["store"]["artifacts_dir"], kind, key)
+    try:
+        yield artifact
+    finally:
+        shutil.rmtree(artifact.tmp, ignore_errors=True)
 
 
 def _labels(node: Node) -> dict[str, Any]:
@@ -87,36 +98,22 @@ def _labels(node: Node) -> dict[str, Any]:
 def _run_model(node: Node, upstream: list[dict], cfg: dict, device: str) -> tuple[dict, str, dict]:
     from tasks.models import prepare_model
 
-    artifact = _Artifact(cfg["store"]["artifacts_dir"], "model", node.key)
-    try:
+    with _artifact(cfg, "model", node.key) as artifact:
         result = prepare_model(node.config["model"], artifact.tmp)
-        if result["copied"]:
-            result["checkpoint_dir"] = artifact.commit()
-        else:
-            artifact.discard()
-    except BaseException:
-        artifact.discard()
-        raise
+        result["checkpoint_dir"] = artifact.keep(result["checkpoint_dir"])
     return result, result["checkpoint_dir"], {}
 
 
 def _run_quantize(node: Node, upstream: list[dict], cfg: dict, device: str) -> tuple[dict, str, dict]:
     from tasks.quantize import quantize
 
-    artifact = _Artifact(cfg["store"]["artifacts_dir"], "quantize", node.key)
-    try:
-        method = node.config["method"]
-        if method["algorithm"] == "fp8":
-            # FP8 is quantized by the TensorRT-LLM backend (ModelOpt) at build time, from the fp checkpoint.
-            method = {**method, "algorithm": "none", "bits": 16}
+    method = node.config["method"]
+    if method["algorithm"] == "fp8":
+        # FP8 is quantized by the TensorRT-LLM backend (ModelOpt) at build time, from the fp checkpoint.
+        method = {**method, "algorithm": "none", "bits": 16}
+    with _artifact(cfg, "quantize", node.key) as artifact:
         result = quantize(Path(upstream[0]["artifact_uri"]), artifact.tmp, method, seed=node.config["seed"])
-        if Path(result["checkpoint_dir"]).resolve() == artifact.tmp.resolve():
-            result["checkpoint_dir"] = artifact.commit()
-        else:
-            artifact.discard()
-    except BaseException:
-        artifact.discard()
-        raise
+        result["checkpoint_dir"] = artifact.keep(result["checkpoint_dir"])
     return result, result["checkpoint_dir"], {}
 
 
@@ -125,15 +122,11 @@ def _run_build(node: Node, upstream: list[dict], cfg: dict, device: str) -> tupl
     from tasks.backends.base import EngineShape
 
     backend = get_backend(node.config["backend"])
-    artifact = _Artifact(cfg["store"]["artifacts_dir"], "build", node.key)
-    try:
+    with _artifact(cfg, "build", node.key) as artifact:
         result = backend.build(Path(upstream[0]["artifact_uri"]), artifact.tmp,
                                EngineShape(**node.config["shape"]), node.config["method"],
                                node.config["options"])
-        engine_dir = artifact.commit()
-    except BaseException:
-        artifact.discard()
-        raise
+        engine_dir = artifact.keep(artifact.tmp)
     return result, engine_dir, {}
 
 

@@ -73,9 +73,16 @@ def _save_tiny_llama(out: Path, hidden: int = 128, intermediate: int = 256, outl
 def tiny(tmp_path_factory):
     """The fp model, its tokenizer and the rtn / gptq / awq artifacts (each quantized once)."""
     root = tmp_path_factory.mktemp("quantize")
-    model, tok = _save_tiny_llama(root / "fp")
-    results = {alg: quantize(root / "fp", root / alg, _method(alg), seed=0) for alg in ("rtn", "gptq", "awq")}
-    return {"model": model, "tok": tok, "fp_dir": root / "fp", "results": results}
+    threads = torch.get_num_threads()
+    # One thread: these matrices are tiny, and on a shared 2-core host two OpenMP threads make
+    # GPTQ's column-by-column loop wait on descheduled threads (measured 10-100x slower).
+    torch.set_num_threads(1)
+    try:
+        model, tok = _save_tiny_llama(root / "fp")
+        results = {alg: quantize(root / "fp", root / alg, _method(alg), seed=0) for alg in ("rtn", "gptq", "awq")}
+        yield {"model": model, "tok": tok, "fp_dir": root / "fp", "results": results}
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _load_dense(path: Path):

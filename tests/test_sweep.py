@@ -70,6 +70,37 @@ def test_cpu_sweep_fills_the_expected_grid(tmp_path: Path, mmlu_dir: Path) -> No
         assert "compressed-tensors" in quantized.loc[method, "result_json"]
     _, _, again = _sweep(grid)
     assert again.ran == set() and again.reused == set(plan.nodes)
+    _check_report_matches_store(tmp_path, tmp_path / "report", predictions, throughput, memory)
+
+
+def _check_report_matches_store(store_dir: Path, out: Path, predictions, throughput, memory) -> None:
+    """The report of a real sweep: every figure exists, its tables equal numbers recomputed from the rows."""
+    import pandas as pd
+
+    from orchestrator.report import build_report
+
+    html = build_report(str(store_dir), out)
+    assert html.exists() and "no data yet" not in html.read_text().split("categories")[0]
+    for name in ("accuracy_category", "accuracy_subcategory", "throughput", "memory", "tradeoff", "energy"):
+        for ext in ("png", "svg"):
+            assert (out / "figures" / f"{name}.{ext}").stat().st_size > 1000
+    overall = pd.read_csv(out / "tables" / "accuracy_overall.csv")
+    expected = predictions.groupby("method")["correct"].mean()
+    for row in overall.itertuples():
+        assert abs(row.accuracy - expected[row.series]) < 1e-9
+    by_category = pd.read_csv(out / "tables" / "accuracy_category.csv")
+    expected = predictions.groupby(["method", "category"])["correct"].agg(["mean", "size"])
+    assert len(by_category) == len(expected)
+    for row in by_category.itertuples():
+        assert abs(row.accuracy - expected.loc[(row.series, row.group), "mean"]) < 1e-9
+        assert row.n == expected.loc[(row.series, row.group), "size"]
+    speed = pd.read_csv(out / "tables" / "throughput.csv")
+    expected = throughput.set_index(["method", "batch_size"])["output_tokens_per_s"]
+    assert len(speed) == len(expected)
+    for row in speed.itertuples():
+        assert abs(row.output_tokens_per_s - expected[(row.method, row.batch_size)]) < 1e-6 * expected.max()
+    peaks = pd.read_csv(out / "tables" / "memory.csv")
+    assert len(peaks) == len(memory)
 
 
 def test_failing_and_oom_cells_become_rows(tmp_path: Path, mmlu_dir: Path) -> None:

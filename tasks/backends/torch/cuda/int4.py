@@ -9,12 +9,17 @@ words, so every load is coalesced along N.  ``scales`` and ``zeros`` are bf16 [K
 holds the *integer* zero point (0..15, exact in bf16) so that ``w = (q - zero) * scale`` is the same
 arithmetic as compressed-tensors' ``(q - zp) * s`` (a symmetric checkpoint has zero 8 everywhere).
 
-Kernels (CUDA, Triton, chosen per shape by :func:`w4a16_mm`):
+Kernels (CUDA, Triton), chosen per (M, N, K) from ``int4_configs.json`` (written on an H100 by
+``bench/gpu_benchmark.py --mode kernels``; heuristics fill shapes it lacks):
 - M == 1: a split-K GEMV that keeps a [16, BLOCK_N] fp32 accumulator of ``(q - zero) * x`` per group and
-  applies the group's scale once per group (4 ALU ops a weight), partial sums combined by fp32 atomics.
-- 2 <= M <= ``GEMM_MAX_M``: a tensor-core GEMM (``tl.dot`` on the K=16 slices, split-K for small M).
+  applies the group's scale once per group, partial sums combined by fp32 atomics.
+- 2 <= M <= ``GEMM_MAX_M``: a tensor-core GEMM (``tl.dot`` on the K=16 slices, or one K=128 dot per block),
+  split-K for small M; or, where the sweep found it faster (M >= 128 on the H100), de-quantize + cuBLAS.
 - larger M (prefill): de-quantize the weight to bf16 once (a 4-bit read and a 16-bit write) and use cuBLAS;
   at M in the thousands the matmul is compute-bound and cuBLAS beats any dequantizing kernel.
+torch's tinygemm (``aten._weight_int4pack_mm``) was faster than these kernels at M <= 8 on the H100
+(e.g. 10.7 vs 26.7 us for 4096x4096 at M=1) but 2-10x slower than bf16 from M=16 up, and it needs its own
+weight layout: keeping both layouts would cost the memory int4 is meant to save, so it is not used.
 CPU (and any device without Triton) runs the pure-PyTorch reference, which the tests compare against.
 
 ``torch.ops.quantsweep.w4a16_mm`` is a custom op, so ``torch.compile`` treats it as one opaque call and
