@@ -47,19 +47,13 @@ method config, calibration fingerprint and stats; its presence marks a complete 
 For every quantized Linear ``<name>`` (e.g. ``model.layers.0.self_attn.q_proj``) with weight
 ``W`` of shape ``[N, K]`` (out, in) and ``G = K / group_size`` groups:
 
-========================  ==========  ==========  ==============================================
-tensor                    dtype       shape       meaning
-========================  ==========  ==========  ==============================================
-``<name>.weight_packed``  int32       [N, K/8]    codes q, 8 per int32 along K, little-endian
-                                                  nibbles: element k of a row sits in bits
-                                                  4*(k%8)..4*(k%8)+3 of word k//8, stored as
-                                                  the unsigned nibble q+8
-``<name>.weight_scale``   method.     [N, G]      scale s of each (row, group)
-                          dtype
-``<name>.weight_zero_     int32       [N/8, G]    asymmetric only: zero point z, packed like
-point``                                           the codes but along N (dim 0), also as z+8
-``<name>.weight_shape``   int64       [2]         (N, K)
-========================  ==========  ==========  ==============================================
+- ``<name>.weight_packed``: int32 ``[N, ceil(K/8)]``, the codes ``q``, 8 per int32 along K:
+  element k of a row is the nibble at bits ``4*(k%8) .. 4*(k%8)+3`` of word ``k//8``, stored
+  unsigned as ``q + 8``.
+- ``<name>.weight_scale``: ``method.dtype`` ``[N, G]``, the scale ``s`` of each (row, group).
+- ``<name>.weight_zero_point`` (asymmetric only): int32 ``[ceil(N/8), G]``, the zero points ``z``
+  packed the same way but along N (dim 0), also stored as ``z + 8``.
+- ``<name>.weight_shape``: int64 ``[2]``, ``(N, K)``.
 
 Codes and zero points are **signed int4 in [-8, 7]** once unpacked (compressed-tensors'
 ``unpack_from_int32`` subtracts the +8 offset).  Dequantization, with g = k // group_size::
@@ -69,8 +63,8 @@ Codes and zero points are **signed int4 in [-8, 7]** once unpacked (compressed-t
 Quantization was ``q = clamp(round(W / s) + z, -8, 7)``.  Unquantized tensors (embeddings, norms,
 ``lm_head`` when ignored) keep their usual names in ``method.dtype``.  ``load_int4_layer`` returns
 ``(q, s, z)`` for one layer.  AWQ leaves no extra tensor: its smoothing scales are already folded
-into ``input_layernorm`` / ``post_attention_layernorm`` weights, ``v_proj`` and ``up_proj``, so an
-AWQ artifact has exactly the GPTQ layout (no ``pre_quant_scale`` is needed downstream).
+into the ``input_layernorm`` / ``post_attention_layernorm`` weights, ``up_proj`` and (without GQA
+only) ``v_proj``, so an AWQ artifact has exactly the GPTQ layout (no ``pre_quant_scale`` downstream).
 
 Mapping to TensorRT-LLM's int4 weight-only group-wise checkpoint (spec for the converter)
 -----------------------------------------------------------------------------------------

@@ -125,6 +125,14 @@ def test_weights_are_really_4bit(tiny, algorithm):
             levels = max(len(torch.unique(g)) for g in runtime_w.reshape(-1, GROUP))
             assert 2 <= levels <= 16
     assert not hasattr(dense.lm_head, "weight_scale") and dense.lm_head.weight.dtype == torch.float32
+    # the bit layout the module docstring documents for converters: nibble k % 8 of word k // 8, +8
+    from safetensors import safe_open
+
+    with safe_open(str(art / "model.safetensors"), framework="pt") as st:
+        packed = st.get_tensor("model.layers.1.mlp.down_proj.weight_packed")
+    k = torch.arange(packed.shape[1] * 8)
+    manual = ((packed[:, k // 8] >> (4 * (k % 8))) & 0xF) - 8
+    assert torch.equal(manual.to(torch.int8), load_int4_layer(art, "model.layers.1.mlp.down_proj")[0])
 
 
 @pytest.mark.slow
@@ -207,6 +215,16 @@ def test_awq_beats_rtn_on_smoothed_block_output(tiny):
     # the smoothing really happened: the norm weights differ from fp
     assert not torch.equal(dense["awq"].input_layernorm.weight, fp.input_layernorm.weight)
     assert all(r < 0.8 for r in ratios.values()), ratios  # measured 0.51 and 0.54
+
+
+@pytest.mark.slow
+def test_symmetric_artifact_has_no_zero_point(tiny, tmp_path):
+    result = quantize(tiny["fp_dir"], tmp_path / "sym", _method("rtn", symmetric=True), seed=0)
+    q, scale, zp = load_int4_layer(result["checkpoint_dir"], "model.layers.0.mlp.up_proj")
+    assert not torch.any(zp) and -8 <= int(q.min()) and int(q.max()) <= 7
+    w = tiny["model"].model.layers[0].mlp.up_proj.weight.detach()
+    rel = ((dequantize_int4(q, scale, zp) - w).norm() / w.norm()).item()
+    assert 1e-3 < rel < 0.2, rel
 
 
 # --- fast tests: validation, pass-through, calibration text ----------------------------------------

@@ -235,6 +235,98 @@ if triton is not None:
             tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=o_mask)
 
     @triton.jit
+    def _tc_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, M, N, K, n_groups, stride_xm, stride_om,
+                   blocks_per_split, GROUP_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                   ATOMIC: tl.constexpr):
+        """Tensor-core W4A16 for group sizes that are multiples of 128 (variant 3).
+
+        Each 16-word slab is loaded once and widened in registers to the whole [128, BLOCK_N] K block
+        (nibble j of word row i is row 16j + i: a shift per nibble, then a reshape).  A nibble becomes a
+        bf16 with one OR: 0x4300 | q is exactly 128 + q, so no float conversion or subtraction is done
+        per weight.  The zero point and the 128 are folded out per group after the dot, using the group's
+        row sums of x: sum_k x (q - z) = sum_k x (128 + q) - (128 + z) sum_k x (exact integers; fp32 sums).
+        """
+        pid_n = tl.program_id(0)
+        pid_m = tl.program_id(1)
+        pid_k = tl.program_id(2)
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        m_mask = offs_m < M
+        n_mask = offs_n < N
+        offs_i = tl.arange(0, 16)
+        offs_k = tl.arange(0, 128)
+        shifts = tl.arange(0, 8) * 4
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        n_blocks = tl.cdiv(K, 128)
+        for it in range(0, blocks_per_split):  # a fixed trip count; blocks past K are masked out
+            kb = pid_k * blocks_per_split + it
+            qw = tl.load(qw_ptr + (kb * 16 + offs_i)[:, None] * N + offs_n[None, :],
+                         mask=n_mask[None, :] & (kb < n_blocks), other=0)
+            q3 = ((qw[None, :, :] >> shifts[:, None, None]) & 0xF) | 0x4300  # [8, 16, BLOCK_N]: bf16 bits of 128 + q
+            w = tl.reshape(q3.to(tl.int16).to(tl.bfloat16, bitcast=True), (128, BLOCK_N))
+            k = kb * 128 + offs_k
+            x = tl.load(x_ptr + offs_m[:, None] * stride_xm + k[None, :], mask=m_mask[:, None] & (k < K)[None, :],
+                        other=0.0).to(tl.bfloat16)
+            part = tl.dot(x, w)  # [BLOCK_M, BLOCK_N] = sum_k x (128 + q), fp32
+            xs = tl.sum(x.to(tl.float32), axis=1)  # [BLOCK_M]
+            g = (kb * 128) // GROUP_SIZE
+            g_ok = n_mask & (g < n_groups)
+            s = tl.load(s_ptr + g * N + offs_n, mask=g_ok, other=0.0).to(tl.float32)
+            c = tl.load(z_ptr + g * N + offs_n, mask=g_ok, other=0.0).to(tl.float32) + 128.0
+            acc += (part - xs[:, None] * c[None, :]) * s[None, :]
+        out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
+        o_mask = m_mask[:, None] & n_mask[None, :]
+        if ATOMIC:
+            tl.atomic_add(out_ptrs, acc, mask=o_mask, sem="relaxed")
+        else:
+            tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=o_mask)
+
+    @triton.jit
+    def _gemv2_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, N, K, blocks_per_split, GROUP_SIZE: tl.constexpr,
+                      BLOCK_N: tl.constexpr, GB: tl.constexpr, ATOMIC: tl.constexpr):
+        """M == 1 on CUDA cores, group sizes that are multiples of 128 (variant 4).
+
+        GB 128-deep K blocks per iteration as one [GB, 16, BLOCK_N] tile of words (more bytes in flight
+        per load), products accumulated per (block, row, column) and scaled per group with the zero point
+        folded out (sum x (q - z) = sum x q - z sum x): per weight a shift, a mask-or, a subtract and an
+        FMA; the cross-thread reduction happens once, at the end.
+        """
+        pid_n = tl.program_id(0)
+        pid_k = tl.program_id(1)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_mask = offs_n < N
+        offs_g = tl.arange(0, GB)
+        offs_i = tl.arange(0, 16)
+        acc = tl.zeros((GB, 16, BLOCK_N), dtype=tl.float32)
+        n_blocks = tl.cdiv(K, 128)
+        kb_start = pid_k * blocks_per_split
+        for it in range(0, blocks_per_split, GB):  # a fixed trip count; blocks past the split are masked out
+            kb = kb_start + it + offs_g  # [GB]
+            b_ok = (kb < n_blocks) & (it + offs_g < blocks_per_split)
+            rows = kb[:, None, None] * 16 + offs_i[None, :, None]  # [GB, 16, 1]
+            qw = tl.load(qw_ptr + rows * N + offs_n[None, None, :], mask=b_ok[:, None, None] & n_mask[None, None, :],
+                         other=0)
+            dot = tl.zeros((GB, 16, BLOCK_N), dtype=tl.float32)
+            xs = tl.zeros((GB, 16), dtype=tl.float32)
+            for j in tl.static_range(8):
+                k = kb[:, None] * 128 + j * 16 + offs_i[None, :]  # [GB, 16]
+                x = tl.load(x_ptr + k, mask=b_ok[:, None] & (k < K), other=0.0).to(tl.float32)
+                q = (((qw >> (4 * j)) & 0xF) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+                dot += q * x[:, :, None]
+                xs += x
+            g = (kb * 128) // GROUP_SIZE
+            sz_off = g[:, None, None] * N + offs_n[None, None, :]
+            sz_ok = b_ok[:, None, None] & n_mask[None, None, :]
+            s = tl.load(s_ptr + sz_off, mask=sz_ok, other=0.0).to(tl.float32)  # [GB, 1, BLOCK_N]
+            z = tl.load(z_ptr + sz_off, mask=sz_ok, other=0.0).to(tl.float32)
+            acc += (dot - xs[:, :, None] * z) * s
+        res = tl.sum(tl.sum(acc, axis=1), axis=0)  # [BLOCK_N]
+        if ATOMIC:
+            tl.atomic_add(out_ptr + offs_n, res, mask=n_mask, sem="relaxed")
+        else:
+            tl.store(out_ptr + offs_n, res.to(out_ptr.dtype.element_ty), mask=n_mask)
+
+    @triton.jit
     def _dequant_kernel(qw_ptr, s_ptr, z_ptr, w_ptr, N, K, GROUP_SIZE: tl.constexpr, BLOCK_N: tl.constexpr):
         """w[K, N] (bf16) = (q - zero) * scale, one 128-deep block x BLOCK_N columns per program."""
         kb = tl.program_id(0)
@@ -287,7 +379,10 @@ def gemv_config(n: int, k: int) -> tuple[int, ...]:
 def gemm_config(m: int, n: int, k: int) -> tuple[int, ...]:
     """(BLOCK_M, BLOCK_N, split_k, num_warps, num_stages[, variant]) for 2 <= M <= GEMM_MAX_M.
 
-    variant 0: K=16-slice kernel, 1: K=128 kernel, 2: de-quantize + cuBLAS (the rest is ignored).
+    variant 0: K=16-slice kernel, 1: K=128 kernel, 2: de-quantize + cuBLAS (the rest is ignored),
+    3: the tensor-core kernel with whole-block unpack (:func:`_tc_kernel`), 4: for M == 1 only, the
+    CUDA-core GEMV :func:`_gemv2_kernel` (BLOCK_M then holds its K blocks per iteration).  A tuned entry
+    for M == 1 under "gemm" takes precedence over the older "gemv" entry.
     """
     if ("gemm", m_bucket(m), n, k) in TUNED:
         return TUNED[("gemm", m_bucket(m), n, k)]
@@ -299,6 +394,17 @@ def gemm_config(m: int, n: int, k: int) -> tuple[int, ...]:
     return block_m, block_n, split, 4 if block_m * block_n <= 64 * 128 else 8, 3
 
 
+def _launch_split(m: int, n: int, k: int, split: int, dtype: torch.dtype, device: torch.device
+                  ) -> tuple[int, int, torch.Tensor]:
+    """(blocks per split, splits actually used, output buffer): fp32 zeros for atomics when split > 1."""
+    n_blocks = triton.cdiv(k, PACK_BLOCK)
+    per_split = triton.cdiv(n_blocks, split)
+    split = triton.cdiv(n_blocks, per_split)
+    out = torch.zeros(m, n, dtype=torch.float32, device=device) if split > 1 else \
+        torch.empty(m, n, dtype=dtype, device=device)
+    return per_split, split, out
+
+
 def _cuda_w4a16_mm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
                    group_size: int) -> torch.Tensor:
     m, k = x.shape
@@ -307,28 +413,28 @@ def _cuda_w4a16_mm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
     if m > GEMM_MAX_M:  # module global, so the sweep can move it
         w = dequantize_cuda(qweight, scales, zeros, k, x.dtype)
         return x @ w
-    if m == 1:
+    cfg = TUNED.get(("gemm", m_bucket(m), n, k))
+    if cfg is not None and cfg[-1] in (3, 4) and group_size % PACK_BLOCK:
+        cfg = None  # the new kernels need whole 128-deep groups; use the general ones
+    if m == 1 and (cfg is None or len(cfg) < 6):
         block_n, split, warps = gemv_config(n, k)
-        n_blocks = triton.cdiv(k, PACK_BLOCK)
-        per_split = triton.cdiv(n_blocks, split)
-        split = triton.cdiv(n_blocks, per_split)
-        out = torch.zeros(1, n, dtype=torch.float32, device=x.device) if split > 1 else \
-            torch.empty(1, n, dtype=x.dtype, device=x.device)
+        per_split, split, out = _launch_split(1, n, k, split, x.dtype, x.device)
         _gemv_kernel[(triton.cdiv(n, block_n), split)](
             x, qweight, scales, zeros, out, n, k, n_groups, per_split,
             GROUP_SIZE=group_size, BLOCK_N=block_n, ATOMIC=split > 1, num_warps=warps)
         return out.to(x.dtype) if split > 1 else out
-    block_m, block_n, split, warps, stages, *rest = gemm_config(m, n, k)
+    block_m, block_n, split, warps, stages, *rest = cfg if cfg is not None else gemm_config(m, n, k)
     variant = rest[0] if rest else 0
     if variant == 2:
         return x @ dequantize_cuda(qweight, scales, zeros, k, x.dtype)
-    n_blocks = triton.cdiv(k, PACK_BLOCK)
-    per_split = triton.cdiv(n_blocks, split)
-    split = triton.cdiv(n_blocks, per_split)
-    out = torch.zeros(m, n, dtype=torch.float32, device=x.device) if split > 1 else \
-        torch.empty(m, n, dtype=x.dtype, device=x.device)
+    per_split, split, out = _launch_split(m, n, k, split, x.dtype, x.device)
+    if variant == 4:  # M == 1 only; block_m holds GB (K blocks per iteration)
+        _gemv2_kernel[(triton.cdiv(n, block_n), split)](
+            x, qweight, scales, zeros, out, n, k, per_split, GROUP_SIZE=group_size, BLOCK_N=block_n,
+            GB=block_m, ATOMIC=split > 1, num_warps=warps, num_stages=stages)
+        return out.to(x.dtype) if split > 1 else out
     grid = (triton.cdiv(n, block_n), triton.cdiv(m, block_m), split)
-    kernel = _gemm128_kernel if variant == 1 else _gemm_kernel
+    kernel = {0: _gemm_kernel, 1: _gemm128_kernel, 3: _tc_kernel}[variant]
     kernel[grid](x, qweight, scales, zeros, out, m, n, k, n_groups, x.stride(0), out.stride(0), per_split,
                  GROUP_SIZE=group_size, BLOCK_M=block_m, BLOCK_N=block_n, ATOMIC=split > 1,
                  num_warps=warps, num_stages=stages)
