@@ -2,13 +2,13 @@
 
 Why ``pydoc_topics`` is the default: AWQ and GPTQ need a few thousand tokens of ordinary text to see
 realistic activations, and quantsweep must run with no network.  CPython ships the text of its own
-reference manual topics in ``pydoc_data.topics`` (79 topics, ~465k characters of English prose with
-some code in Python 3.11), so every interpreter has it and no data set download is needed.  It is
-technical prose rather than web text, which is what the small calibration sets of the AWQ/GPTQ
-papers (C4, Pile, WikiText samples) approximate; a few hundred samples of any ordinary English text
-change int4 perplexity only slightly.  The topics are split by key: of the distinct texts in sorted
-key order, **even** positions are calibration text and **odd** positions are held out, so the held-out perplexity
-(``heldout_texts``) is never measured on text the quantizer saw.
+reference manual topics in ``pydoc_data.topics`` (78 distinct texts, ~465k characters of English
+prose with some code, in Python 3.11), so every interpreter has it and no data set download is
+needed.  The AWQ and GPTQ papers calibrate on a small random sample of generic text (Pile / C4) and
+report that the result depends little on the sample's source; technical English prose is a
+reasonable offline stand-in, and a local file can replace it (below).  The topics are split: of the
+distinct texts in sorted key order, **even** positions are calibration text and **odd** positions
+are held out, so a held-out perplexity (``heldout_texts``) never uses text the quantizer saw.
 
 Caveat: the topics differ slightly between Python versions, so the exact calibration tokens depend on
 the interpreter; ``calibration_fingerprint`` hashes them so a run records exactly what it used.
@@ -68,9 +68,10 @@ def token_windows(tokenizer: Any, texts: list[str], seq_len: int, num_samples: i
 
     The texts are joined with blank lines and tokenized once without special tokens, then cut into
     non-overlapping windows; each window starts with BOS when the tokenizer itself prepends BOS to
-    text (Llama does, SmolLM2 does not), so calibration sees what the model sees at inference.  When more windows exist than are asked for, a
-    ``seed``-ed random subset is taken (kept in corpus order), so the samples cover the whole text
-    rather than only its first topics.  ``num_samples=None`` returns every window.
+    text (Llama does, SmolLM2 does not), so calibration sees what the model sees at inference.
+    When more windows exist than are asked for, a ``seed``-ed random subset is taken (kept in corpus
+    order), so the samples cover the whole text rather than only its first topics.
+    ``num_samples=None`` returns every window.
     """
     if seq_len < 2:
         raise ValueError(f"calibration.seq_len must be >= 2, got {seq_len}")

@@ -201,3 +201,45 @@ def test_cuda_graph_decode_matches_eager(tmp_path: Path) -> None:
         fast = Generator(model, compile=True, cuda_graph=True).generate(ids, 8)
         slow = Generator(model, compile=False, cuda_graph=False).generate(ids, 8)
         assert (fast.output_token_ids == slow.output_token_ids).float().mean() > 0.9, fmt
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("m,cfg", [(1, (2, 64, 4, 4, 2, 4)), (1, (1, 32, 1, 4, 2, 4)), (1, (16, 64, 2, 4, 2, 3)),
+                                   (5, (16, 128, 1, 4, 4, 3)), (33, (32, 64, 4, 4, 3, 3)), (64, (64, 128, 1, 8, 3, 3))])
+def test_new_kernel_variants_match_reference(monkeypatch: pytest.MonkeyPatch, m: int, cfg: tuple) -> None:
+    """Each variant the kernel sweep may choose (3: tensor-core unpack, 4: GEMV), forced on an odd shape."""
+    k, n, gs = 1280, 544, 128  # K not a power of two, N not a multiple of the tiles
+    q = torch.randint(0, 16, (n, k), dtype=torch.uint8, device="cuda")
+    scales = (torch.rand(k // gs, n, device="cuda") * 0.01 + 0.001).to(torch.bfloat16)
+    zeros = torch.randint(0, 16, (k // gs, n), device="cuda").to(torch.bfloat16)
+    qweight = int4.pack_int4(q)
+    monkeypatch.setitem(int4.TUNED, ("gemm", int4.m_bucket(m), n, k), cfg)
+    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+    ref = x.double() @ int4.dequantize(qweight, scales, zeros, k).double().t()
+    out = torch.ops.quantsweep.w4a16_mm(x, qweight, scales, zeros, k)
+    assert ((out.double() - ref).norm() / ref.norm()).item() < 1e-2
+
+
+def test_kv_cache_shape_prefers_profile_options_then_engine_shape() -> None:
+    from tasks.backends.torch.cuda.engine import kv_cache_shape
+
+    shape = {"max_batch_size": 8, "max_input_len": 64, "max_seq_len": 96}
+    assert kv_cache_shape({"kv_cache_batch_size": 4, "kv_cache_input_len": 64, "kv_cache_output_len": 16,
+                           "shape": shape})[0] == (4, 80)
+    assert kv_cache_shape({"shape": shape})[0] == (8, 96)
+    assert kv_cache_shape({})[0] is None
+
+
+def test_generator_reuses_a_larger_cache_of_the_same_batch(tmp_path: Path) -> None:
+    hf = _hf_tiny(seed=3)
+    hf.save_pretrained(tmp_path)
+    gen = Generator(load_llama(tmp_path, "cpu", dtype=torch.float32))
+    gen.setup(2, 32)
+    ids = torch.randint(0, TINY["vocab_size"], (2, 10))
+    in_big_cache = gen.generate(ids, 5).output_token_ids
+    assert gen.shape == (2, 32)  # reused, not re-allocated to 2 x 15
+    gen.generate(torch.randint(0, TINY["vocab_size"], (3, 10)), 5)
+    assert gen.shape == (3, 15)
+    gen.release()
+    assert torch.equal(gen.generate(ids, 5).output_token_ids, in_big_cache)  # same tokens in an exact cache

@@ -205,7 +205,8 @@ def test_awq_beats_rtn_on_smoothed_block_output(tiny):
         "mlp (norm -> gate,up -> down)": (
             "post_attention_layernorm", lambda layer, h: layer.mlp(layer.post_attention_layernorm(h))),
     }
-    dense = {alg: _load_dense(Path(tiny["results"][alg]["checkpoint_dir"])).model.layers[0] for alg in ("awq", "rtn")}
+    dense = {alg: _load_dense(Path(tiny["results"][alg]["checkpoint_dir"])).model.layers[0]
+             for alg in ("awq", "rtn")}
     ratios = {}
     with torch.no_grad():
         for block, (inp, fn) in blocks.items():

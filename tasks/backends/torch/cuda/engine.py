@@ -35,10 +35,14 @@ class CudaLlamaEngine(Engine):
         self.model, self.device, self.checkpoint_dir = model, device, checkpoint_dir
         self.dtype = "bfloat16"
         self.weight_format = describe_weights(model, symmetric)
-        self.kv_cache_policy = ("static: batch x (input + output) tokens per layer, bf16, allocated for each "
-                                "generation shape; decode attends over the whole static cache with a mask")
+        self.cache_shape, why = kv_cache_shape(options)
+        self.kv_cache_policy = (f"static bf16 KV cache sized at load to {why}; a generation of another batch "
+                                "size, or longer, re-allocates it to batch x (input + output); decode attends "
+                                "over the whole static cache with a mask of the written positions")
         self.generator = Generator(model, compile=bool(options.get("compile", True)),
                                    cuda_graph=bool(options.get("cuda_graph", True)))
+        if self.cache_shape is not None:  # allocate, compile and capture now, not in the first timed call
+            self.generator.setup(*self.cache_shape)
         self.details: dict[str, Any] = {
             "vocab_size": model.args.vocab_size,
             "weights_bytes": model.weight_bytes(),
@@ -77,11 +81,29 @@ class CudaLlamaEngine(Engine):
         torch.cuda.empty_cache()
 
 
+def kv_cache_shape(options: dict[str, Any]) -> tuple[tuple[int, int] | None, str]:
+    """(batch, sequence length) of the static KV cache to allocate at load, and why.
+
+    The profile task passes ``kv_cache_batch_size``/``_input_len``/``_output_len`` (its batch), so peak
+    memory is comparable across batch sizes and methods; otherwise the engine shape's ``max_batch_size``
+    x ``max_seq_len``; with neither, nothing is allocated until the first generation.
+    """
+    b, i, o = (options.get(f"kv_cache_{k}") for k in ("batch_size", "input_len", "output_len"))
+    if b and i and o is not None:
+        return (int(b), int(i) + int(o)), f"batch {b} x (input {i} + output {o})"
+    shape = options.get("shape") or {}
+    if shape.get("max_batch_size") and shape.get("max_seq_len"):
+        b, s = int(shape["max_batch_size"]), int(shape["max_seq_len"])
+        return (b, s), f"engine max_batch_size {b} x max_seq_len {s}"
+    return None, "batch x (input + output) of each generation"
+
+
 def load_cuda_engine(checkpoint_dir: Path, device: str, options: dict[str, Any]) -> Engine:
     """What :class:`~tasks.backends.torch.backend.TorchBackend` calls for ``cuda`` devices.
 
     options: ``compile`` (default True) and ``cuda_graph`` (default True) switch the two speed-ups off
-    for debugging; other keys are ignored.
+    for debugging; ``kv_cache_*`` and ``shape`` size the static KV cache (:func:`kv_cache_shape`);
+    other keys are ignored.
     """
     if device.startswith("cuda"):
         torch.cuda.set_device(torch.device(device))

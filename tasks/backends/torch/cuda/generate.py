@@ -22,7 +22,11 @@ def _sync(device: torch.device) -> None:
 
 
 class Generator:
-    """Fixed-length greedy generation (EOS ignored) with a static KV cache sized batch x (input + output)."""
+    """Fixed-length greedy generation (EOS ignored) over a static KV cache.
+
+    The cache is the one set up last (:meth:`setup`, e.g. at engine load) when it has this batch size
+    and room for input + output; otherwise it is re-allocated to batch x (input + output).
+    """
 
     def __init__(self, model: Transformer, compile: bool = True, cuda_graph: bool = True,
                  compile_options: dict[str, Any] | None = None):
@@ -71,7 +75,8 @@ class Generator:
     def generate(self, input_ids: torch.Tensor, output_len: int) -> GenerationTiming:
         """input_ids [B, L] -> exactly output_len greedy tokens per row, with synchronised timings."""
         batch, length = input_ids.shape
-        self.setup(batch, length + output_len)
+        if self.shape is None or self.shape[0] != batch or self.shape[1] < length + output_len:
+            self.setup(batch, length + output_len)  # else reuse the cache (and graph) already set up
         ids = input_ids.to(self.device)
         positions = torch.arange(length, device=self.device)
         outputs = torch.empty(batch, output_len, dtype=torch.long, device=self.device)
