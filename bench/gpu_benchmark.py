@@ -5,8 +5,12 @@ and memory do not depend on the values).  Modes:
 
 - ``check``: int4 kernel output vs the de-quantized reference (fp32 on the GPU) on fresh random inputs
   for every (M, K, N) the model runs: decode M = batch sizes, prefill M = batch x input_len.
-- ``kernels``: per-shape timing of bf16 cuBLAS, torch's tinygemm int4 op, and our Triton kernels over a
-  small config grid; writes the best configs to ``--configs-out`` (the engine reads that JSON).
+- ``kernels``: per-shape timing of bf16 cuBLAS, torch's tinygemm int4 op, the engine's current int4
+  choice and a grid of candidates (old and new Triton kernels, de-quantize + cuBLAS), each inside a CUDA
+  graph over weight copies that do not fit in L2; writes the fastest correct path per shape to
+  ``--configs-out`` (the engine reads that JSON) after every linear.
+- ``smoke``: the orchestrator's path without Ray on small checkpoints (``--smoke-dir`` with ``fp`` and
+  ``rtn``): TorchBackend build -> load (KV cache from the profile options) -> profile_engine -> lm-eval.
 - ``e2e``: method x batch -> output tok/s (batch x output_len / end-to-end, prefill included), decode
   tok/s, TTFT, inter-token latency, peak memory, and % of the bandwidth roofline (bytes a decode step
   must read / the device-to-device copy bandwidth measured here).  Each method runs in its own process,
@@ -111,17 +115,6 @@ def numerical_check(batch_sizes: list[int], input_len: int, out_dir: Path) -> li
 
 
 # ---------------------------------------------------------------------------------------- kernel sweep
-
-
-def _bench(fn) -> float:
-    """Median ms of fn (Triton's do_bench: L2 flushed before every call, CUDA events)."""
-    import triton
-
-    try:
-        return triton.testing.do_bench(fn, warmup=5, rep=25, return_mode="median")
-    except Exception as exc:  # a config that does not compile or fit counts as infinitely slow
-        print(f"    config failed: {type(exc).__name__}: {str(exc)[:120]}")
-        return float("inf")
 
 
 def _bench_graph(call, copies: int, reps: int = 4) -> float:

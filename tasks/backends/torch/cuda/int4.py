@@ -10,16 +10,20 @@ holds the *integer* zero point (0..15, exact in bf16) so that ``w = (q - zero) *
 arithmetic as compressed-tensors' ``(q - zp) * s`` (a symmetric checkpoint has zero 8 everywhere).
 
 Kernels (CUDA, Triton), chosen per (M, N, K) from ``int4_configs.json`` (written on an H100 by
-``bench/gpu_benchmark.py --mode kernels``; heuristics fill shapes it lacks):
-- M == 1: a split-K GEMV that keeps a [16, BLOCK_N] fp32 accumulator of ``(q - zero) * x`` per group and
-  applies the group's scale once per group, partial sums combined by fp32 atomics.
-- 2 <= M <= ``GEMM_MAX_M``: a tensor-core GEMM (``tl.dot`` on the K=16 slices, or one K=128 dot per block),
-  split-K for small M; or, where the sweep found it faster (M >= 128 on the H100), de-quantize + cuBLAS.
+``bench/gpu_benchmark.py --mode kernels``, which times every candidate inside CUDA graphs with weights cold
+in L2, as the decode step runs them; heuristics fill shapes it lacks):
+- M == 1: a split-K GEMV (fp32 atomics) keeping a [16, BLOCK_N] accumulator per group, or
+  :func:`_gemv2_kernel` (zero point folded out per group, several K blocks per load).
+- 2 <= M <= ``GEMM_MAX_M``: a tensor-core GEMM (``tl.dot`` on K=16 slices, split-K for small M), or
+  :func:`_tc_kernel` (the whole 128-deep block unpacked at once, nibbles turned into bf16 by one OR with
+  the bits of 128.0, zero point folded out after the dot), or de-quantize + cuBLAS where that measured
+  fastest.
 - larger M (prefill): de-quantize the weight to bf16 once (a 4-bit read and a 16-bit write) and use cuBLAS;
   at M in the thousands the matmul is compute-bound and cuBLAS beats any dequantizing kernel.
-torch's tinygemm (``aten._weight_int4pack_mm``) was faster than these kernels at M <= 8 on the H100
-(e.g. 10.7 vs 26.7 us for 4096x4096 at M=1) but 2-10x slower than bf16 from M=16 up, and it needs its own
-weight layout: keeping both layouts would cost the memory int4 is meant to save, so it is not used.
+torch's tinygemm (``aten._weight_int4pack_mm``) is faster than these kernels at M <= 4 on the H100 (graph-
+timed: 16 vs 20 us for 4096x12288 at M=1, 7 vs 10 us for 4096x4096) but 1.5-5x slower than them from
+M=8-16 up, and it needs its own opaque weight layout: keeping both layouts would cost the memory int4 is
+meant to save, so it is not used.
 CPU (and any device without Triton) runs the pure-PyTorch reference, which the tests compare against.
 
 ``torch.ops.quantsweep.w4a16_mm`` is a custom op, so ``torch.compile`` treats it as one opaque call and
