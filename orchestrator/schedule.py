@@ -103,8 +103,13 @@ def fresh_process(node: Node) -> bool:
 
 def _remote_execute(node: Node, cfg: dict[str, Any], board: Any, *upstream: dict[str, Any]) -> dict[str, Any]:
     """Body of the Ray task; upstream results arrive resolved (Ray waited for them)."""
+    import ray
+    import torch
+
     from orchestrator.execute import execute_node
 
+    # As many compute threads as CPUs Ray gave this task: oversubscribed cores slow torch down 10x+.
+    torch.set_num_threads(max(1, int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1))))
     return execute_node(node, list(upstream), cfg, on_start=lambda: board.started.remote(node.key))
 
 

@@ -121,6 +121,8 @@ def quantize(checkpoint_dir: Path, out_dir: Path, method: dict[str, Any], seed: 
     ``method`` is the Hydra MethodConfig as a dict (name, algorithm, bits, group_size, symmetric,
     dtype, calibration {dataset, num_samples, seq_len}, ignore, options).  ``seed`` picks the
     calibration windows and seeds torch.  The returned dict is also stored as ``quantsweep_quant.json``.
+    Runs with torch's current thread count: on a shared CPU host the caller should set it to the
+    cores the task owns (two OpenMP threads on an oversubscribed 2-core host made GPTQ 10-100x slower).
     """
     checkpoint_dir, out_dir = Path(checkpoint_dir), Path(out_dir)
     spec = _normalize_method(method)
