@@ -147,7 +147,10 @@ def _lost_task_row(node: Node, cfg: dict[str, Any], err: BaseException, status: 
            "shard": node.labels.get("shard"), "subjects": node.labels.get("subjects"),
            "upstream_keys": list(node.upstream), "started_at": now, "finished_at": now,
            "versions_json": str(versions())}
-    ResultStore(cfg["store"]["uri"]).write("runs", node.key, [row])
+    store = ResultStore(cfg["store"]["uri"])
+    for table in ("mmlu_predictions", "throughput", "memory"):
+        store.delete(table, node.key)  # rows a dying worker may have written before its runs row
+    store.write("runs", node.key, [row])
     return {"node_key": node.key, "kind": node.kind, "status": status, "error": row["error"],
             "artifact_uri": None, "result_json": "{}"}
 
