@@ -163,3 +163,19 @@ def test_kill_driver_and_resume(tmp_path: Path, mmlu_dir: Path) -> None:
     throughput = store.read("throughput").to_pandas()
     assert throughput["node_key"].is_unique and len(throughput) == 12
     assert not [p for p in store_dir.rglob(".tmp-*")], "a temporary file survived the rerun"
+
+
+def test_hydra_multirun_runs_one_sweep_per_value_into_one_store(tmp_path: Path) -> None:
+    store_dir = tmp_path / "store"
+    result = subprocess.run([sys.executable, "-m", "orchestrator.cli", "-m", *TINY, f"store.uri={store_dir}",
+                             "sweep.methods=[fp16]", "sweep.stages=[profile]", "sweep.batch_sizes=[1]",
+                             "sweep.input_len=8,16"], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Launching 2 jobs locally" in result.stdout + result.stderr
+    store = ResultStore(str(store_dir))
+    throughput = store.read("throughput").to_pandas()
+    assert sorted(throughput["input_len"]) == [8, 16]
+    runs = store.read("runs").to_pandas()
+    # the model and its fp16 quantize node are shared by both jobs; each input length has its own engine shape
+    assert (runs.kind == "model").sum() == 1 and (runs.kind == "quantize").sum() == 1
+    assert (runs.kind == "build").sum() == 2 and (runs.kind == "sweep").sum() == 2
