@@ -7,7 +7,7 @@ knows whether PyTorch or TensorRT-LLM is underneath, and a new engine plugs in b
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
