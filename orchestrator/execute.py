@@ -142,7 +142,7 @@ def _run_evaluate(node: Node, upstream: list[dict], cfg: dict, device: str) -> t
     from tasks.evaluate import evaluate_mmlu
 
     ev = node.config["eval"]
-    engine = _load_engine(node, upstream, cfg, device)
+    engine = _load_engine(node, upstream, cfg, device, {"purpose": "evaluate"})
     try:
         rows = evaluate_mmlu(engine.lm_eval_model(ev["batch_size"]), node.config["subjects"],
                              mmlu_dir=Path(ev["mmlu_dir"]) if ev["mmlu_dir"] else None,
@@ -165,7 +165,7 @@ def _run_profile(node: Node, upstream: list[dict], cfg: dict, device: str) -> tu
     c = node.config
     # Size the KV cache for this cell's batch x (input + output), so peak memory is comparable across
     # batch sizes (engines would otherwise pre-allocate for the largest batch or most free memory).
-    engine = _load_engine(node, upstream, cfg, device, {"kv_cache_batch_size": c["batch_size"],
+    engine = _load_engine(node, upstream, cfg, device, {"purpose": "profile", "kv_cache_batch_size": c["batch_size"],
                                                          "kv_cache_input_len": c["input_len"],
                                                          "kv_cache_output_len": c["output_len"]})
     try:

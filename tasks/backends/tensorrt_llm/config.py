@@ -66,6 +66,8 @@ class TensorRTLLMOptions:
     kv_cache_batch_size: int | None = None
     kv_cache_input_len: int | None = None
     kv_cache_output_len: int | None = None
+    #: what the orchestrator loads the engine for ("evaluate" | "profile"); one engine serves both here.
+    purpose: str | None = None
     #: "modelopt": AWQ is calibrated by NVIDIA ModelOpt from the fp16 checkpoint (TensorRT-LLM's own
     #: recipe, symmetric int4 + pre-quant scale); "checkpoint": the quantize task's compressed-tensors
     #: AWQ checkpoint (asymmetric, scales folded) is converted like GPTQ.

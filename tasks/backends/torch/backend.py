@@ -1,8 +1,8 @@
 """The PyTorch backend: no separate engine format, so ``build`` records what ``load`` will run.
 
 On CUDA devices ``load`` returns the fast engine (static KV cache, CUDA graphs, int4 kernels,
-:mod:`tasks.backends.torch.cuda`); everywhere else, and whenever ``options.engine=hf`` is set, the
-transformers reference engine (:mod:`tasks.backends.torch.hf_engine`).
+:mod:`tasks.backends.torch.cuda`) for profiling; everywhere else, for MMLU evaluation, and whenever
+``options.engine=hf`` is set, the transformers reference engine (:mod:`tasks.backends.torch.hf_engine`).
 """
 from __future__ import annotations
 
@@ -31,7 +31,10 @@ class TorchBackend(Backend):
         manifest = json.loads((engine_dir / MANIFEST).read_text())
         checkpoint_dir = Path(manifest["checkpoint_dir"])
         options = {**manifest["options"], **options, "shape": manifest["shape"], "method": manifest["method"]}
-        if device.startswith("cuda") and options.get("engine", "fast") == "fast":
+        # Accuracy runs go through transformers (lm-eval's HFLM) anyway: loading the fast engine too would
+        # only cost a second copy of the weights, a KV cache and a compilation.
+        fast = options.get("engine", "fast") == "fast" and options.get("purpose") != "evaluate"
+        if device.startswith("cuda") and fast:
             from tasks.backends.torch.cuda.engine import load_cuda_engine
 
             return load_cuda_engine(checkpoint_dir, device, options)
