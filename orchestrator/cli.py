@@ -35,7 +35,11 @@ def run(cfg: Config | DictConfig) -> int:
         print(f"quantsweep: invalid configuration: {err}", file=sys.stderr)
         return 2
     plan = plan_sweep(resolved)
-    outcome = run_sweep(plan, resolved)
+    try:
+        outcome = run_sweep(plan, resolved)
+    except ConfigError as err:  # the cluster cannot run the plan (checked before any task is submitted)
+        print(f"quantsweep: invalid configuration: {err}", file=sys.stderr)
+        return 2
     print_summary(outcome, resolved)
     # 3: the sweep finished but some cells failed (their rows say why); 2: invalid configuration.
     return 0 if outcome.all_ok else 3

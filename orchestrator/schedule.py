@@ -96,6 +96,27 @@ def task_options(node: Node, cluster: dict[str, Any], cluster_gpus: float) -> di
     return options
 
 
+def check_cluster_can_run(nodes: list[Node], cluster: dict[str, Any], resources: dict[str, float]) -> None:
+    """Fail before submitting anything when GPU tasks would wait forever for resources no node has."""
+    from orchestrator.validate import ConfigError
+
+    if not any(n.needs_gpu for n in nodes):
+        return
+    accelerators = sorted(k.split(":", 1)[1] for k in resources if k.startswith("accelerator_type:"))
+    gpus = cluster.get("gpus_per_task")
+    if gpus and resources.get("GPU", 0) < gpus:
+        raise ConfigError("cluster.gpus_per_task", f"{gpus} GPU(s) per task, but the Ray cluster has "
+                          f"{resources.get('GPU', 0):g} GPUs", ("null (use GPUs when present)", 0))
+    wanted = cluster.get("accelerator_type")
+    if wanted and wanted not in accelerators:
+        raise ConfigError("cluster.accelerator_type", f"no node of the Ray cluster has accelerator {wanted!r}",
+                          accelerators + ["null (any GPU)"])
+    for name, amount in (cluster.get("resources") or {}).items():
+        if resources.get(name, 0) < amount:
+            raise ConfigError(f"cluster.resources.{name}", f"the Ray cluster offers {resources.get(name, 0):g}",
+                              sorted(k for k in resources if not k.startswith(("node:", "accelerator_type:"))))
+
+
 def fresh_process(node: Node) -> bool:
     """Cells that load models run in a fresh worker (``max_calls=1``): clean GPU memory and memory peaks."""
     return node.kind in ("quantize", "evaluate", "profile")
@@ -211,6 +232,7 @@ def _run_nodes(plan: SweepPlan, cfg: dict[str, Any]) -> SweepOutcome:
 
     _init_ray(cfg["cluster"])
     cluster_gpus = ray.cluster_resources().get("GPU", 0)
+    check_cluster_can_run(to_run, cfg["cluster"], ray.cluster_resources())
     remotes = {True: ray.remote(max_calls=1)(_remote_execute), False: ray.remote(_remote_execute)}
     board = _progress_board()
     cfg_ref = ray.put(cfg)

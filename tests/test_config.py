@@ -81,3 +81,13 @@ def test_cli_help_and_cfg_job_work_like_any_hydra_app(tmp_path: Path) -> None:
     assert helped.returncode == 0 and "experiment: cpu_demo, llama2_7b_l40" in helped.stdout
     job = _cli(["--cfg", "job", "sweep.batch_sizes=[1,8]"], tmp_path)
     assert job.returncode == 0 and "batch_sizes:\n  - 1\n  - 8" in job.stdout
+
+
+@pytest.mark.slow
+def test_cluster_without_the_accelerator_fails_before_any_task(tmp_path: Path, mmlu_dir: Path) -> None:
+    store = tmp_path / "store"
+    result = _cli([*TINY, f"store.uri={store}", f"eval.mmlu_dir={mmlu_dir}", "cluster.accelerator_type=L40",
+                   "sweep.stages=[profile]", "sweep.methods=[fp16]"], tmp_path)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "cluster.accelerator_type: no node of the Ray cluster has accelerator 'L40'" in result.stderr
+    assert not (store / "runs").exists()  # no node ran, not even the CPU ones
