@@ -76,7 +76,12 @@ def _random_llama(shape: dict[str, Any], out_dir: Path, dtype: torch.dtype) -> N
         max_position_embeddings=shape["max_position_embeddings"], bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False)
     torch.manual_seed(shape["seed"])
-    model = LlamaForCausalLM(config).to(dtype).eval()
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # build in the target dtype: a 7B shape in fp32 first would need 27 GB
+    try:
+        model = LlamaForCausalLM(config).eval()
+    finally:
+        torch.set_default_dtype(previous)
     model.config.architectures = ["LlamaForCausalLM"]
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
