@@ -153,8 +153,25 @@ def _progress_board() -> Any:
     return ProgressBoard.remote()
 
 
+def _upstream_lost(node: Node, refs: dict[str, Any], outcome: SweepOutcome) -> bool:
+    """Did ``node`` fail only because Ray lost one of its upstream tasks (its error is the upstream's)?"""
+    import ray
+
+    for key in node.upstream:
+        if key in outcome.results:
+            if outcome.results[key]["status"] != "ok":
+                return True
+        elif key in refs:
+            try:  # a downstream task fails on its inputs only after they failed: this returns at once
+                ray.get(refs[key], timeout=0)
+            except Exception:  # noqa: BLE001 - any error of the upstream task means the same here
+                return True
+    return False
+
+
 def _lost_task_row(node: Node, cfg: dict[str, Any], err: BaseException, status: str) -> dict[str, Any]:
     """Record a node Ray could not run (worker died after retries, killed by Ray's OOM monitor)."""
+    import json
     from datetime import datetime, timezone
 
     from orchestrator.execute import versions
@@ -166,8 +183,9 @@ def _lost_task_row(node: Node, cfg: dict[str, Any], err: BaseException, status: 
            "model": node.labels.get("model"), "method": node.labels.get("method"),
            "backend": node.labels.get("backend"), "batch_size": node.labels.get("batch_size"),
            "shard": node.labels.get("shard"), "subjects": node.labels.get("subjects"),
+           "config_json": json.dumps(node.config, sort_keys=True, default=str),
            "upstream_keys": list(node.upstream), "started_at": now, "finished_at": now,
-           "versions_json": str(versions())}
+           "versions_json": json.dumps(versions(), sort_keys=True)}
     store = ResultStore(cfg["store"]["uri"])
     for table in ("mmlu_predictions", "throughput", "memory"):
         store.delete(table, node.key)  # rows a dying worker may have written before its runs row
@@ -256,9 +274,7 @@ def _run_nodes(plan: SweepPlan, cfg: dict[str, Any]) -> SweepOutcome:
                 except OutOfMemoryError as err:
                     result = _lost_task_row(node, cfg, err, "oom")
                 except RayError as err:
-                    upstream_lost = [k for k in node.upstream
-                                     if k in outcome.results and outcome.results[k]["status"] != "ok"]
-                    status = "skipped" if upstream_lost else "failed"
+                    status = "skipped" if _upstream_lost(node, refs, outcome) else "failed"
                     result = _lost_task_row(node, cfg, err, status)
                 outcome.results[node.key] = result
                 outcome.ran.add(node.key)
