@@ -31,13 +31,9 @@ def run(cfg: Config | DictConfig) -> int:
 
     try:
         resolved = validate(cfg)
+        # run_sweep also raises ConfigError when the cluster cannot run the plan, before submitting anything
+        outcome = run_sweep(plan_sweep(resolved), resolved)
     except ConfigError as err:
-        print(f"quantsweep: invalid configuration: {err}", file=sys.stderr)
-        return 2
-    plan = plan_sweep(resolved)
-    try:
-        outcome = run_sweep(plan, resolved)
-    except ConfigError as err:  # the cluster cannot run the plan (checked before any task is submitted)
         print(f"quantsweep: invalid configuration: {err}", file=sys.stderr)
         return 2
     print_summary(outcome, resolved)

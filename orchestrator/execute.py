@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from orchestrator.plan import Node
-from orchestrator.schema import SCHEMA_VERSION
+from orchestrator.schema import DATA_TABLES, SCHEMA_VERSION
 from orchestrator.store import ResultStore
 
 _VERSIONED = ("quantsweep", "torch", "transformers", "lm_eval", "ray", "pyarrow", "hydra-core",
@@ -202,6 +202,15 @@ def _where() -> dict[str, Any]:
     return where
 
 
+def node_run_row(node: Node, cfg: dict, status: str, error: str | None) -> dict[str, Any]:
+    """The ``runs`` columns every node's row has, whether it ran here or Ray lost it."""
+    return {"schema_version": SCHEMA_VERSION, "sweep_name": cfg["sweep"]["name"], "node_key": node.key,
+            "kind": node.kind, "status": status, "error": error,
+            **{k: node.labels.get(k) for k in ("model", "method", "backend", "batch_size", "shard", "subjects")},
+            "config_json": json.dumps(node.config, sort_keys=True, default=str),
+            "upstream_keys": list(node.upstream), "versions_json": json.dumps(versions(), sort_keys=True)}
+
+
 def execute_node(node: Node, upstream: list[dict], cfg: dict, attempt: int = 1,
                  on_start: Callable[[], None] | None = None) -> dict[str, Any]:
     """Run ``node`` (unless an upstream node did not succeed), commit its rows, return its summary."""
@@ -229,25 +238,19 @@ def execute_node(node: Node, upstream: list[dict], cfg: dict, attempt: int = 1,
     from tasks.gpu_metrics import device_info
 
     info = device_info(device)
-    key_columns = {"schema_version": SCHEMA_VERSION, "sweep_name": cfg["sweep"]["name"], "node_key": node.key}
-    for table in ("mmlu_predictions", "throughput", "memory"):
+    row = node_run_row(node, cfg, status, error)
+    for table in DATA_TABLES:
         if table in tables:
-            store.write(table, node.key, [{**key_columns, **row} for row in tables[table]])
+            keys = {k: row[k] for k in ("schema_version", "sweep_name", "node_key")}
+            store.write(table, node.key, [{**keys, **r} for r in tables[table]])
         else:  # a rerun that failed must not leave an earlier attempt's rows behind
             store.delete(table, node.key)
     finished = datetime.now(timezone.utc)
     run_row = {
-        **key_columns, "kind": node.kind, "status": status, "error": error,
-        "model": node.labels.get("model"), "method": node.labels.get("method"),
-        "backend": node.labels.get("backend"), "batch_size": node.labels.get("batch_size"),
-        "shard": node.labels.get("shard"), "subjects": node.labels.get("subjects"),
-        "config_json": json.dumps(node.config, sort_keys=True, default=str),
-        "upstream_keys": list(node.upstream), "artifact_uri": artifact,
-        "result_json": json.dumps(result, sort_keys=True, default=str),
+        **row, "artifact_uri": artifact, "result_json": json.dumps(result, sort_keys=True, default=str),
         **where, "gpu_name": info.get("gpu_name"), "gpu_pci_bus_id": info.get("gpu_pci_bus_id"),
         "device": device, "started_at": started, "finished_at": finished,
         "duration_s": (finished - started).total_seconds(), "attempt": attempt,
-        "versions_json": json.dumps(versions(), sort_keys=True),
     }
     store.write("runs", node.key, [run_row])  # the commit marker: written last
     return {"node_key": node.key, "kind": node.kind, "status": status, "error": error,

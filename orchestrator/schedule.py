@@ -10,16 +10,22 @@ nodes below it are marked skipped.
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
+import socket
 import time
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from orchestrator.plan import Node, SweepPlan
+from orchestrator.execute import execute_node, node_run_row, versions
+from orchestrator.plan import Node, SweepPlan, node_key
 from orchestrator.progress import SweepProgress
+from orchestrator.schema import DATA_TABLES, SCHEMA_VERSION
 from orchestrator.store import ResultStore
+from orchestrator.validate import ConfigError
 
 log = logging.getLogger("quantsweep")
 
@@ -98,8 +104,6 @@ def task_options(node: Node, cluster: dict[str, Any], cluster_gpus: float) -> di
 
 def check_cluster_can_run(nodes: list[Node], cluster: dict[str, Any], resources: dict[str, float]) -> None:
     """Fail before submitting anything when GPU tasks would wait forever for resources no node has."""
-    from orchestrator.validate import ConfigError
-
     if not any(n.needs_gpu for n in nodes):
         return
     accelerators = sorted(k.split(":", 1)[1] for k in resources if k.startswith("accelerator_type:"))
@@ -126,8 +130,6 @@ def _remote_execute(node: Node, cfg: dict[str, Any], board: Any, *upstream: dict
     """Body of the Ray task; upstream results arrive resolved (Ray waited for them)."""
     import ray
     import torch
-
-    from orchestrator.execute import execute_node
 
     # As many compute threads as CPUs Ray gave this task: oversubscribed cores slow torch down 10x+.
     torch.set_num_threads(max(1, int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1))))
@@ -171,23 +173,11 @@ def _upstream_lost(node: Node, refs: dict[str, Any], outcome: SweepOutcome) -> b
 
 def _lost_task_row(node: Node, cfg: dict[str, Any], err: BaseException, status: str) -> dict[str, Any]:
     """Record a node Ray could not run (worker died after retries, killed by Ray's OOM monitor)."""
-    import json
-    from datetime import datetime, timezone
-
-    from orchestrator.execute import versions
-    from orchestrator.schema import SCHEMA_VERSION
-
     now = datetime.now(timezone.utc)
-    row = {"schema_version": SCHEMA_VERSION, "sweep_name": cfg["sweep"]["name"], "node_key": node.key,
-           "kind": node.kind, "status": status, "error": f"{type(err).__name__}: {str(err)[:3000]}",
-           "model": node.labels.get("model"), "method": node.labels.get("method"),
-           "backend": node.labels.get("backend"), "batch_size": node.labels.get("batch_size"),
-           "shard": node.labels.get("shard"), "subjects": node.labels.get("subjects"),
-           "config_json": json.dumps(node.config, sort_keys=True, default=str),
-           "upstream_keys": list(node.upstream), "started_at": now, "finished_at": now,
-           "versions_json": json.dumps(versions(), sort_keys=True)}
+    row = {**node_run_row(node, cfg, status, f"{type(err).__name__}: {str(err)[:3000]}"),
+           "started_at": now, "finished_at": now}
     store = ResultStore(cfg["store"]["uri"])
-    for table in ("mmlu_predictions", "throughput", "memory"):
+    for table in DATA_TABLES:
         store.delete(table, node.key)  # rows a dying worker may have written before its runs row
     store.write("runs", node.key, [row])
     return {"node_key": node.key, "kind": node.kind, "status": status, "error": row["error"],
@@ -200,14 +190,6 @@ def _record_sweep(cfg: dict[str, Any], outcome: SweepOutcome, started: Any) -> N
     The report reads the experiment, the expected grid and the eval settings from it; its key depends
     only on the config, so a resumed sweep replaces its row instead of adding one.
     """
-    import json
-    import socket
-    from datetime import datetime, timezone
-
-    from orchestrator.execute import versions
-    from orchestrator.plan import node_key
-    from orchestrator.schema import SCHEMA_VERSION
-
     described = {k: cfg[k] for k in ("experiment", "model", "methods", "backend", "cluster", "eval", "sweep")}
     described["methods"] = {m: cfg["methods"][m] for m in cfg["sweep"]["methods"]}
     statuses = [r["status"] for r in outcome.results.values()]
@@ -225,8 +207,6 @@ def _record_sweep(cfg: dict[str, Any], outcome: SweepOutcome, started: Any) -> N
 
 
 def run_sweep(plan: SweepPlan, cfg: dict[str, Any]) -> SweepOutcome:
-    from datetime import datetime, timezone
-
     started = datetime.now(timezone.utc)
     outcome = _run_nodes(plan, cfg)
     _record_sweep(cfg, outcome, started)

@@ -110,6 +110,9 @@ MEMORY = pa.schema(_KEY_COLUMNS + [
     pa.field("method_note", pa.string()),
 ])
 
+#: Tables a node fills before its ``runs`` row (which commits them).
+DATA_TABLES = ("mmlu_predictions", "throughput", "memory")
+
 TABLES: dict[str, pa.Schema] = {
     "runs": RUNS,
     "mmlu_predictions": MMLU_PREDICTIONS,

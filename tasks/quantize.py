@@ -104,13 +104,13 @@ from typing import Any, Iterator
 import torch
 
 from tasks.calibration import calibration_fingerprint, calibration_samples
+from tasks.models import DTYPES
 
 #: Written last into ``out_dir``; its presence marks a complete artifact.
 MARKER = "quantsweep_quant.json"
 FORMAT_INT4 = "compressed-tensors/pack-quantized"
 FORMAT_HF = "hf"
 ALGORITHMS = ("none", "rtn", "awq", "gptq")
-_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 #: ``method.options`` keys quantize() consumes itself; the others go to the algorithm's modifier.
 _OWN_OPTIONS = ("calibration_dtype",)
 
@@ -141,14 +141,14 @@ def quantize(checkpoint_dir: Path, out_dir: Path, method: dict[str, Any], seed: 
     torch.manual_seed(seed)
     tokenizer = AutoTokenizer.from_pretrained(checkpoint_dir)
     samples = calibration_samples(tokenizer, spec["calibration"], seed)
-    calib_dtype = _DTYPES[spec["options"].get("calibration_dtype", "float32")]
+    calib_dtype = DTYPES[spec["options"].get("calibration_dtype", "float32")]
     model = AutoModelForCausalLM.from_pretrained(checkpoint_dir, dtype=calib_dtype)
     t_calib = time.perf_counter()
     _run_oneshot(model, tokenizer, samples, spec)
     calibrate_s = time.perf_counter() - t_calib
 
-    model.to(_DTYPES[spec["dtype"]])
-    model.config.dtype = _DTYPES[spec["dtype"]]
+    model.to(DTYPES[spec["dtype"]])
+    model.config.dtype = DTYPES[spec["dtype"]]
     model.save_pretrained(out_dir, save_compressed=True)
     tokenizer.save_pretrained(out_dir)
     result = {
@@ -252,8 +252,8 @@ def _normalize_method(method: dict[str, Any]) -> dict[str, Any]:
     spec["calibration"].setdefault("seq_len", 256)
     if spec["algorithm"] not in ALGORITHMS:
         raise ValueError(f"method.algorithm must be one of {ALGORITHMS}, got {spec['algorithm']!r}")
-    if spec["dtype"] not in _DTYPES:
-        raise ValueError(f"method.dtype must be one of {sorted(_DTYPES)}, got {spec['dtype']!r}")
+    if spec["dtype"] not in DTYPES:
+        raise ValueError(f"method.dtype must be one of {sorted(DTYPES)}, got {spec['dtype']!r}")
     if spec["algorithm"] == "none":
         if spec["bits"] != 16:
             raise ValueError(f"method.algorithm 'none' keeps the weights in {spec['dtype']}; bits must be 16")
@@ -265,8 +265,8 @@ def _normalize_method(method: dict[str, Any]) -> dict[str, Any]:
     if spec["options"].get("actorder") not in (None, False):
         raise ValueError("method.options.actorder must be null/false: TensorRT-LLM's int4 kernels cannot "
                          "run act-order (permuted group) GPTQ checkpoints")
-    if spec["options"].get("calibration_dtype", "float32") not in _DTYPES:
-        raise ValueError(f"method.options.calibration_dtype must be one of {sorted(_DTYPES)}")
+    if spec["options"].get("calibration_dtype", "float32") not in DTYPES:
+        raise ValueError(f"method.options.calibration_dtype must be one of {sorted(DTYPES)}")
     return spec
 
 

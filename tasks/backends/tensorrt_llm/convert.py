@@ -47,11 +47,11 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from tasks.backends.tensorrt_llm.config import QuantPlan
+from tasks.models import DTYPES
 
 #: Turns a packed int4 [K, N/2] int8 tensor into TensorRT-LLM's GEMM layout (GPU-arch specific).
 WeightPreprocessor = Callable[[torch.Tensor], torch.Tensor]
 
-_TORCH_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 _LINEAR_NAMES = {  # HF suffix -> TensorRT-LLM suffix, per decoder layer
     "self_attn.o_proj": "attention.dense",
     "mlp.gate_proj": "mlp.fc",
@@ -317,7 +317,7 @@ def convert_checkpoint(src_dir: Path, out_dir: Path, plan: QuantPlan, dtype: str
                                         f"has_zero_point={plan.has_zero_point}")
         if weight_layout == "trtllm" and preprocess is None:
             raise ValueError("weight_layout='trtllm' needs the TensorRT-LLM weight preprocessor")
-    tdtype = _TORCH_DTYPES[dtype]
+    tdtype = DTYPES[dtype]
     cfg = checkpoint_config(src.config, plan, dtype, logits_dtype)
     weights: dict[str, torch.Tensor] = {}
     counts = {"q": 0, "d": 0}
