@@ -94,7 +94,7 @@ def numerical_check(batch_sizes: list[int], input_len: int, out_dir: Path) -> li
             torch.manual_seed(1000 * m + k + n)
             _, qweight, scales, zeros = random_int4(k, n)
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-            out = torch.ops.quantsweep.w4a16_mm(x, qweight, scales, zeros, k)
+            out = int4.w4a16_mm(x, qweight, scales, zeros, k)
             torch.cuda.synchronize()
             w = int4.dequantize(qweight, scales, zeros, k)  # fp32 [N, K], exact
             ref = x.float() @ w.t()
@@ -111,6 +111,36 @@ def numerical_check(batch_sizes: list[int], input_len: int, out_dir: Path) -> li
     print(f"numerical check: {sum(r['pass'] for r in rows)}/{len(rows)} shapes pass (rel err < 1e-2); "
           f"worst int4 rel err {worst:.2e}; bf16 dense on the same weights: "
           f"{max(r['rel_err_bf16_dense'] for r in rows):.2e}")
+    return rows
+
+
+def attention_check(batch_sizes: list[int], cache_len: int, out_dir: Path) -> list[dict]:
+    """The decode-attention kernel vs the fp32 reference (and its cache write) for every batch size, at a
+    few positions including the first and the last slot of the cache; fresh random caches each time."""
+    from tasks.backends.torch.cuda.attention import _cuda_decode_attention, decode_attention_reference
+
+    a = llama2_7b_args()
+    rows = []
+    for b in batch_sizes:
+        for pos in (0, cache_len // 2 + 3, cache_len - 1):
+            torch.manual_seed(b * 7919 + pos)
+            q = torch.randn(b, a.n_heads, a.head_dim, device="cuda", dtype=torch.bfloat16)
+            kn, vn = (torch.randn(b, a.n_kv_heads, a.head_dim, device="cuda", dtype=torch.bfloat16) for _ in "kv")
+            kc = torch.randn(b, a.n_kv_heads, cache_len, a.head_dim, device="cuda", dtype=torch.bfloat16)
+            vc = torch.randn_like(kc)
+            kc_ref, vc_ref = kc.clone(), vc.clone()
+            p = torch.tensor([pos], device="cuda")
+            out = _cuda_decode_attention(q, kn, vn, kc, vc, p)
+            ref = decode_attention_reference(q.float(), kn.float(), vn.float(), kc_ref.float(), vc_ref.float(), p)
+            rel = ((out.float() - ref).norm() / ref.norm()).item()
+            cache_ok = torch.equal(kc.float(), kc_ref) and torch.equal(vc.float(), vc_ref)
+            rows.append({"batch": b, "pos": pos, "cache_len": cache_len, "rel_err": rel, "cache_written": cache_ok,
+                         "pass": bool(torch.isfinite(out).all()) and rel < 1e-2 and cache_ok})
+            del q, kn, vn, kc, vc, kc_ref, vc_ref
+    torch.cuda.empty_cache()
+    _write(rows, out_dir / "attention_check")
+    print(f"attention check: {sum(r['pass'] for r in rows)}/{len(rows)} cases pass (rel err < 1e-2, cache "
+          f"written exactly); worst rel err {max(r['rel_err'] for r in rows):.2e}")
     return rows
 
 
@@ -167,12 +197,14 @@ def candidate_configs(m: int) -> list[tuple]:
     """int4 paths to try at M: ("gemv", BLOCK_N, split, warps) is the old M == 1 kernel; otherwise
     (BLOCK_M, BLOCK_N, split, warps, stages, variant), see ``int4.gemm_config``: 0 = old K=16-slice GEMM,
     2 = de-quantize + cuBLAS, 3 = tensor-core kernel with whole-block unpack (BLOCK_M >= 16, any M),
-    4 = CUDA-core GEMV (M == 1; BLOCK_M holds K blocks per iteration).
+    4 = CUDA-core GEMV (M == 1; BLOCK_M holds K blocks per iteration), 5 = the same with three instructions
+    per weight (``int4._gemv3_kernel``).
     """
     if m == 1:
-        grid: list[tuple] = [("gemv", bn, sp, 4) for bn in (64, 128, 256) for sp in (4, 8, 16)]
-        grid += [(gb, bn, sp, 4, 2, 4) for gb in (1, 2) for bn in (32, 64, 128) for sp in (1, 2, 4, 8)]
-        grid += [(16, bn, sp, 4, 2, 3) for bn in (32, 64, 128) for sp in (1, 2, 4, 8)]
+        grid: list[tuple] = [("gemv", bn, sp, 4) for bn in (64, 128) for sp in (8, 16)]
+        grid += [(gb, bn, sp, 4, 2, 4) for gb in (1, 2) for bn in (32, 64) for sp in (2, 4, 8)]
+        grid += [(16, 64, sp, 4, 2, 3) for sp in (2, 4, 8)]
+        grid += [(gb, bn, sp, 4, 2, 5) for gb in (1, 2, 4) for bn in (32, 64, 128) for sp in (1, 2, 4, 8, 16)]
         return grid
     grid = [(0, 0, 1, 0, 0, 2)]
     if m <= 16:
@@ -246,8 +278,9 @@ def kernel_sweep(ms: list[int], out_dir: Path, configs_out: Path | None) -> list
                 row["tinygemm_ms"] = _bench_graph(
                     lambda i: torch.ops.aten._weight_int4pack_mm(x, tgs[i][0], 128, tgs[i][1]), copies_q)
 
-            def op(i: int) -> torch.Tensor:
-                return torch.ops.quantsweep.w4a16_mm(x, weights[i][1], weights[i][2], weights[i][3], k)
+            def op(i: int) -> torch.Tensor:  # at M == 1 the engine fuses the split-K sum into the next kernel
+                split_op = torch.ops.quantsweep.w4a16_mm_split if m == 1 else int4.w4a16_mm
+                return split_op(x, weights[i][1], weights[i][2], weights[i][3], k)
 
             saved = dict(int4.TUNED)
             gemm_key = ("gemm", int4.m_bucket(m), n, k)
@@ -260,7 +293,8 @@ def kernel_sweep(ms: list[int], out_dir: Path, configs_out: Path | None) -> list
             for cfg in candidate_configs(m):
                 _set_config(m, n, k, cfg)
                 try:
-                    rel = ((op(0).float() - ref).norm() / ref.norm()).item()
+                    out = int4.w4a16_mm(x, weights[0][1], weights[0][2], weights[0][3], k)
+                    rel = ((out.float() - ref).norm() / ref.norm()).item()
                 except Exception as exc:
                     print(f"    {cfg} failed: {type(exc).__name__}: {str(exc)[:160]}")
                     continue
@@ -270,7 +304,7 @@ def kernel_sweep(ms: list[int], out_dir: Path, configs_out: Path | None) -> list
                 t = _bench_graph(op, copies_q)
                 if cfg[-1] == 2:
                     row["dequant_cublas_ms"] = t
-                elif cfg[-1] in (3, 4) and t < best_new[0]:
+                elif cfg[-1] in (3, 4, 5) and t < best_new[0]:
                     best_new = (t, cfg)
                 if t < best[0]:
                     best = (t, tuple(cfg))
@@ -309,8 +343,35 @@ def decode_bytes_per_step(model, batch: int, input_len: int, output_len: int) ->
     return weights + batch * (avg_context + 1) * kv_bytes_per_token(model.args)
 
 
+def decode_breakdown(gen: Generator, input_len: int, steps: int = 20, top: int = 12) -> list[dict]:
+    """Where a decode step's device time goes: torch.profiler over ``steps`` graph replays, kernels grouped
+    by name, microseconds per step (the replays write positions input_len.. onwards, inside the cache)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    gen.pos.fill_(input_len)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            gen.graph.replay()
+        torch.cuda.synchronize()
+    kernels: dict[str, list[float]] = {}
+    for e in prof.events():
+        if e.device_type.name == "CUDA":
+            kernels.setdefault(e.name, []).append(e.device_time_total if hasattr(e, "device_time_total")
+                                                  else e.cuda_time_total)
+    rows = [{"kernel": name[:90], "us_per_step": sum(t) / steps, "launches_per_step": len(t) / steps}
+            for name, t in kernels.items()]
+    rows.sort(key=lambda r: -r["us_per_step"])
+    total = sum(r["us_per_step"] for r in rows)
+    print(f"  decode step breakdown: {total:.0f} us of kernels per step, "
+          f"{sum(r['launches_per_step'] for r in rows):.0f} launches per step")
+    for r in rows[:top]:
+        print(f"    {r['us_per_step']:8.1f} us  x{r['launches_per_step']:5.0f}  {r['kernel']}")
+    return rows[:top]
+
+
 def run_method(method: str, batch_sizes: list[int], input_len: int, output_len: int, warmup: int,
-               repeats: int, bandwidth: float, compile_blocks: bool) -> list[dict]:
+               repeats: int, bandwidth: float, compile_blocks: bool, breakdown: bool = False) -> list[dict]:
     from tasks.gpu_metrics import MemorySampler
 
     print(RANDOM_NOTICE)
@@ -364,6 +425,8 @@ def run_method(method: str, batch_sizes: list[int], input_len: int, output_len: 
             "weights_gib": model.weight_bytes() / GIB,
             "gpu": torch.cuda.get_device_name(),
         }
+        if breakdown:
+            row["breakdown"] = decode_breakdown(gen, input_len)
         rows.append(row)
         print(f"[{method}] B={batch:3d}: {row['output_tok_s']:9.1f} out tok/s  {decode_tps:9.1f} decode tok/s  "
               f"TTFT {row['ttft_ms']:7.1f} ms  ITL {row['itl_median_ms']:6.2f} ms  "
@@ -381,7 +444,8 @@ def e2e(args, out_dir: Path, bandwidth: float) -> list[dict]:
         cmd = [sys.executable, __file__, "--mode", "method", "--method", method, "--out", str(out_dir),
                "--batch-sizes", args.batch_sizes, "--input-len", str(args.input_len),
                "--output-len", str(args.output_len), "--warmup", str(args.warmup), "--repeats", str(args.repeats),
-               "--bandwidth", str(bandwidth)] + (["--no-compile"] if args.no_compile else [])
+               "--bandwidth", str(bandwidth)] + (["--no-compile"] if args.no_compile else []) \
+            + (["--breakdown"] if args.breakdown else [])
         proc = subprocess.run(cmd)
         if proc.returncode != 0 or not part.exists():
             print(f"[{method}] FAILED (exit {proc.returncode})")
@@ -494,13 +558,14 @@ def main() -> None:
     p.add_argument("--bandwidth", type=float, default=0.0, help="bytes/s; measured when 0")
     p.add_argument("--configs-out", type=Path, default=None)
     p.add_argument("--no-compile", action="store_true")
+    p.add_argument("--breakdown", action="store_true", help="e2e: profile the decode step's kernels per batch")
     p.add_argument("--smoke-dir", type=Path, default=Path(".smoke"), help="fp/ and rtn/ checkpoints (smoke)")
     args = p.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
     if args.mode == "method":
         rows = run_method(args.method, batch_sizes, args.input_len, args.output_len, args.warmup, args.repeats,
-                          args.bandwidth, not args.no_compile)
+                          args.bandwidth, not args.no_compile, args.breakdown)
         (args.out / f"e2e_{args.method}.json").write_text(json.dumps(rows))
         return
     if args.mode == "smoke":
@@ -512,6 +577,7 @@ def main() -> None:
     print(f"device-to-device copy bandwidth: {bandwidth / 1e12:.3f} TB/s (bytes read + written, median of 20)")
     if args.mode in ("all", "check"):
         numerical_check(batch_sizes, args.input_len, args.out)
+        attention_check(batch_sizes, args.input_len + args.output_len, args.out)
     if args.mode == "kernels":
         kernel_sweep([int(m) for m in args.kernel_ms.split(",")], args.out, args.configs_out)
     if args.mode in ("all", "e2e"):

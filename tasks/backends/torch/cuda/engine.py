@@ -38,7 +38,7 @@ class CudaLlamaEngine(Engine):
         self.cache_shape, why = kv_cache_shape(options)
         self.kv_cache_policy = (f"static bf16 KV cache sized at load to {why}; a generation of another batch "
                                 "size, or longer, re-allocates it to batch x (input + output); decode attends "
-                                "over the whole static cache with a mask of the written positions")
+                                "only over the positions written so far (flash-decoding kernel)")
         self.generator = Generator(model, compile=bool(options.get("compile", True)),
                                    cuda_graph=bool(options.get("cuda_graph", True)))
         if self.cache_shape is not None:  # allocate, compile and capture now, not in the first timed call

@@ -12,7 +12,10 @@ arithmetic as compressed-tensors' ``(q - zp) * s`` (a symmetric checkpoint has z
 Kernels (CUDA, Triton), chosen per (M, N, K) from ``int4_configs.json`` (written on an H100 by
 ``bench/gpu_benchmark.py --mode kernels``, which times every candidate inside CUDA graphs with weights cold
 in L2, as the decode step runs them; heuristics fill shapes it lacks):
-- M == 1: a split-K GEMV (fp32 atomics) keeping a [16, BLOCK_N] accumulator per group, or
+Split-K kernels write each split's partial sums to its own slice of a [splits, M, N] fp32 output (no
+atomics: no zeroed buffer, no memset launch, deterministic sums); the sum over splits is fused by
+torch.compile into whatever consumes the product (at M == 1, the decode step at batch 1), or done by the op.
+- M == 1: a split-K GEMV keeping a [16, BLOCK_N] accumulator per group, or
   :func:`_gemv2_kernel` (zero point folded out per group, several K blocks per load).
 - 2 <= M <= ``GEMM_MAX_M``: a tensor-core GEMM (``tl.dot`` on K=16 slices, split-K for small M), or
   :func:`_tc_kernel` (the whole 128-deep block unpacked at once, nibbles turned into bf16 by one OR with
@@ -26,7 +29,7 @@ M=8-16 up, and it needs its own opaque weight layout: keeping both layouts would
 meant to save, so it is not used.
 CPU (and any device without Triton) runs the pure-PyTorch reference, which the tests compare against.
 
-``torch.ops.quantsweep.w4a16_mm`` is a custom op, so ``torch.compile`` treats it as one opaque call and
+``torch.ops.quantsweep.w4a16_mm_split`` is a custom op, so ``torch.compile`` treats it as one opaque call and
 CUDA-graph capture records the kernels it launches.
 """
 from __future__ import annotations
@@ -114,8 +117,16 @@ def quantize_rtn(weight: torch.Tensor, group_size: int, symmetric: bool = False
 if triton is not None:
 
     @triton.jit
+    def _store_split(out_ptr, offsets, acc, mask):
+        """Every kernel's epilogue: write this program's split-K partial sums into its own slice of the
+        [splits, M, N] output (fp32 when split, the activation dtype when not).  No atomics, so no zeroed
+        buffer and no separate memset launch, and the result is deterministic; the split sum is left to
+        the caller, where torch.compile fuses it into the next elementwise kernel."""
+        tl.store(out_ptr + offsets, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
     def _gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, N, K, n_groups, blocks_per_split,
-                     GROUP_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, ATOMIC: tl.constexpr):
+                     GROUP_SIZE: tl.constexpr, BLOCK_N: tl.constexpr):
         """out[n] (+)= sum_k x[k] * (q[k, n] - z) * s over this program's K blocks; x is one row."""
         pid_n = tl.program_id(0)
         pid_k = tl.program_id(1)
@@ -145,15 +156,12 @@ if triton is not None:
                 if (j + 1) % SLICES == 0:
                     acc2 += part * s[None, :]
         acc = tl.sum(acc2, axis=0)
-        if ATOMIC:
-            tl.atomic_add(out_ptr + offs_n, acc, mask=n_mask, sem="relaxed")
-        else:
-            tl.store(out_ptr + offs_n, acc.to(out_ptr.dtype.element_ty), mask=n_mask)
+        _store_split(out_ptr, pid_k * N + offs_n, acc, n_mask)
 
     @triton.jit
     def _gemm_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, M, N, K, n_groups, stride_xm, stride_om,
                      blocks_per_split, GROUP_SIZE: tl.constexpr, BLOCK_M: tl.constexpr,
-                     BLOCK_N: tl.constexpr, ATOMIC: tl.constexpr):
+                     BLOCK_N: tl.constexpr):
         """out[M, N] (+)= x[M, K] @ dequant(W)[K, N]: per 128-deep block, 8 tensor-core dots of K=16."""
         pid_n = tl.program_id(0)
         pid_m = tl.program_id(1)
@@ -186,17 +194,13 @@ if triton is not None:
                 part = tl.dot(x, w, part)
                 if (j + 1) % SLICES == 0:
                     acc += part * s[None, :]
-        out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
-        o_mask = m_mask[:, None] & n_mask[None, :]
-        if ATOMIC:
-            tl.atomic_add(out_ptrs, acc, mask=o_mask, sem="relaxed")
-        else:
-            tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=o_mask)
+        _store_split(out_ptr, pid_k * M * N + offs_m[:, None] * stride_om + offs_n[None, :], acc,
+                     m_mask[:, None] & n_mask[None, :])
 
     @triton.jit
     def _gemm128_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, M, N, K, n_groups, stride_xm, stride_om,
                         blocks_per_split, GROUP_SIZE: tl.constexpr, BLOCK_M: tl.constexpr,
-                        BLOCK_N: tl.constexpr, ATOMIC: tl.constexpr):
+                        BLOCK_N: tl.constexpr):
         """As :func:`_gemm_kernel`, but one K=128 tensor-core dot per block: row r of the [128, BLOCK_N]
         weight tile reads word row r % 16 (each word 8 times, from L1) and shifts by 4 * (r // 16)."""
         pid_n = tl.program_id(0)
@@ -231,17 +235,13 @@ if triton is not None:
                 s = tl.load(s_ptr + g[:, None] * N + offs_n[None, :], mask=ok, other=0.0).to(tl.float32)
                 c = tl.load(z_ptr + g[:, None] * N + offs_n[None, :], mask=ok, other=0.0).to(tl.float32) + 8388608.0
                 acc = tl.dot(x, ((qf - c) * s).to(x.dtype), acc)
-        out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
-        o_mask = m_mask[:, None] & n_mask[None, :]
-        if ATOMIC:
-            tl.atomic_add(out_ptrs, acc, mask=o_mask, sem="relaxed")
-        else:
-            tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=o_mask)
+        _store_split(out_ptr, pid_k * M * N + offs_m[:, None] * stride_om + offs_n[None, :], acc,
+                     m_mask[:, None] & n_mask[None, :])
 
     @triton.jit
     def _tc_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, M, N, K, n_groups, stride_xm, stride_om,
                    blocks_per_split, GROUP_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                   ATOMIC: tl.constexpr):
+                   ):
         """Tensor-core W4A16 for group sizes that are multiples of 128 (variant 3).
 
         Each 16-word slab is loaded once and widened in registers to the whole [128, BLOCK_N] K block
@@ -278,16 +278,12 @@ if triton is not None:
             s = tl.load(s_ptr + g * N + offs_n, mask=g_ok, other=0.0).to(tl.float32)
             c = tl.load(z_ptr + g * N + offs_n, mask=g_ok, other=0.0).to(tl.float32) + 128.0
             acc += (part - xs[:, None] * c[None, :]) * s[None, :]
-        out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
-        o_mask = m_mask[:, None] & n_mask[None, :]
-        if ATOMIC:
-            tl.atomic_add(out_ptrs, acc, mask=o_mask, sem="relaxed")
-        else:
-            tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=o_mask)
+        _store_split(out_ptr, pid_k * M * N + offs_m[:, None] * stride_om + offs_n[None, :], acc,
+                     m_mask[:, None] & n_mask[None, :])
 
     @triton.jit
     def _gemv2_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, N, K, blocks_per_split, GROUP_SIZE: tl.constexpr,
-                      BLOCK_N: tl.constexpr, GB: tl.constexpr, ATOMIC: tl.constexpr):
+                      BLOCK_N: tl.constexpr, GB: tl.constexpr):
         """M == 1 on CUDA cores, group sizes that are multiples of 128 (variant 4).
 
         GB 128-deep K blocks per iteration as one [GB, 16, BLOCK_N] tile of words (more bytes in flight
@@ -325,10 +321,54 @@ if triton is not None:
             z = tl.load(z_ptr + sz_off, mask=sz_ok, other=0.0).to(tl.float32)
             acc += (dot - xs[:, :, None] * z) * s
         res = tl.sum(tl.sum(acc, axis=1), axis=0)  # [BLOCK_N]
-        if ATOMIC:
-            tl.atomic_add(out_ptr + offs_n, res, mask=n_mask, sem="relaxed")
-        else:
-            tl.store(out_ptr + offs_n, res.to(out_ptr.dtype.element_ty), mask=n_mask)
+        _store_split(out_ptr, pid_k * N + offs_n, res, n_mask)
+
+    @triton.jit
+    def _gemv3_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, N, K, blocks_per_split, GROUP_SIZE: tl.constexpr,
+                      BLOCK_N: tl.constexpr, GB: tl.constexpr):
+        """M == 1 on CUDA cores with three instructions per weight (variant 5; groups of 128k).
+
+        A nibble shifted into the top four mantissa bits of 1.0 is the float ``1 + q/16`` exactly (one shift
+        and one and-or per weight, no subtraction), which feeds one FMA; per group the 16 and the zero point
+        come out in closed form: sum x (q - z) = 16 sum x (1 + q/16) - (16 + z) sum x.  All terms are of the
+        size of x, so the fp32 sums lose nothing to cancellation (unlike the 2**23 trick, which needs a
+        subtraction per weight to stay exact).
+        """
+        pid_n = tl.program_id(0)
+        pid_k = tl.program_id(1)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_mask = offs_n < N
+        offs_g = tl.arange(0, GB)
+        offs_i = tl.arange(0, 16)
+        acc = tl.zeros((GB, 16, BLOCK_N), dtype=tl.float32)
+        n_blocks = tl.cdiv(K, 128)
+        kb_start = pid_k * blocks_per_split
+        for it in range(0, blocks_per_split, GB):
+            kb = kb_start + it + offs_g  # [GB]
+            b_ok = (kb < n_blocks) & (it + offs_g < blocks_per_split)
+            rows = kb[:, None, None] * 16 + offs_i[None, :, None]  # [GB, 16, 1]
+            qw = tl.load(qw_ptr + rows * N + offs_n[None, None, :], mask=b_ok[:, None, None] & n_mask[None, None, :],
+                         other=0)
+            dot = tl.zeros((GB, 16, BLOCK_N), dtype=tl.float32)
+            xs = tl.zeros((GB, 16), dtype=tl.float32)
+            for j in tl.static_range(8):
+                k = kb[:, None] * 128 + j * 16 + offs_i[None, :]  # [GB, 16]
+                x = tl.load(x_ptr + k, mask=b_ok[:, None] & (k < K), other=0.0).to(tl.float32)
+                if 4 * j <= 19:
+                    moved = qw << (19 - 4 * j)
+                else:
+                    moved = qw >> (4 * j - 19)
+                f = ((moved & 0x00780000) | 0x3F800000).to(tl.float32, bitcast=True)  # 1 + q/16
+                dot += f * x[:, :, None]
+                xs += x
+            g = (kb * 128) // GROUP_SIZE
+            sz_off = g[:, None, None] * N + offs_n[None, None, :]
+            sz_ok = b_ok[:, None, None] & n_mask[None, None, :]
+            s = tl.load(s_ptr + sz_off, mask=sz_ok, other=0.0).to(tl.float32)  # [GB, 1, BLOCK_N]
+            z = tl.load(z_ptr + sz_off, mask=sz_ok, other=0.0).to(tl.float32)
+            acc += (16.0 * dot - xs[:, :, None] * (16.0 + z)) * s
+        res = tl.sum(tl.sum(acc, axis=1), axis=0)  # [BLOCK_N]
+        _store_split(out_ptr, pid_k * N + offs_n, res, n_mask)
 
     @triton.jit
     def _dequant_kernel(qw_ptr, s_ptr, z_ptr, w_ptr, N, K, GROUP_SIZE: tl.constexpr, BLOCK_N: tl.constexpr):
@@ -384,8 +424,9 @@ def gemm_config(m: int, n: int, k: int) -> tuple[int, ...]:
     """(BLOCK_M, BLOCK_N, split_k, num_warps, num_stages[, variant]) for 2 <= M <= GEMM_MAX_M.
 
     variant 0: K=16-slice kernel, 1: K=128 kernel, 2: de-quantize + cuBLAS (the rest is ignored),
-    3: the tensor-core kernel with whole-block unpack (:func:`_tc_kernel`), 4: for M == 1 only, the
-    CUDA-core GEMV :func:`_gemv2_kernel` (BLOCK_M then holds its K blocks per iteration).  A tuned entry
+    3: the tensor-core kernel with whole-block unpack (:func:`_tc_kernel`), 4 and 5: for M == 1 only, the
+    CUDA-core GEMVs :func:`_gemv2_kernel` and :func:`_gemv3_kernel` (BLOCK_M then holds their K blocks
+    per iteration).  A tuned entry
     for M == 1 under "gemm" takes precedence over the older "gemv" entry.
     """
     if ("gemm", m_bucket(m), n, k) in TUNED:
@@ -398,51 +439,68 @@ def gemm_config(m: int, n: int, k: int) -> tuple[int, ...]:
     return block_m, block_n, split, 4 if block_m * block_n <= 64 * 128 else 8, 3
 
 
-def _launch_split(m: int, n: int, k: int, split: int, dtype: torch.dtype, device: torch.device
-                  ) -> tuple[int, int, torch.Tensor]:
-    """(blocks per split, splits actually used, output buffer): fp32 zeros for atomics when split > 1."""
-    n_blocks = triton.cdiv(k, PACK_BLOCK)
-    per_split = triton.cdiv(n_blocks, split)
-    split = triton.cdiv(n_blocks, per_split)
-    out = torch.zeros(m, n, dtype=torch.float32, device=device) if split > 1 else \
-        torch.empty(m, n, dtype=dtype, device=device)
-    return per_split, split, out
+def _kernel_choice(m: int, n: int, k: int, group_size: int) -> tuple[str, tuple[int, ...]]:
+    """("dequant" | "gemv" | "gemm", config) for this shape: the one dispatch rule, shared by the kernels'
+    launcher and by :func:`output_splits` (which must agree with it on the number of split-K slices)."""
+    if m > GEMM_MAX_M:  # module global, so the sweep can move it
+        return "dequant", ()
+    cfg = TUNED.get(("gemm", m_bucket(m), n, k))
+    if cfg is not None and cfg[-1] in (3, 4, 5) and group_size % PACK_BLOCK:
+        cfg = None  # the new kernels need whole 128-deep groups; use the general ones
+    if m == 1 and (cfg is None or len(cfg) < 6):
+        return "gemv", tuple(gemv_config(n, k))
+    cfg = tuple(cfg if cfg is not None else gemm_config(m, n, k))
+    return ("dequant", ()) if len(cfg) > 5 and cfg[5] == 2 else ("gemm", cfg)
 
 
-def _cuda_w4a16_mm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
-                   group_size: int) -> torch.Tensor:
+def _splits(k: int, split: int) -> tuple[int, int]:
+    """(128-deep K blocks per split, splits actually launched) for a requested split count."""
+    n_blocks = triton.cdiv(k, PACK_BLOCK) if triton is not None else -(-k // PACK_BLOCK)
+    per_split = -(-n_blocks // max(1, split))
+    return per_split, -(-n_blocks // per_split)
+
+
+def output_splits(m: int, n: int, k: int, group_size: int) -> int:
+    """How many split-K slices :func:`w4a16_mm_split` returns for this shape (1 on CPU)."""
+    if triton is None:
+        return 1
+    kind, cfg = _kernel_choice(m, n, k, group_size)
+    if kind == "dequant":
+        return 1
+    return _splits(k, cfg[1] if kind == "gemv" else cfg[2])[1]
+
+
+def _cuda_w4a16_split(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                      group_size: int) -> torch.Tensor:
+    """x [M, K] -> split-K partial products [S, M, N]: fp32 when S > 1, x's dtype when S == 1."""
     m, k = x.shape
     n = qweight.shape[1]
     n_groups = scales.shape[0]
-    if m > GEMM_MAX_M:  # module global, so the sweep can move it
-        w = dequantize_cuda(qweight, scales, zeros, k, x.dtype)
-        return x @ w
-    cfg = TUNED.get(("gemm", m_bucket(m), n, k))
-    if cfg is not None and cfg[-1] in (3, 4) and group_size % PACK_BLOCK:
-        cfg = None  # the new kernels need whole 128-deep groups; use the general ones
-    if m == 1 and (cfg is None or len(cfg) < 6):
-        block_n, split, warps = gemv_config(n, k)
-        per_split, split, out = _launch_split(1, n, k, split, x.dtype, x.device)
+    kind, cfg = _kernel_choice(m, n, k, group_size)
+    if kind == "dequant":
+        return (x @ dequantize_cuda(qweight, scales, zeros, k, x.dtype)).unsqueeze(0)
+    if kind == "gemv":
+        block_n, split, warps = cfg
+        per_split, split = _splits(k, split)
+        out = torch.empty(split, 1, n, dtype=torch.float32 if split > 1 else x.dtype, device=x.device)
         _gemv_kernel[(triton.cdiv(n, block_n), split)](
             x, qweight, scales, zeros, out, n, k, n_groups, per_split,
-            GROUP_SIZE=group_size, BLOCK_N=block_n, ATOMIC=split > 1, num_warps=warps)
-        return out.to(x.dtype) if split > 1 else out
-    block_m, block_n, split, warps, stages, *rest = cfg if cfg is not None else gemm_config(m, n, k)
+            GROUP_SIZE=group_size, BLOCK_N=block_n, num_warps=warps)
+        return out
+    block_m, block_n, split, warps, stages, *rest = cfg
     variant = rest[0] if rest else 0
-    if variant == 2:
-        return x @ dequantize_cuda(qweight, scales, zeros, k, x.dtype)
-    per_split, split, out = _launch_split(m, n, k, split, x.dtype, x.device)
-    if variant == 4:  # M == 1 only; block_m holds GB (K blocks per iteration)
-        _gemv2_kernel[(triton.cdiv(n, block_n), split)](
+    per_split, split = _splits(k, split)
+    out = torch.empty(split, m, n, dtype=torch.float32 if split > 1 else x.dtype, device=x.device)
+    if variant in (4, 5):  # M == 1 only; block_m holds GB (K blocks per iteration)
+        (_gemv2_kernel if variant == 4 else _gemv3_kernel)[(triton.cdiv(n, block_n), split)](
             x, qweight, scales, zeros, out, n, k, per_split, GROUP_SIZE=group_size, BLOCK_N=block_n,
-            GB=block_m, ATOMIC=split > 1, num_warps=warps, num_stages=stages)
-        return out.to(x.dtype) if split > 1 else out
+            GB=block_m, num_warps=warps, num_stages=stages)
+        return out
     grid = (triton.cdiv(n, block_n), triton.cdiv(m, block_m), split)
     kernel = {0: _gemm_kernel, 1: _gemm128_kernel, 3: _tc_kernel}[variant]
-    kernel[grid](x, qweight, scales, zeros, out, m, n, k, n_groups, x.stride(0), out.stride(0), per_split,
-                 GROUP_SIZE=group_size, BLOCK_M=block_m, BLOCK_N=block_n, ATOMIC=split > 1,
-                 num_warps=warps, num_stages=stages)
-    return out.to(x.dtype) if split > 1 else out
+    kernel[grid](x, qweight, scales, zeros, out, m, n, k, n_groups, x.stride(0), n, per_split,
+                 GROUP_SIZE=group_size, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages)
+    return out
 
 
 def dequantize_cuda(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, in_features: int,
@@ -460,20 +518,42 @@ def dequantize_cuda(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Te
 # ------------------------------------------------------------------------------------------ custom op
 
 
-@torch.library.custom_op("quantsweep::w4a16_mm", mutates_args=())
+def reduce_splits(y: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """[S, M, N] split-K partials -> [M, N] in ``dtype`` (inside torch.compile this fuses into the consumer)."""
+    return y[0].to(dtype) if y.shape[0] == 1 else y.sum(0).to(dtype)
+
+
+@torch.library.custom_op("quantsweep::w4a16_mm_split", mutates_args=())
+def w4a16_mm_split(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                   in_features: int) -> torch.Tensor:
+    """``x`` [M, K] @ de-quantized W^T as [S, M, N] split-K partials (sum over S is the product).
+
+    For M == 1 (decode at batch 1, where every extra launch shows) the partials are returned unsummed so
+    that the compiled block folds the sum into the kernel that consumes the product; for M > 1 the sum is
+    done here (S == 1), which keeps the shape independent of a symbolic batch size under torch.compile.
+    """
+    group_size = in_features // scales.shape[0]
+    if x.is_cuda and triton is not None:
+        y = _cuda_w4a16_split(x.contiguous(), qweight, scales, zeros, group_size)
+        return y if x.shape[0] == 1 else reduce_splits(y, x.dtype).unsqueeze(0)
+    w = dequantize(qweight, scales, zeros, in_features, torch.float32)
+    return (x.to(torch.float32) @ w.t()).to(x.dtype).unsqueeze(0)
+
+
+@w4a16_mm_split.register_fake
+def _(x, qweight, scales, zeros, in_features):
+    m, n = x.shape[0], qweight.shape[1]
+    if x.device.type != "cuda" or m != 1:
+        return x.new_empty(1, m, n)
+    splits = output_splits(1, n, in_features, in_features // scales.shape[0])
+    return x.new_empty(splits, 1, n, dtype=torch.float32 if splits > 1 else x.dtype)
+
+
 def w4a16_mm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
              in_features: int) -> torch.Tensor:
     """``x`` [M, K] @ de-quantized W^T -> [M, N] in x's dtype (Triton on CUDA, reference elsewhere)."""
-    group_size = in_features // scales.shape[0]
-    if x.is_cuda and triton is not None:
-        return _cuda_w4a16_mm(x.contiguous(), qweight, scales, zeros, group_size)
-    w = dequantize(qweight, scales, zeros, in_features, torch.float32)
-    return (x.to(torch.float32) @ w.t()).to(x.dtype)
-
-
-@w4a16_mm.register_fake
-def _(x, qweight, scales, zeros, in_features):
-    return x.new_empty(x.shape[0], qweight.shape[1])
+    y = torch.ops.quantsweep.w4a16_mm_split(x, qweight, scales, zeros, in_features)
+    return reduce_splits(y, x.dtype)
 
 
 class Int4Linear(nn.Module):
@@ -502,8 +582,7 @@ class Int4Linear(nn.Module):
         return layer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = torch.ops.quantsweep.w4a16_mm(x.reshape(-1, self.in_features), self.qweight, self.scales,
-                                          self.zeros, self.in_features)
+        y = w4a16_mm(x.reshape(-1, self.in_features), self.qweight, self.scales, self.zeros, self.in_features)
         return y.view(*x.shape[:-1], self.out_features)
 
     def weight_bytes(self) -> int:

@@ -5,8 +5,10 @@ hd head dim, I MLP width, V vocab.  Every linear layer is either ``nn.Linear`` (
 :class:`~tasks.backends.torch.cuda.int4.Int4Linear`; the model code does not know which.
 
 Prefill (L > 1) always starts at position 0 and attends causally over its own keys (flash attention);
-decode (L == 1) attends over the whole static cache with a mask of the positions written so far, so its
-shapes never change and the step can be captured in a CUDA graph.  Rotary embedding follows Hugging
+decode (L == 1) runs each block as two compiled halves around
+:func:`~tasks.backends.torch.cuda.attention.decode_attention`, which writes the new key/value at the
+device-side position and reads only the positions written so far, so the step's shapes never change and it
+can be captured in a CUDA graph.  Rotary embedding follows Hugging
 Face's Llama (``rotate_half``), so HF checkpoints load without permuting q/k.
 """
 from __future__ import annotations
@@ -17,6 +19,8 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from tasks.backends.torch.cuda.attention import decode_attention
 
 
 @dataclass(frozen=True)
@@ -98,21 +102,28 @@ class Attention(nn.Module):
         self.wqkv = linear(args.dim, self.q_size + 2 * self.kv_size)  # [q | k | v] along the output dim
         self.wo = linear(self.q_size, args.dim)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, input_pos: torch.Tensor,
-                k_cache: torch.Tensor, v_cache: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    def qkv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x [B, L, D] -> roped q [B, L, H, hd], roped k and v [B, L, Hkv, hd]."""
         a = self.args
-        b, length, _ = x.shape  # x [B, L, D]
+        b, length, _ = x.shape
         q, k, v = self.wqkv(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = apply_rope(q.view(b, length, a.n_heads, a.head_dim), cos, sin).transpose(1, 2)  # [B, H, L, hd]
-        k = apply_rope(k.view(b, length, a.n_kv_heads, a.head_dim), cos, sin).transpose(1, 2)  # [B, Hkv, L, hd]
-        v = v.view(b, length, a.n_kv_heads, a.head_dim).transpose(1, 2)
+        q = apply_rope(q.view(b, length, a.n_heads, a.head_dim), cos, sin)
+        k = apply_rope(k.view(b, length, a.n_kv_heads, a.head_dim), cos, sin)
+        return q, k, v.view(b, length, a.n_kv_heads, a.head_dim)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, input_pos: torch.Tensor,
+                k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
+        """Prefill from position 0 (causal over its own keys) or an uncompiled decode step (L == 1)."""
+        b, length, _ = x.shape  # x [B, L, D]
+        q, k, v = self.qkv(x, cos, sin)
+        if length == 1:
+            y = decode_attention(q[:, 0], k[:, 0], v[:, 0], k_cache, v_cache, input_pos)  # [B, H, hd]
+            return self.wo(y.reshape(b, 1, self.q_size))
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, heads, L, hd]
         k_cache.index_copy_(2, input_pos, k)  # caches [B, Hkv, S, hd]
         v_cache.index_copy_(2, input_pos, v)
-        gqa = a.n_kv_heads != a.n_heads
-        if mask is None:  # prefill from position 0: causal over its own keys
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
-        else:  # decode: the whole cache, mask [1, S] of written positions
-            y = F.scaled_dot_product_attention(q, k_cache, v_cache, attn_mask=mask[None, None], enable_gqa=gqa)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.args.n_kv_heads != self.args.n_heads)
         return self.wo(y.transpose(1, 2).reshape(b, length, self.q_size))  # [B, L, D]
 
 
@@ -137,9 +148,30 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(args.dim, args.rms_norm_eps, dtype, device)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, input_pos: torch.Tensor,
-                k_cache: torch.Tensor, v_cache: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        h = x + self.attention(self.attention_norm(x), cos, sin, input_pos, k_cache, v_cache, mask)
+                k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
+        h = x + self.attention(self.attention_norm(x), cos, sin, input_pos, k_cache, v_cache)
         return h + self.feed_forward(self.ffn_norm(h))
+
+    # A decode step in three parts, so that torch.compile fuses everything around the attention kernel
+    # (norms, rope, residual adds, SiLU, the int4 kernels' split-K sums) and the kernel itself stays eager.
+
+    def decode_pre(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x [B, 1, D] -> q [B, H, hd], k and v [B, Hkv, hd] (roped)."""
+        q, k, v = self.attention.qkv(self.attention_norm(x), cos, sin)
+        return q[:, 0], k[:, 0], v[:, 0]
+
+    def decode_post(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """x [B, 1, D], attention output y [B, H, hd] -> the block's output [B, 1, D]."""
+        h = x + self.attention.wo(y.reshape(x.shape[0], 1, -1))
+        return h + self.feed_forward(self.ffn_norm(h))
+
+    def decode(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, input_pos: torch.Tensor,
+               k_cache: torch.Tensor, v_cache: torch.Tensor,
+               pre: Callable[..., Any] | None = None, post: Callable[..., Any] | None = None) -> torch.Tensor:
+        q, k, v = (pre or self.decode_pre)(x, cos, sin)
+        y = decode_attention(q, k, v, k_cache, v_cache, input_pos)
+        return (post or self.decode_post)(x, y)
 
 
 class Transformer(nn.Module):
@@ -154,7 +186,7 @@ class Transformer(nn.Module):
         self.norm = RMSNorm(args.dim, args.rms_norm_eps, dtype, device)
         self.output = nn.Linear(args.dim, args.vocab_size, bias=False, dtype=dtype, device=device)  # kept dense
         self.tie_weights()
-        self.block_calls: list[Callable[..., torch.Tensor]] = list(self.layers)  # compiled wrappers go here
+        self.compiled_halves: list[tuple[Callable[..., Any], Callable[..., Any]]] | None = None
         self.caches: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.cache_shape: tuple[int, int] | None = None
 
@@ -163,7 +195,7 @@ class Transformer(nn.Module):
             self.output.weight = self.tok_embeddings.weight
 
     def setup_cache(self, batch: int, max_seq: int) -> None:
-        """Static KV cache [B, Hkv, S, hd] per layer, rope tables and the causal mask for S positions."""
+        """Static KV cache [B, Hkv, S, hd] per layer and rope tables for S positions."""
         if self.cache_shape == (batch, max_seq):
             return
         self.caches = []  # free the old cache before allocating the new one
@@ -173,7 +205,6 @@ class Transformer(nn.Module):
         self.caches = [(torch.zeros(shape, dtype=self.dtype, device=device),
                         torch.zeros(shape, dtype=self.dtype, device=device)) for _ in range(a.n_layers)]
         self.cos, self.sin = rope_tables(a, max_seq, device)
-        self.causal = torch.tril(torch.ones(max_seq, max_seq, dtype=torch.bool, device=device))  # [S, S]
         self.cache_shape = (batch, max_seq)
 
     def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor, all_logits: bool = False) -> torch.Tensor:
@@ -184,21 +215,24 @@ class Transformer(nn.Module):
         length = tokens.shape[1]
         x = self.tok_embeddings(tokens)  # [B, L, D]
         cos, sin = self.cos[input_pos], self.sin[input_pos]  # [L, hd]
-        mask = None if length > 1 else self.causal[input_pos]  # decode: [1, S]
-        blocks = self.block_calls if length == 1 else self.layers  # compiled wrappers serve decode only
-        for block, (k_cache, v_cache) in zip(blocks, self.caches):
-            x = block(x, cos, sin, input_pos, k_cache, v_cache, mask)
+        for i, (layer, (k_cache, v_cache)) in enumerate(zip(self.layers, self.caches)):
+            if length > 1:
+                x = layer(x, cos, sin, input_pos, k_cache, v_cache)
+            else:  # compiled halves serve decode only
+                pre, post = self.compiled_halves[i] if self.compiled_halves else (None, None)
+                x = layer.decode(x, cos, sin, input_pos, k_cache, v_cache, pre, post)
         if not all_logits:
             x = x[:, -1]  # [B, D]: prefill needs only the last position's logits
         return self.output(self.norm(x)).float()
 
     def compile_decode(self, **compile_kwargs: Any) -> None:
-        """Compile the transformer block once for decode; every layer reuses the compiled code.
+        """Compile the two halves of the decode block once; every layer reuses the compiled code.
 
         With dynamo's default ``inline_inbuilt_nn_modules`` the layers' weights are graph inputs, so the 32
         layers share one compilation (per shape class: B == 1 and B >= 2) instead of compiling 32 times.
         """
-        self.block_calls = [torch.compile(layer, **compile_kwargs) for layer in self.layers]
+        self.compiled_halves = [(torch.compile(layer.decode_pre, **compile_kwargs),
+                                 torch.compile(layer.decode_post, **compile_kwargs)) for layer in self.layers]
 
     def weight_bytes(self) -> int:
         """Bytes of all parameters and buffers the model reads (tied weights counted once)."""
