@@ -5,8 +5,8 @@ the whole static cache (batch x (input + output) positions) on every step, and a
 program per head (32 programs on a 132-SM GPU) over a sequence of hundreds of positions.  Here the number of
 positions to read comes from the device tensor ``pos`` (the position being decoded), so a replayed graph
 reads only the keys written so far, and the cache length is cut into chunks that run in parallel
-(flash-decoding: one program per (sequence, query head, chunk), then a small kernel that merges the chunks'
-partial softmaxes).  The new token's key and value are written into the cache by the program whose chunk
+(flash-decoding: one program per (sequence, KV head, chunk) for all query heads of that KV head, both
+products on tensor cores, then a small kernel that merges the chunks' partial softmaxes).  The new token's key and value are written into the cache by the program whose chunk
 holds ``pos``; every program uses the new key/value from registers rather than from memory, so no program
 reads a cache slot that another program of the same launch is writing.
 
@@ -27,13 +27,15 @@ try:  # Triton ships with CUDA builds of torch only
 except ImportError:  # pragma: no cover - CPU machines
     triton = None
 
-BLOCK_S = 32  # cache positions per inner iteration of a split program
+BLOCK_S = 64  # cache positions per inner iteration of a split program
 TARGET_PROGRAMS = 4 * 132  # enough programs to keep every SM of an H100/H200 busy a few times over
+MAX_CHUNK = 256  # positions per program at most: long sequential loops leave too few loads in flight
 
 
-def num_splits(batch: int, heads: int, cache_len: int) -> int:
-    """How many chunks the cache length is cut into: enough programs for the GPU, chunks of >= BLOCK_S."""
-    wanted = max(1, -(-TARGET_PROGRAMS // (batch * heads)))
+def num_splits(batch: int, kv_heads: int, cache_len: int) -> int:
+    """How many chunks the cache length is cut into: enough programs for the GPU, chunks of BLOCK_S to
+    MAX_CHUNK positions."""
+    wanted = max(1, -(-TARGET_PROGRAMS // (batch * kv_heads)), -(-cache_len // MAX_CHUNK))
     return max(1, min(wanted, -(-cache_len // BLOCK_S)))
 
 
@@ -54,50 +56,57 @@ if triton is not None:
     @triton.jit
     def _split_kernel(q_ptr, kn_ptr, vn_ptr, kc_ptr, vc_ptr, pos_ptr, o_ptr, m_ptr, l_ptr, qk_scale,
                       H, HKV, S, n_splits, chunk,
-                      HD: tl.constexpr, BLOCK: tl.constexpr):
-        """One (sequence b, query head h, chunk c): unnormalised sum_s p_s v_s, max m and sum l of p_s."""
-        pid_bh = tl.program_id(0)
+                      HD: tl.constexpr, G: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK: tl.constexpr):
+        """One (sequence b, KV head, chunk c) for all G query heads that share the KV head: unnormalised
+        sum_s p_s v_s, running max m and sum l of p_s per query head.
+
+        The G query rows are padded to BLOCK_G (>= 16) so both products run on tensor cores (tl.dot); the
+        padding rows compute on zeros and are never stored.  Softmax statistics are fp32, p is rounded to
+        the cache dtype for the second product, as flash attention does.
+        """
+        pid_bk = tl.program_id(0)  # b * HKV + hkv
         c = tl.program_id(1)
-        b = pid_bh // H
-        h = pid_bh % H
-        hkv = h // (H // HKV)
+        b = pid_bk // HKV
+        hkv = pid_bk % HKV
         pos = tl.load(pos_ptr)
         seq_len = tl.minimum(pos + 1, S)  # a position past the cache is never written (nor read)
         offs_d = tl.arange(0, HD)
-        q = tl.load(q_ptr + pid_bh * HD + offs_d).to(tl.float32) * qk_scale  # scaled by log2(e)/sqrt(hd)
-        kv_row = b * HKV + hkv
-        k_new = tl.load(kn_ptr + kv_row * HD + offs_d)
-        v_new = tl.load(vn_ptr + kv_row * HD + offs_d)
-        cache_base = kv_row.to(tl.int64) * S * HD
+        offs_g = tl.arange(0, BLOCK_G)
+        g_ok = offs_g < G
+        q_rows = b * H + hkv * G + offs_g  # rows of q [B*H, HD]
+        q = tl.load(q_ptr + q_rows[:, None] * HD + offs_d[None, :], mask=g_ok[:, None], other=0.0)
+        k_new = tl.load(kn_ptr + pid_bk * HD + offs_d)
+        v_new = tl.load(vn_ptr + pid_bk * HD + offs_d)
+        cache_base = pid_bk.to(tl.int64) * S * HD
         start = c * chunk
         end = tl.minimum(start + chunk, seq_len)
-        if (h % (H // HKV) == 0) & (start <= pos) & (pos < end):  # one writer per KV head
+        if (start <= pos) & (pos < end):  # the one program whose chunk holds pos writes the new slot
             tl.store(kc_ptr + cache_base + pos * HD + offs_d, k_new)
             tl.store(vc_ptr + cache_base + pos * HD + offs_d, v_new)
-        m = tl.full((), float("-inf"), tl.float32)
-        l_sum = tl.zeros((), tl.float32)
-        acc = tl.zeros((HD,), tl.float32)
+        m = tl.full((BLOCK_G,), float("-inf"), tl.float32)
+        l_sum = tl.zeros((BLOCK_G,), tl.float32)
+        acc = tl.zeros((BLOCK_G, HD), tl.float32)
         for s0 in range(start, end, BLOCK):
             offs_s = s0 + tl.arange(0, BLOCK)
             valid = offs_s < end
             ptrs = cache_base + offs_s[:, None] * HD + offs_d[None, :]
             is_new = (offs_s == pos)[:, None]
             k = tl.load(kc_ptr + ptrs, mask=valid[:, None] & ~is_new, other=0.0)
-            k = tl.where(is_new, k_new[None, :], k).to(tl.float32)
-            scores = tl.sum(k * q[None, :], axis=1)
-            scores = tl.where(valid, scores, float("-inf"))
-            m_new = tl.maximum(m, tl.max(scores, axis=0))
-            p = tl.exp2(scores - m_new)
-            alpha = tl.exp2(m - m_new)
+            k = tl.where(is_new, k_new[None, :], k)
             v = tl.load(vc_ptr + ptrs, mask=valid[:, None] & ~is_new, other=0.0)
-            v = tl.where(is_new, v_new[None, :], v).to(tl.float32)
-            acc = acc * alpha + tl.sum(p[:, None] * v, axis=0)
-            l_sum = l_sum * alpha + tl.sum(p, axis=0)
+            v = tl.where(is_new, v_new[None, :], v)
+            scores = tl.dot(q, tl.trans(k)) * qk_scale  # [BLOCK_G, BLOCK], log2 domain
+            scores = tl.where(valid[None, :], scores, float("-inf"))
+            m_new = tl.maximum(m, tl.max(scores, axis=1))
+            p = tl.exp2(scores - m_new[:, None])
+            alpha = tl.exp2(m - m_new)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            l_sum = l_sum * alpha + tl.sum(p, axis=1)
             m = m_new
-        part = pid_bh * n_splits + c
-        tl.store(o_ptr + part * HD + offs_d, acc)
-        tl.store(m_ptr + part, m)
-        tl.store(l_ptr + part, l_sum)
+        part = q_rows * n_splits + c  # partial row of query head (b, hkv * G + g), chunk c
+        tl.store(o_ptr + part[:, None] * HD + offs_d[None, :], acc, mask=g_ok[:, None])
+        tl.store(m_ptr + part, m, mask=g_ok)
+        tl.store(l_ptr + part, l_sum, mask=g_ok)
 
     @triton.jit
     def _combine_kernel(o_ptr, m_ptr, l_ptr, out_ptr, n_splits, HD: tl.constexpr, SPLITS: tl.constexpr):
@@ -120,7 +129,7 @@ def _cuda_decode_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Te
                            v_cache: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
     b, h, hd = q.shape
     hkv, s = k_cache.shape[1], k_cache.shape[2]
-    splits = num_splits(b, h, s)
+    splits = num_splits(b, hkv, s)
     chunk = -(-s // splits)
     chunk = -(-chunk // BLOCK_S) * BLOCK_S
     splits = -(-s // chunk)
@@ -128,8 +137,11 @@ def _cuda_decode_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Te
     m_part = torch.empty(b * h * splits, dtype=torch.float32, device=q.device)
     l_part = torch.empty_like(m_part)
     qk_scale = math.log2(math.e) / math.sqrt(hd)
-    _split_kernel[(b * h, splits)](q, k_new, v_new, k_cache, v_cache, pos, o_part, m_part, l_part, qk_scale,
-                                   h, hkv, s, splits, chunk, HD=hd, BLOCK=BLOCK_S, num_warps=4)
+    group = h // hkv
+    _split_kernel[(b * hkv, splits)](q, k_new, v_new, k_cache, v_cache, pos, o_part, m_part, l_part, qk_scale,
+                                     h, hkv, s, splits, chunk, HD=hd, G=group,
+                                     BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK=BLOCK_S, num_warps=4,
+                                     num_stages=3)
     out = torch.empty_like(q)
     _combine_kernel[(b * h,)](o_part, m_part, l_part, out, splits, HD=hd,
                               SPLITS=max(2, triton.next_power_of_2(splits)), num_warps=4)

@@ -14,7 +14,7 @@ Kernels (CUDA, Triton), chosen per (M, N, K) from ``int4_configs.json`` (written
 in L2, as the decode step runs them; heuristics fill shapes it lacks):
 Split-K kernels write each split's partial sums to its own slice of a [splits, M, N] fp32 output (no
 atomics: no zeroed buffer, no memset launch, deterministic sums); the sum over splits is fused by
-torch.compile into whatever consumes the product (at M == 1, the decode step at batch 1), or done by the op.
+torch.compile into whatever consumes the product (the decode step's norms, residual adds and SiLU).
 - M == 1: a split-K GEMV keeping a [16, BLOCK_N] accumulator per group, or
   :func:`_gemv2_kernel` (zero point folded out per group, several K blocks per load).
 - 2 <= M <= ``GEMM_MAX_M``: a tensor-core GEMM (``tl.dot`` on K=16 slices, split-K for small M), or
@@ -526,27 +526,27 @@ def reduce_splits(y: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 @torch.library.custom_op("quantsweep::w4a16_mm_split", mutates_args=())
 def w4a16_mm_split(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
                    in_features: int) -> torch.Tensor:
-    """``x`` [M, K] @ de-quantized W^T as [S, M, N] split-K partials (sum over S is the product).
+    """``x`` [M, K] @ de-quantized W^T as [S, M, N] split-K partials (their sum over S is the product).
 
-    For M == 1 (decode at batch 1, where every extra launch shows) the partials are returned unsummed so
-    that the compiled block folds the sum into the kernel that consumes the product; for M > 1 the sum is
-    done here (S == 1), which keeps the shape independent of a symbolic batch size under torch.compile.
+    The partials come back unsummed so that a compiled block folds the sum into the kernel that consumes
+    the product (a norm, a residual add, SiLU) instead of paying a launch for it: decode steps are short
+    enough that every launch shows.  S is a function of the shapes (:func:`output_splits`), so the
+    engine compiles with static shapes.
     """
     group_size = in_features // scales.shape[0]
     if x.is_cuda and triton is not None:
-        y = _cuda_w4a16_split(x.contiguous(), qweight, scales, zeros, group_size)
-        return y if x.shape[0] == 1 else reduce_splits(y, x.dtype).unsqueeze(0)
+        return _cuda_w4a16_split(x.contiguous(), qweight, scales, zeros, group_size)
     w = dequantize(qweight, scales, zeros, in_features, torch.float32)
     return (x.to(torch.float32) @ w.t()).to(x.dtype).unsqueeze(0)
 
 
 @w4a16_mm_split.register_fake
 def _(x, qweight, scales, zeros, in_features):
-    m, n = x.shape[0], qweight.shape[1]
-    if x.device.type != "cuda" or m != 1:
+    m, n = int(x.shape[0]), qweight.shape[1]  # int(): a symbolic batch size is specialised here
+    if x.device.type != "cuda":
         return x.new_empty(1, m, n)
-    splits = output_splits(1, n, in_features, in_features // scales.shape[0])
-    return x.new_empty(splits, 1, n, dtype=torch.float32 if splits > 1 else x.dtype)
+    splits = output_splits(m, n, in_features, in_features // scales.shape[0])
+    return x.new_empty(splits, m, n, dtype=torch.float32 if splits > 1 else x.dtype)
 
 
 def w4a16_mm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,

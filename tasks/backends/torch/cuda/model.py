@@ -229,7 +229,7 @@ class Transformer(nn.Module):
         """Compile the two halves of the decode block once; every layer reuses the compiled code.
 
         With dynamo's default ``inline_inbuilt_nn_modules`` the layers' weights are graph inputs, so the 32
-        layers share one compilation (per shape class: B == 1 and B >= 2) instead of compiling 32 times.
+        layers share one compilation (per batch size, with static shapes) instead of compiling 32 times.
         """
         self.compiled_halves = [(torch.compile(layer.decode_pre, **compile_kwargs),
                                  torch.compile(layer.decode_post, **compile_kwargs)) for layer in self.layers]
