@@ -11,6 +11,8 @@ and memory do not depend on the values).  Modes:
   ``--configs-out`` (the engine reads that JSON) after every linear.
 - ``smoke``: the orchestrator's path without Ray on small checkpoints (``--smoke-dir`` with ``fp`` and
   ``rtn``): TorchBackend build -> load (KV cache from the profile options) -> profile_engine -> lm-eval.
+- ``attention``: per batch size, the decode-attention kernels over a grid of launch configs; writes the
+  fastest to ``--configs-out`` (the engine reads ``attention_configs.json``).
 - ``e2e``: method x batch -> output tok/s (batch x output_len / end-to-end, prefill included), decode
   tok/s, TTFT, inter-token latency, peak memory, and % of the bandwidth roofline (bytes a decode step
   must read / the device-to-device copy bandwidth measured here).  Each method runs in its own process,
@@ -142,6 +144,60 @@ def attention_check(batch_sizes: list[int], cache_len: int, out_dir: Path) -> li
     _write(rows, out_dir / "attention_check")
     print(f"attention check: {sum(r['pass'] for r in rows)}/{len(rows)} cases pass (rel err < 1e-2, cache "
           f"written exactly); worst rel err {max(r['rel_err'] for r in rows):.2e}")
+    return rows
+
+
+def attention_sweep(batch_sizes: list[int], cache_len: int, pos: int, out_dir: Path, configs_out: Path | None
+                    ) -> list[dict]:
+    """Time the decode-attention kernels per batch size over a grid of launch configs (inside CUDA graphs,
+    caches rotated so they are cold in L2, pos = the middle of the generation); keep the fastest correct."""
+    from tasks.backends.torch.cuda import attention as attn
+
+    a = llama2_7b_args()
+    rows, chosen = [], {}
+    grid = [(bs, w, st, mc) for bs in (32, 64) for w in (4, 8) for st in (1, 2, 3) for mc in (128, 256)]
+    for b in batch_sizes:
+        cache_bytes = 2 * b * a.n_kv_heads * cache_len * a.head_dim * 2
+        copies = max(2, -(-200_000_000 // cache_bytes))
+        q = torch.randn(b, a.n_heads, a.head_dim, device="cuda", dtype=torch.bfloat16)
+        kn, vn = (torch.randn(b, a.n_kv_heads, a.head_dim, device="cuda", dtype=torch.bfloat16) for _ in "kv")
+        caches = [(torch.randn(b, a.n_kv_heads, cache_len, a.head_dim, device="cuda", dtype=torch.bfloat16),
+                   torch.randn(b, a.n_kv_heads, cache_len, a.head_dim, device="cuda", dtype=torch.bfloat16))
+                  for _ in range(copies)]
+        p = torch.tensor([pos], device="cuda")
+        ref = attn.decode_attention_reference(q.float(), kn.float(), vn.float(), caches[0][0].float(),
+                                              caches[0][1].float(), p)
+        bucket = 1 << max(0, (b - 1).bit_length())
+        saved = dict(attn.TUNED)
+        best = (float("inf"), None)
+        for cfg in grid:
+            attn.TUNED[bucket] = cfg
+            try:
+                out = attn._cuda_decode_attention(q, kn, vn, caches[0][0], caches[0][1], p)
+                rel = ((out.float() - ref).norm() / ref.norm()).item()
+            except Exception as exc:
+                print(f"    {cfg} failed: {type(exc).__name__}: {str(exc)[:120]}")
+                continue
+            if not rel < 1e-2:
+                print(f"    {cfg} WRONG: rel err {rel:.2e}")
+                continue
+            t = _bench_graph(lambda i: attn._cuda_decode_attention(q, kn, vn, caches[i][0], caches[i][1], p), copies)
+            rows.append({"batch": b, "config": json.dumps(cfg), "us": t * 1e3,
+                         "kv_gb_s": b * a.n_kv_heads * (pos + 1) * a.head_dim * 4 / (t * 1e-3) / 1e9})
+            if t < best[0]:
+                best = (t, cfg)
+        attn.TUNED.clear()
+        attn.TUNED.update(saved)
+        chosen[bucket] = best[1]
+        print(f"  attention B={b:3d}: best {best[0] * 1e3:7.1f} us {best[1]} "
+              f"({b * a.n_kv_heads * (pos + 1) * a.head_dim * 4 / (best[0] * 1e-3) / 1e9:.0f} GB/s of KV)", flush=True)
+        del caches, q, kn, vn, ref
+        torch.cuda.empty_cache()
+    _write(rows, out_dir / "attention_sweep")
+    if configs_out is not None:
+        configs_out.write_text(json.dumps({"device": torch.cuda.get_device_name(), "cache_len": cache_len,
+                                           "configs": {str(k): list(v) for k, v in chosen.items()}}, indent=1))
+        print(f"wrote {configs_out}")
     return rows
 
 
@@ -554,7 +610,8 @@ def smoke(smoke_dir: Path, out_dir: Path) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--mode", choices=["all", "check", "kernels", "e2e", "method", "smoke"], default="all")
+    p.add_argument("--mode", choices=["all", "check", "kernels", "attention", "e2e", "method", "smoke"],
+                   default="all")
     p.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "bench_out")))
     p.add_argument("--methods", default="fp16,int4")
     p.add_argument("--method", default="fp16")
@@ -589,6 +646,9 @@ def main() -> None:
         attention_check(batch_sizes, args.input_len + args.output_len, args.out)
     if args.mode == "kernels":
         kernel_sweep([int(m) for m in args.kernel_ms.split(",")], args.out, args.configs_out)
+    if args.mode == "attention":
+        attention_sweep(batch_sizes, args.input_len + args.output_len, args.input_len + args.output_len // 2,
+                        args.out, args.configs_out)
     if args.mode in ("all", "e2e"):
         e2e(args, args.out, bandwidth)
 

@@ -16,7 +16,9 @@ the kernels against.
 """
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -27,16 +29,32 @@ try:  # Triton ships with CUDA builds of torch only
 except ImportError:  # pragma: no cover - CPU machines
     triton = None
 
-BLOCK_S = 64  # cache positions per inner iteration of a split program
 TARGET_PROGRAMS = 4 * 132  # enough programs to keep every SM of an H100/H200 busy a few times over
-MAX_CHUNK = 256  # positions per program at most: long sequential loops leave too few loads in flight
+CONFIG_FILE = Path(__file__).with_name("attention_configs.json")  # bench/gpu_benchmark.py --mode attention
 
 
-def num_splits(batch: int, kv_heads: int, cache_len: int) -> int:
-    """How many chunks the cache length is cut into: enough programs for the GPU, chunks of BLOCK_S to
-    MAX_CHUNK positions."""
-    wanted = max(1, -(-TARGET_PROGRAMS // (batch * kv_heads)), -(-cache_len // MAX_CHUNK))
-    return max(1, min(wanted, -(-cache_len // BLOCK_S)))
+def _load_tuned() -> dict[int, tuple[int, int, int, int]]:
+    """{batch bucket: (BLOCK_S, num_warps, num_stages, max chunk)} timed on a GPU (optional file)."""
+    if not CONFIG_FILE.exists():
+        return {}
+    return {int(b): tuple(cfg) for b, cfg in json.loads(CONFIG_FILE.read_text())["configs"].items()}
+
+
+#: per power-of-two batch size; DEFAULT_CONFIG where the file has no entry
+TUNED = _load_tuned()
+DEFAULT_CONFIG = (64, 4, 3, 256)
+
+
+def launch_config(batch: int) -> tuple[int, int, int, int]:
+    """(positions per inner iteration, warps, pipeline stages, most positions per program) for a batch."""
+    return TUNED.get(1 << max(0, (batch - 1).bit_length()), DEFAULT_CONFIG)
+
+
+def num_splits(batch: int, kv_heads: int, cache_len: int, block_s: int, max_chunk: int) -> int:
+    """How many chunks the cache length is cut into: enough programs for the GPU, chunks of block_s to
+    max_chunk positions (a long sequential loop leaves too few loads in flight)."""
+    wanted = max(1, -(-TARGET_PROGRAMS // (batch * kv_heads)), -(-cache_len // max_chunk))
+    return max(1, min(wanted, -(-cache_len // block_s)))
 
 
 def decode_attention_reference(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
@@ -129,9 +147,10 @@ def _cuda_decode_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Te
                            v_cache: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
     b, h, hd = q.shape
     hkv, s = k_cache.shape[1], k_cache.shape[2]
-    splits = num_splits(b, hkv, s)
+    block_s, warps, stages, max_chunk = launch_config(b)
+    splits = num_splits(b, hkv, s, block_s, max_chunk)
     chunk = -(-s // splits)
-    chunk = -(-chunk // BLOCK_S) * BLOCK_S
+    chunk = -(-chunk // block_s) * block_s
     splits = -(-s // chunk)
     o_part = torch.empty(b * h * splits, hd, dtype=torch.float32, device=q.device)
     m_part = torch.empty(b * h * splits, dtype=torch.float32, device=q.device)
@@ -140,8 +159,8 @@ def _cuda_decode_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Te
     group = h // hkv
     _split_kernel[(b * hkv, splits)](q, k_new, v_new, k_cache, v_cache, pos, o_part, m_part, l_part, qk_scale,
                                      h, hkv, s, splits, chunk, HD=hd, G=group,
-                                     BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK=BLOCK_S, num_warps=4,
-                                     num_stages=3)
+                                     BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK=block_s,
+                                     num_warps=warps, num_stages=stages)
     out = torch.empty_like(q)
     _combine_kernel[(b * h,)](o_part, m_part, l_part, out, splits, HD=hd,
                               SPLITS=max(2, triton.next_power_of_2(splits)), num_warps=4)
