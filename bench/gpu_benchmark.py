@@ -147,6 +147,20 @@ def attention_check(batch_sizes: list[int], cache_len: int, out_dir: Path) -> li
     return rows
 
 
+def _candidate_is_correct(cfg: tuple, run, ref: torch.Tensor, tol: float = 1e-2) -> bool:
+    """A sweep candidate counts only if it runs and matches the fp32 reference (rel. error < tol)."""
+    try:
+        out = run()
+        rel = ((out.float() - ref).norm() / ref.norm()).item()
+    except Exception as exc:
+        print(f"    {cfg} failed: {type(exc).__name__}: {str(exc)[:160]}")
+        return False
+    if not rel < tol:
+        print(f"    {cfg} WRONG: rel err {rel:.2e}")
+        return False
+    return True
+
+
 def attention_sweep(batch_sizes: list[int], cache_len: int, pos: int, out_dir: Path, configs_out: Path | None
                     ) -> list[dict]:
     """Time the decode-attention kernels per batch size over a grid of launch configs (inside CUDA graphs,
@@ -172,14 +186,8 @@ def attention_sweep(batch_sizes: list[int], cache_len: int, pos: int, out_dir: P
         best = (float("inf"), None)
         for cfg in grid:
             attn.TUNED[bucket] = cfg
-            try:
-                out = attn._cuda_decode_attention(q, kn, vn, caches[0][0], caches[0][1], p)
-                rel = ((out.float() - ref).norm() / ref.norm()).item()
-            except Exception as exc:
-                print(f"    {cfg} failed: {type(exc).__name__}: {str(exc)[:120]}")
-                continue
-            if not rel < 1e-2:
-                print(f"    {cfg} WRONG: rel err {rel:.2e}")
+            if not _candidate_is_correct(
+                    cfg, lambda: attn._cuda_decode_attention(q, kn, vn, caches[0][0], caches[0][1], p), ref):
                 continue
             t = _bench_graph(lambda i: attn._cuda_decode_attention(q, kn, vn, caches[i][0], caches[i][1], p), copies)
             rows.append({"batch": b, "config": json.dumps(cfg), "us": t * 1e3,
@@ -255,7 +263,7 @@ def candidate_configs(m: int) -> list[tuple]:
     (BLOCK_M, BLOCK_N, split, warps, stages, variant), see ``int4.gemm_config``: 0 = old K=16-slice GEMM,
     2 = de-quantize + cuBLAS, 3 = tensor-core kernel with whole-block unpack (BLOCK_M >= 16, any M),
     4 = CUDA-core GEMV (M == 1; BLOCK_M holds K blocks per iteration), 5 = the same with three instructions
-    per weight (``int4._gemv3_kernel``).
+    per weight (``int4._gemv2_kernel`` with ``ONE_PLUS_Q16``).
     """
     if m == 1:
         grid: list[tuple] = [("gemv", bn, sp, 4) for bn in (64, 128) for sp in (8, 16)]
@@ -353,14 +361,8 @@ def kernel_sweep(ms: list[int], out_dir: Path, configs_out: Path | None) -> list
             best, best_new = (row["old_ms"], tuple(old_cfg)), (float("inf"), None)
             for cfg in candidate_configs(m):
                 _set_config(m, n, k, cfg)
-                try:
-                    out = int4.w4a16_mm(x, weights[0][1], weights[0][2], weights[0][3], k)
-                    rel = ((out.float() - ref).norm() / ref.norm()).item()
-                except Exception as exc:
-                    print(f"    {cfg} failed: {type(exc).__name__}: {str(exc)[:160]}")
-                    continue
-                if not rel < 1e-2:
-                    print(f"    {cfg} WRONG: rel err {rel:.2e}")
+                if not _candidate_is_correct(
+                        cfg, lambda: int4.w4a16_mm(x, weights[0][1], weights[0][2], weights[0][3], k), ref):
                     continue
                 t = _bench_graph(op, copies_q)
                 if cfg[-1] == 2:

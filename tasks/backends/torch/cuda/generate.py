@@ -37,7 +37,7 @@ class Generator:
         if compile and on_cuda:
             import torch._dynamo
 
-            # one compilation per shape class and weight format; the default limit (8) is too small for a sweep
+            # one compilation per batch size and weight format; the default limit (8) is too small for a sweep
             torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
             # static shapes: one compilation per batch size (seconds each), and the int4 op's split-K slice
             # count, which depends on the batch size, is known to the compiler

@@ -283,13 +283,18 @@ if triton is not None:
 
     @triton.jit
     def _gemv2_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, N, K, blocks_per_split, GROUP_SIZE: tl.constexpr,
-                      BLOCK_N: tl.constexpr, GB: tl.constexpr):
-        """M == 1 on CUDA cores, group sizes that are multiples of 128 (variant 4).
+                      BLOCK_N: tl.constexpr, GB: tl.constexpr, ONE_PLUS_Q16: tl.constexpr):
+        """M == 1 on CUDA cores, group sizes that are multiples of 128 (variants 4 and 5).
 
         GB 128-deep K blocks per iteration as one [GB, 16, BLOCK_N] tile of words (more bytes in flight
         per load), products accumulated per (block, row, column) and scaled per group with the zero point
-        folded out (sum x (q - z) = sum x q - z sum x): per weight a shift, a mask-or, a subtract and an
-        FMA; the cross-thread reduction happens once, at the end.
+        folded out; the cross-thread reduction happens once, at the end.  How a nibble becomes a float:
+        - variant 4 (``ONE_PLUS_Q16`` False): OR it into the mantissa of 2**23 and subtract 2**23 (a shift,
+          an and-or, a subtract and an FMA per weight); sum x (q - z) = sum x q - z sum x.
+        - variant 5 (True): shift it into the top four mantissa bits of 1.0, which is the float 1 + q/16
+          exactly (a shift, an and-or and an FMA per weight, no subtraction); per group
+          sum x (q - z) = 16 sum x (1 + q/16) - (16 + z) sum x.  All terms are of the size of x, so the
+          fp32 sums lose nothing to cancellation.
         """
         pid_n = tl.program_id(0)
         pid_k = tl.program_id(1)
@@ -311,7 +316,14 @@ if triton is not None:
             for j in tl.static_range(8):
                 k = kb[:, None] * 128 + j * 16 + offs_i[None, :]  # [GB, 16]
                 x = tl.load(x_ptr + k, mask=b_ok[:, None] & (k < K), other=0.0).to(tl.float32)
-                q = (((qw >> (4 * j)) & 0xF) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+                if ONE_PLUS_Q16:
+                    if 4 * j <= 19:
+                        moved = qw << (19 - 4 * j)
+                    else:
+                        moved = qw >> (4 * j - 19)
+                    q = ((moved & 0x00780000) | 0x3F800000).to(tl.float32, bitcast=True)  # 1 + q/16
+                else:
+                    q = (((qw >> (4 * j)) & 0xF) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
                 dot += q * x[:, :, None]
                 xs += x
             g = (kb * 128) // GROUP_SIZE
@@ -319,54 +331,10 @@ if triton is not None:
             sz_ok = b_ok[:, None, None] & n_mask[None, None, :]
             s = tl.load(s_ptr + sz_off, mask=sz_ok, other=0.0).to(tl.float32)  # [GB, 1, BLOCK_N]
             z = tl.load(z_ptr + sz_off, mask=sz_ok, other=0.0).to(tl.float32)
-            acc += (dot - xs[:, :, None] * z) * s
-        res = tl.sum(tl.sum(acc, axis=1), axis=0)  # [BLOCK_N]
-        _store_split(out_ptr, pid_k * N + offs_n, res, n_mask)
-
-    @triton.jit
-    def _gemv3_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, N, K, blocks_per_split, GROUP_SIZE: tl.constexpr,
-                      BLOCK_N: tl.constexpr, GB: tl.constexpr):
-        """M == 1 on CUDA cores with three instructions per weight (variant 5; groups of 128k).
-
-        A nibble shifted into the top four mantissa bits of 1.0 is the float ``1 + q/16`` exactly (one shift
-        and one and-or per weight, no subtraction), which feeds one FMA; per group the 16 and the zero point
-        come out in closed form: sum x (q - z) = 16 sum x (1 + q/16) - (16 + z) sum x.  All terms are of the
-        size of x, so the fp32 sums lose nothing to cancellation (unlike the 2**23 trick, which needs a
-        subtraction per weight to stay exact).
-        """
-        pid_n = tl.program_id(0)
-        pid_k = tl.program_id(1)
-        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        n_mask = offs_n < N
-        offs_g = tl.arange(0, GB)
-        offs_i = tl.arange(0, 16)
-        acc = tl.zeros((GB, 16, BLOCK_N), dtype=tl.float32)
-        n_blocks = tl.cdiv(K, 128)
-        kb_start = pid_k * blocks_per_split
-        for it in range(0, blocks_per_split, GB):
-            kb = kb_start + it + offs_g  # [GB]
-            b_ok = (kb < n_blocks) & (it + offs_g < blocks_per_split)
-            rows = kb[:, None, None] * 16 + offs_i[None, :, None]  # [GB, 16, 1]
-            qw = tl.load(qw_ptr + rows * N + offs_n[None, None, :], mask=b_ok[:, None, None] & n_mask[None, None, :],
-                         other=0)
-            dot = tl.zeros((GB, 16, BLOCK_N), dtype=tl.float32)
-            xs = tl.zeros((GB, 16), dtype=tl.float32)
-            for j in tl.static_range(8):
-                k = kb[:, None] * 128 + j * 16 + offs_i[None, :]  # [GB, 16]
-                x = tl.load(x_ptr + k, mask=b_ok[:, None] & (k < K), other=0.0).to(tl.float32)
-                if 4 * j <= 19:
-                    moved = qw << (19 - 4 * j)
-                else:
-                    moved = qw >> (4 * j - 19)
-                f = ((moved & 0x00780000) | 0x3F800000).to(tl.float32, bitcast=True)  # 1 + q/16
-                dot += f * x[:, :, None]
-                xs += x
-            g = (kb * 128) // GROUP_SIZE
-            sz_off = g[:, None, None] * N + offs_n[None, None, :]
-            sz_ok = b_ok[:, None, None] & n_mask[None, None, :]
-            s = tl.load(s_ptr + sz_off, mask=sz_ok, other=0.0).to(tl.float32)  # [GB, 1, BLOCK_N]
-            z = tl.load(z_ptr + sz_off, mask=sz_ok, other=0.0).to(tl.float32)
-            acc += (16.0 * dot - xs[:, :, None] * (16.0 + z)) * s
+            if ONE_PLUS_Q16:
+                acc += (16.0 * dot - xs[:, :, None] * (16.0 + z)) * s
+            else:
+                acc += (dot - xs[:, :, None] * z) * s
         res = tl.sum(tl.sum(acc, axis=1), axis=0)  # [BLOCK_N]
         _store_split(out_ptr, pid_k * N + offs_n, res, n_mask)
 
@@ -425,7 +393,7 @@ def gemm_config(m: int, n: int, k: int) -> tuple[int, ...]:
 
     variant 0: K=16-slice kernel, 1: K=128 kernel, 2: de-quantize + cuBLAS (the rest is ignored),
     3: the tensor-core kernel with whole-block unpack (:func:`_tc_kernel`), 4 and 5: for M == 1 only, the
-    CUDA-core GEMVs :func:`_gemv2_kernel` and :func:`_gemv3_kernel` (BLOCK_M then holds their K blocks
+    CUDA-core GEMV :func:`_gemv2_kernel` in its two dequantization modes (BLOCK_M then holds its K blocks
     per iteration).  A tuned entry
     for M == 1 under "gemm" takes precedence over the older "gemv" entry.
     """
@@ -492,9 +460,9 @@ def _cuda_w4a16_split(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tens
     per_split, split = _splits(k, split)
     out = torch.empty(split, m, n, dtype=torch.float32 if split > 1 else x.dtype, device=x.device)
     if variant in (4, 5):  # M == 1 only; block_m holds GB (K blocks per iteration)
-        (_gemv2_kernel if variant == 4 else _gemv3_kernel)[(triton.cdiv(n, block_n), split)](
+        _gemv2_kernel[(triton.cdiv(n, block_n), split)](
             x, qweight, scales, zeros, out, n, k, per_split, GROUP_SIZE=group_size, BLOCK_N=block_n,
-            GB=block_m, num_warps=warps, num_stages=stages)
+            GB=block_m, ONE_PLUS_Q16=variant == 5, num_warps=warps, num_stages=stages)
         return out
     grid = (triton.cdiv(n, block_n), triton.cdiv(m, block_m), split)
     kernel = {0: _gemm_kernel, 1: _gemm128_kernel, 3: _tc_kernel}[variant]
