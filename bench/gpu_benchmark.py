@@ -181,7 +181,7 @@ def attention_sweep(batch_sizes: list[int], cache_len: int, pos: int, out_dir: P
         p = torch.tensor([pos], device="cuda")
         ref = attn.decode_attention_reference(q.float(), kn.float(), vn.float(), caches[0][0].float(),
                                               caches[0][1].float(), p)
-        bucket = 1 << max(0, (b - 1).bit_length())
+        bucket = int4.m_bucket(b)
         saved = dict(attn.TUNED)
         best = (float("inf"), None)
         for cfg in grid:

@@ -236,7 +236,7 @@ def test_decode_attention_kernel_matches_reference(b: int, h: int, hkv: int, s: 
     from tasks.backends.torch.cuda.attention import _cuda_decode_attention, decode_attention_reference
 
     q = torch.randn(b, h, 128, device="cuda", dtype=torch.bfloat16)
-    kn, vn = torch.randn(b, hkv, 128, device="cuda", dtype=torch.bfloat16), torch.randn(b, hkv, 128, device="cuda", dtype=torch.bfloat16)
+    kn, vn = (torch.randn(b, hkv, 128, device="cuda", dtype=torch.bfloat16) for _ in "kv")
     kc = torch.randn(b, hkv, s, 128, device="cuda", dtype=torch.bfloat16)
     vc = torch.randn_like(kc)
     kc_ref, vc_ref = kc.clone(), vc.clone()

@@ -6,9 +6,10 @@ program per head (32 programs on a 132-SM GPU) over a sequence of hundreds of po
 positions to read comes from the device tensor ``pos`` (the position being decoded), so a replayed graph
 reads only the keys written so far, and the cache length is cut into chunks that run in parallel
 (flash-decoding: one program per (sequence, KV head, chunk) for all query heads of that KV head, both
-products on tensor cores, then a small kernel that merges the chunks' partial softmaxes).  The new token's key and value are written into the cache by the program whose chunk
-holds ``pos``; every program uses the new key/value from registers rather than from memory, so no program
-reads a cache slot that another program of the same launch is writing.
+products on tensor cores, then a small kernel that merges the chunks' partial softmaxes).  The new token's
+key and value are written into the cache by the program whose chunk holds ``pos``; every program uses the
+new key/value from registers rather than from memory, so no program reads a cache slot that another
+program of the same launch is writing.
 
 ``torch.ops.quantsweep.decode_attention`` is a custom op (opaque to ``torch.compile``, recorded by CUDA-graph
 capture); on CPU, or without Triton, it runs :func:`decode_attention_reference`, which the tests compare
@@ -22,6 +23,8 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+from tasks.backends.torch.cuda.int4 import m_bucket
 
 try:  # Triton ships with CUDA builds of torch only
     import triton
@@ -47,7 +50,7 @@ DEFAULT_CONFIG = (64, 4, 3, 256)
 
 def launch_config(batch: int) -> tuple[int, int, int, int]:
     """(positions per inner iteration, warps, pipeline stages, most positions per program) for a batch."""
-    return TUNED.get(1 << max(0, (batch - 1).bit_length()), DEFAULT_CONFIG)
+    return TUNED.get(m_bucket(batch), DEFAULT_CONFIG)
 
 
 def num_splits(batch: int, kv_heads: int, cache_len: int, block_s: int, max_chunk: int) -> int:

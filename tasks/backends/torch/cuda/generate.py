@@ -37,10 +37,10 @@ class Generator:
         if compile and on_cuda:
             import torch._dynamo
 
-            # one compilation per batch size and weight format; the default limit (8) is too small for a sweep
+            # static shapes: one compilation (seconds) per batch size and weight format, and the int4 op's
+            # split-K slice count, which depends on the batch size, is known to the compiler; the default
+            # recompile limit (8) is too small for a sweep
             torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
-            # static shapes: one compilation per batch size (seconds each), and the int4 op's split-K slice
-            # count, which depends on the batch size, is known to the compiler
             model.compile_decode(**(compile_options or {"dynamic": False}))
         self.compiled = compile and on_cuda
         self.graph: torch.cuda.CUDAGraph | None = None

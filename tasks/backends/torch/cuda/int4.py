@@ -9,9 +9,9 @@ words, so every load is coalesced along N.  ``scales`` and ``zeros`` are bf16 [K
 holds the *integer* zero point (0..15, exact in bf16) so that ``w = (q - zero) * scale`` is the same
 arithmetic as compressed-tensors' ``(q - zp) * s`` (a symmetric checkpoint has zero 8 everywhere).
 
-Kernels (CUDA, Triton), chosen per (M, N, K) from ``int4_configs.json`` (written on an H100, then
-re-tuned on an H200 for M = 1, 16 and 64, by ``bench/gpu_benchmark.py --mode kernels``, which times every candidate inside CUDA graphs with weights cold
-in L2, as the decode step runs them; heuristics fill shapes it lacks):
+Kernels (CUDA, Triton), chosen per (M, N, K) from ``int4_configs.json`` (written on an H100, then re-tuned
+on an H200 for M = 1, 16 and 64, by ``bench/gpu_benchmark.py --mode kernels``, which times every candidate
+inside CUDA graphs with weights cold in L2, as the decode step runs them; heuristics fill shapes it lacks):
 Split-K kernels write each split's partial sums to its own slice of a [splits, M, N] fp32 output (no
 atomics: no zeroed buffer, no memset launch, deterministic sums); the sum over splits is fused by
 torch.compile into whatever consumes the product (the decode step's norms, residual adds and SiLU).
@@ -359,7 +359,7 @@ if triton is not None:
 
 
 def m_bucket(m: int) -> int:
-    """Tuned configs are stored per power-of-two M (the sweep's M values)."""
+    """Tuned configs (here and in :mod:`.attention`) are stored per power-of-two M (the sweeps' M values)."""
     return 1 << max(0, (m - 1).bit_length())
 
 
@@ -423,7 +423,7 @@ def _kernel_choice(m: int, n: int, k: int, group_size: int) -> tuple[str, tuple[
 
 def _splits(k: int, split: int) -> tuple[int, int]:
     """(128-deep K blocks per split, splits actually launched) for a requested split count."""
-    n_blocks = triton.cdiv(k, PACK_BLOCK) if triton is not None else -(-k // PACK_BLOCK)
+    n_blocks = -(-k // PACK_BLOCK)
     per_split = -(-n_blocks // max(1, split))
     return per_split, -(-n_blocks // per_split)
 

@@ -5,11 +5,11 @@ hd head dim, I MLP width, V vocab.  Every linear layer is either ``nn.Linear`` (
 :class:`~tasks.backends.torch.cuda.int4.Int4Linear`; the model code does not know which.
 
 Prefill (L > 1) always starts at position 0 and attends causally over its own keys (flash attention);
-decode (L == 1) runs each block as two compiled halves around
+decode (L == 1) runs each block as two (compiled) halves around
 :func:`~tasks.backends.torch.cuda.attention.decode_attention`, which writes the new key/value at the
 device-side position and reads only the positions written so far, so the step's shapes never change and it
-can be captured in a CUDA graph.  Rotary embedding follows Hugging
-Face's Llama (``rotate_half``), so HF checkpoints load without permuting q/k.
+can be captured in a CUDA graph.  Rotary embedding follows Hugging Face's Llama (``rotate_half``), so HF
+checkpoints load without permuting q/k.
 """
 from __future__ import annotations
 
@@ -114,16 +114,13 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, input_pos: torch.Tensor,
                 k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
-        """Prefill from position 0 (causal over its own keys) or an uncompiled decode step (L == 1)."""
+        """Prefill from position 0: causal over its own keys (decode goes through :meth:`Block.decode_pre`)."""
         b, length, _ = x.shape  # x [B, L, D]
-        q, k, v = self.qkv(x, cos, sin)
-        if length == 1:
-            y = decode_attention(q[:, 0], k[:, 0], v[:, 0], k_cache, v_cache, input_pos)  # [B, H, hd]
-            return self.wo(y.reshape(b, 1, self.q_size))
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, heads, L, hd]
+        q, k, v = (t.transpose(1, 2) for t in self.qkv(x, cos, sin))  # [B, heads, L, hd]
         k_cache.index_copy_(2, input_pos, k)  # caches [B, Hkv, S, hd]
         v_cache.index_copy_(2, input_pos, v)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.args.n_kv_heads != self.args.n_heads)
+        gqa = self.args.n_kv_heads != self.args.n_heads
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
         return self.wo(y.transpose(1, 2).reshape(b, length, self.q_size))  # [B, L, D]
 
 
@@ -152,8 +149,9 @@ class Block(nn.Module):
         h = x + self.attention(self.attention_norm(x), cos, sin, input_pos, k_cache, v_cache)
         return h + self.feed_forward(self.ffn_norm(h))
 
-    # A decode step in three parts, so that torch.compile fuses everything around the attention kernel
-    # (norms, rope, residual adds, SiLU, the int4 kernels' split-K sums) and the kernel itself stays eager.
+    # A decode step is decode_pre -> decode_attention -> decode_post, so that torch.compile fuses everything
+    # around the attention kernel (norms, rope, residual adds, SiLU, the int4 kernels' split-K sums) and
+    # the kernel itself stays eager.
 
     def decode_pre(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -165,13 +163,6 @@ class Block(nn.Module):
         """x [B, 1, D], attention output y [B, H, hd] -> the block's output [B, 1, D]."""
         h = x + self.attention.wo(y.reshape(x.shape[0], 1, -1))
         return h + self.feed_forward(self.ffn_norm(h))
-
-    def decode(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, input_pos: torch.Tensor,
-               k_cache: torch.Tensor, v_cache: torch.Tensor,
-               pre: Callable[..., Any] | None = None, post: Callable[..., Any] | None = None) -> torch.Tensor:
-        q, k, v = (pre or self.decode_pre)(x, cos, sin)
-        y = decode_attention(q, k, v, k_cache, v_cache, input_pos)
-        return (post or self.decode_post)(x, y)
 
 
 class Transformer(nn.Module):
@@ -186,7 +177,9 @@ class Transformer(nn.Module):
         self.norm = RMSNorm(args.dim, args.rms_norm_eps, dtype, device)
         self.output = nn.Linear(args.dim, args.vocab_size, bias=False, dtype=dtype, device=device)  # kept dense
         self.tie_weights()
-        self.compiled_halves: list[tuple[Callable[..., Any], Callable[..., Any]]] | None = None
+        # (decode_pre, decode_post) per layer: the methods themselves, or their compiled wrappers
+        self.decode_halves: list[tuple[Callable[..., Any], Callable[..., Any]]] = [
+            (layer.decode_pre, layer.decode_post) for layer in self.layers]
         self.caches: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.cache_shape: tuple[int, int] | None = None
 
@@ -215,12 +208,12 @@ class Transformer(nn.Module):
         length = tokens.shape[1]
         x = self.tok_embeddings(tokens)  # [B, L, D]
         cos, sin = self.cos[input_pos], self.sin[input_pos]  # [L, hd]
-        for i, (layer, (k_cache, v_cache)) in enumerate(zip(self.layers, self.caches)):
+        for layer, (pre, post), (k_cache, v_cache) in zip(self.layers, self.decode_halves, self.caches):
             if length > 1:
                 x = layer(x, cos, sin, input_pos, k_cache, v_cache)
-            else:  # compiled halves serve decode only
-                pre, post = self.compiled_halves[i] if self.compiled_halves else (None, None)
-                x = layer.decode(x, cos, sin, input_pos, k_cache, v_cache, pre, post)
+            else:
+                q, k, v = pre(x, cos, sin)
+                x = post(x, decode_attention(q, k, v, k_cache, v_cache, input_pos))
         if not all_logits:
             x = x[:, -1]  # [B, D]: prefill needs only the last position's logits
         return self.output(self.norm(x)).float()
@@ -231,8 +224,8 @@ class Transformer(nn.Module):
         With dynamo's default ``inline_inbuilt_nn_modules`` the layers' weights are graph inputs, so the 32
         layers share one compilation (per batch size, with static shapes) instead of compiling 32 times.
         """
-        self.compiled_halves = [(torch.compile(layer.decode_pre, **compile_kwargs),
-                                 torch.compile(layer.decode_post, **compile_kwargs)) for layer in self.layers]
+        self.decode_halves = [(torch.compile(layer.decode_pre, **compile_kwargs),
+                               torch.compile(layer.decode_post, **compile_kwargs)) for layer in self.layers]
 
     def weight_bytes(self) -> int:
         """Bytes of all parameters and buffers the model reads (tied weights counted once)."""
