@@ -23,7 +23,8 @@ def describe_weights(model: Transformer, symmetric: bool | None = None) -> str:
     if not int4:
         return "dense bfloat16"
     grid = "" if symmetric is None else ("-sym" if symmetric else "-asym")
-    return f"int4-g{int4[0].group_size}{grid} (W4A16 Triton kernels, bf16 activations; lm_head and embeddings bf16)"
+    return (f"int4-g{int4[0].group_size}{grid} (W4A16, {model.int4_kernels} kernels, bf16 activations; "
+            "lm_head and embeddings bf16)")
 
 
 class CudaLlamaEngine(Engine):
@@ -102,12 +103,12 @@ def load_cuda_engine(checkpoint_dir: Path, device: str, options: dict[str, Any])
     """What :class:`~tasks.backends.torch.backend.TorchBackend` calls for ``cuda`` devices.
 
     options: ``compile`` (default True) and ``cuda_graph`` (default True) switch the two speed-ups off
-    for debugging; ``kv_cache_*`` and ``shape`` size the static KV cache (:func:`kv_cache_shape`);
-    other keys are ignored.
+    for debugging; ``int4_kernels`` (auto | mma | triton, default auto) picks the int4 kernels;
+    ``kv_cache_*`` and ``shape`` size the static KV cache (:func:`kv_cache_shape`); other keys are ignored.
     """
     if device.startswith("cuda"):
         torch.cuda.set_device(torch.device(device))
     scheme = int4_scheme(read_config(checkpoint_dir))
-    model = load_llama(Path(checkpoint_dir), device)
+    model = load_llama(Path(checkpoint_dir), device, int4_kernels=str(options.get("int4_kernels", "auto")))
     return CudaLlamaEngine(model, device, Path(checkpoint_dir), options,
                            symmetric=None if scheme is None else scheme["symmetric"])

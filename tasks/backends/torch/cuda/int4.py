@@ -41,6 +41,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from tasks.backends.torch.cuda import int4_mma
+
 try:  # Triton ships with CUDA builds of torch only
     import triton
     import triton.language as tl
@@ -82,11 +84,12 @@ def unpack_int4(qweight: torch.Tensor, k: int) -> torch.Tensor:
 
 def dequantize(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, in_features: int,
                dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """The reference de-quantization ``W[n, k] = (q - zero) * scale`` -> [N, K] in ``dtype``.
+    """The reference de-quantization ``W[n, k] = (q - zero) * scale`` -> [N, K] in ``dtype``, from either
+    layout (a 4-D ``qweight`` is the "mma" layout of :mod:`.int4_mma`).
 
     Computed in float32 (exact for these integers; one rounding of the product), then cast.
     """
-    q = unpack_int4(qweight, in_features).to(torch.float32)  # [N, K]
+    q = (int4_mma.unpack_mma(qweight) if qweight.dim() == 4 else unpack_int4(qweight, in_features)).to(torch.float32)
     group_size = in_features // scales.shape[0]
     s = scales.to(torch.float32).t().repeat_interleave(group_size, dim=1)  # [N, K]
     z = zeros.to(torch.float32).t().repeat_interleave(group_size, dim=1)
@@ -502,6 +505,10 @@ def w4a16_mm_split(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
     engine compiles with static shapes.
     """
     group_size = in_features // scales.shape[0]
+    if x.is_cuda and qweight.dim() == 4:
+        if x.shape[0] <= int4_mma.MAX_M and x.dtype == torch.bfloat16:
+            return int4_mma.mma_split(x.contiguous(), qweight, scales, zeros)
+        return (x @ int4_mma.dequantize_mma_cuda(qweight, scales, zeros).to(x.dtype).t()).unsqueeze(0)
     if x.is_cuda and triton is not None:
         return _cuda_w4a16_split(x.contiguous(), qweight, scales, zeros, group_size)
     w = dequantize(qweight, scales, zeros, in_features, torch.float32)
@@ -510,10 +517,15 @@ def w4a16_mm_split(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
 
 @w4a16_mm_split.register_fake
 def _(x, qweight, scales, zeros, in_features):
-    m, n = int(x.shape[0]), qweight.shape[1]  # int(): a symbolic batch size is specialised here
+    m = int(x.shape[0])  # int(): a symbolic batch size is specialised here
+    mma = qweight.dim() == 4
+    n = qweight.shape[0] * int4_mma.TILE if mma else qweight.shape[1]
     if x.device.type != "cuda":
         return x.new_empty(1, m, n)
-    splits = output_splits(m, n, in_features, in_features // scales.shape[0])
+    if mma:
+        splits = int4_mma.output_splits(m, n, in_features) if x.dtype == torch.bfloat16 else 1
+    else:
+        splits = output_splits(m, n, in_features, in_features // scales.shape[0])
     return x.new_empty(splits, m, n, dtype=torch.float32 if splits > 1 else x.dtype)
 
 
@@ -549,6 +561,18 @@ class Int4Linear(nn.Module):
         layer.zeros = zeros.to(torch.bfloat16).contiguous()
         return layer
 
+    @property
+    def layout(self) -> str:
+        return "mma" if self.qweight.dim() == 4 else "triton"
+
+    def to_mma_layout(self) -> bool:
+        """Repack the weights for the tensor-core kernels of :mod:`.int4_mma` (same bytes, other order);
+        False, and nothing changed, where the shape does not fit that layout."""
+        if self.layout == "mma" or not int4_mma.supported(self.out_features, self.in_features, self.group_size):
+            return self.layout == "mma"
+        self.qweight = int4_mma.pack_mma(unpack_int4(self.qweight, self.in_features))
+        return True
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = w4a16_mm(x.reshape(-1, self.in_features), self.qweight, self.scales, self.zeros, self.in_features)
         return y.view(*x.shape[:-1], self.out_features)
@@ -558,3 +582,24 @@ class Int4Linear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, group_size={self.group_size}"
+
+
+def select_kernels(model: nn.Module, kernels: str = "auto") -> str:
+    """Put every int4 layer of ``model`` in the layout of the chosen kernels; returns what was used.
+
+    ``kernels``: "mma" (the NVRTC-compiled tensor-core kernels of :mod:`.int4_mma`, which need an sm_80+
+    GPU), "triton" (this module's kernels), or "auto" (mma where available, else triton).  Layers whose
+    shapes the mma layout does not cover keep the Triton layout either way.
+    """
+    if kernels not in ("auto", "mma", "triton"):
+        raise ValueError(f"int4_kernels must be one of auto, mma, triton; got {kernels!r}")
+    layers = [m for m in model.modules() if isinstance(m, Int4Linear)]
+    if not layers or kernels == "triton":
+        return "triton"
+    available, why = int4_mma.available(layers[0].qweight.device)
+    if not available:
+        if kernels == "mma":
+            raise RuntimeError(f"int4_kernels=mma is not available here: {why}")
+        return "triton"
+    converted = sum(layer.to_mma_layout() for layer in layers)
+    return "mma" if converted == len(layers) else f"mma ({converted}/{len(layers)} layers; rest triton)"

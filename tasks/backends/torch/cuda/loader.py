@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from tasks.backends.torch.cuda.int4 import Int4Linear, PACK_BLOCK, pack_int4
+from tasks.backends.torch.cuda.int4 import Int4Linear, PACK_BLOCK, pack_int4, select_kernels
 from tasks.backends.torch.cuda.model import LinearFactory, ModelArgs, Transformer, dense_linear
 
 
@@ -109,8 +109,12 @@ class _Tensors:
         return self.files[name].get_tensor(name).to(device)
 
 
-def load_llama(checkpoint_dir: Path, device: str | torch.device, dtype: torch.dtype = torch.bfloat16) -> Transformer:
-    """A :class:`Transformer` on ``device`` from a HF Llama folder (dense or compressed-tensors int4)."""
+def load_llama(checkpoint_dir: Path, device: str | torch.device, dtype: torch.dtype = torch.bfloat16,
+               int4_kernels: str = "auto") -> Transformer:
+    """A :class:`Transformer` on ``device`` from a HF Llama folder (dense or compressed-tensors int4).
+
+    ``int4_kernels`` picks the int4 kernels on CUDA (:func:`~.int4.select_kernels`); CPU keeps the reference.
+    """
     config = read_config(checkpoint_dir)
     args = ModelArgs.from_hf_config(config)
     scheme = int4_scheme(config)
@@ -141,6 +145,8 @@ def load_llama(checkpoint_dir: Path, device: str | torch.device, dtype: torch.dt
                 else:
                     _load_int4(module, theirs, tensors, device)
     model.requires_grad_(False)  # inference only: no autograd graphs in compiled code
+    if torch.device(device).type == "cuda":
+        model.int4_kernels = select_kernels(model, int4_kernels)
     model.setup_cache(1, 16)  # rope tables and a small cache so the model runs at once; engines resize it
     return model.eval()
 
@@ -162,7 +168,7 @@ def _load_int4(module: nn.Module, theirs: list[str], tensors: _Tensors, device: 
 
 
 def random_llama(args: ModelArgs, weight_format: str, device: str | torch.device, group_size: int = 128,
-                 seed: int = 0) -> Transformer:
+                 seed: int = 0, int4_kernels: str = "auto") -> Transformer:
     """A model of ``args``' shape with RANDOM weights, built directly on ``device`` (no checkpoint).
 
     ``weight_format``: "bfloat16" (dense) or "int4" (uniform random nibbles, asymmetric zero points,
@@ -188,6 +194,8 @@ def random_llama(args: ModelArgs, weight_format: str, device: str | torch.device
             elif t.is_floating_point():
                 t.copy_(0.02 * torch.randn(t.shape, generator=gen, device=device, dtype=torch.float32))
     model.requires_grad_(False)
+    if torch.device(device).type == "cuda":
+        model.int4_kernels = select_kernels(model, int4_kernels)
     model.setup_cache(1, 16)
     return model.eval()
 

@@ -182,6 +182,7 @@ class Transformer(nn.Module):
             (layer.decode_pre, layer.decode_post) for layer in self.layers]
         self.caches: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.cache_shape: tuple[int, int] | None = None
+        self.int4_kernels = "reference"  # which int4 kernels the loader selected (int4.select_kernels)
 
     def tie_weights(self) -> None:
         if self.args.tie_word_embeddings:

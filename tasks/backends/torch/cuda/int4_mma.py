@@ -1,0 +1,163 @@
+"""The "mma" int4 weight layout and its tensor-core kernels (``w4a16_mma.cu``), for NVIDIA GPUs.
+
+Why a second layout: the Triton kernels of :mod:`.int4` decode one nibble per fp32 instruction chain and
+run at 1.3-1.6 TB/s of int4 weights on an H200 at batch 1 (issue-bound), and their tensor-core GEMMs trail
+cuBLAS bf16 at M = 64.  Here every lane loads its whole MMA fragment for a 64-deep K chunk with one 16-byte
+load (a warp reads 512 contiguous bytes), turns two nibbles into two bf16 with one LOP3, and feeds the
+weights to ``mma.m16n8k16`` as the A operand with the activations as B ("swap AB"), so batch 1 wastes
+tensor-core lanes, not bandwidth, and batches up to 64 reuse each de-quantized fragment for up to 8 MMAs.
+The layout and the kernels are described in ``w4a16_mma.cu``.
+
+The kernels are compiled at first use by NVRTC through ``torch.cuda._compile_kernel`` (torch's own
+runtime-compilation entry point; no CUDA toolkit needed), once per template configuration and process.
+A layer uses this layout only where :func:`supported` holds; everything else keeps the Triton layout.
+The packing functions are plain torch and run on CPU, where the tests check them.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import math
+from pathlib import Path
+
+import torch
+
+SOURCE_FILE = Path(__file__).with_name("w4a16_mma.cu")
+CONFIG_FILE = Path(__file__).with_name("int4_mma_configs.json")  # bench/gpu_benchmark.py --mode mma
+CHUNK = 64  # K per 16-byte lane vector
+TILE = 16  # weight rows per MMA tile
+MAX_M = 64  # 8 activation tiles of 8 rows; larger M de-quantizes and uses cuBLAS
+
+
+# ----------------------------------------------------------------------------------------------- packing
+
+# nibble r of a word <-> (row half h, slot): row = g + 8h, k = 16t + 4kt + slot (see w4a16_mma.cu)
+_H_SLOT_OF_NIBBLE = [(r & 1, 2 * ((r >> 1) & 1) + (r >> 2)) for r in range(8)]
+
+
+def _shifts(device: torch.device) -> torch.Tensor:
+    """[2, 4] shift of the nibble holding (row half h, slot)."""
+    s = torch.zeros(2, 4, dtype=torch.int64, device=device)
+    for r, (h, slot) in enumerate(_H_SLOT_OF_NIBBLE):
+        s[h, slot] = 4 * r
+    return s
+
+
+def supported(n: int, k: int, group_size: int) -> bool:
+    """Shapes the layout covers: whole 16-row tiles, whole 64-deep chunks, groups of whole chunks."""
+    return n % TILE == 0 and k % CHUNK == 0 and group_size % CHUNK == 0 and k % group_size == 0
+
+
+def pack_mma(q: torch.Tensor) -> torch.Tensor:
+    """Unsigned 4-bit values ``q`` [N, K] (0..15) -> int32 [N/16, K/64, 32, 4] (the "mma" layout)."""
+    n, k = q.shape
+    if n % TILE or k % CHUNK:
+        raise ValueError(f"mma layout needs N % {TILE} == 0 and K % {CHUNK} == 0, got N={n}, K={k}")
+    q6 = q.to(torch.int64).view(n // TILE, 2, 8, k // CHUNK, 4, 4, 4)  # (nt, h, g, c, t, kt, slot)
+    q6 = q6.permute(0, 3, 2, 4, 5, 1, 6)  # (nt, c, g, t, kt, h, slot)
+    words = (q6 << _shifts(q.device)).sum(dim=(-2, -1))  # disjoint bit fields: sum == or
+    words = torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+    return words.reshape(n // TILE, k // CHUNK, 32, 4).contiguous()
+
+
+def unpack_mma(qweight: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`pack_mma`: int32 [N/16, K/64, 32, 4] -> uint8 [N, K]."""
+    nt, nc = qweight.shape[:2]
+    words = (qweight.to(torch.int64) & 0xFFFFFFFF).view(nt, nc, 8, 4, 4, 1, 1)  # (nt, c, g, t, kt, 1, 1)
+    q6 = (words >> _shifts(qweight.device)) & 0xF  # (nt, c, g, t, kt, h, slot)
+    q6 = q6.permute(0, 5, 2, 1, 3, 4, 6)  # (nt, h, g, c, t, kt, slot)
+    return q6.reshape(nt * TILE, nc * CHUNK).to(torch.uint8).contiguous()
+
+
+# ------------------------------------------------------------------------------------------- kernels
+
+
+@functools.lru_cache(maxsize=None)
+def _kernel(name: str):
+    """NVRTC-compiled kernel ``name`` (a template instance like ``w4a16_mma<1, 1, 4, 4>``), cached."""
+    return torch.cuda._compile_kernel(SOURCE_FILE.read_text(), name, nvcc_options=["-std=c++17"])
+
+
+def available(device: torch.device) -> tuple[bool, str]:
+    """(whether the kernels run on ``device``, why not): a CUDA sm_80+ GPU and a working NVRTC."""
+    if device.type != "cuda" or torch.version.cuda is None:
+        return False, f"device {device} is not an NVIDIA CUDA device"
+    if torch.cuda.get_device_capability(device) < (8, 0):
+        return False, "bf16 tensor-core MMA needs compute capability 8.0 or newer"
+    if not hasattr(torch.cuda, "_compile_kernel"):
+        return False, f"torch {torch.__version__} has no torch.cuda._compile_kernel (NVRTC); torch >= 2.8 does"
+    try:
+        with torch.cuda.device(device):
+            _kernel("w4a16_mma_dequant")
+    except Exception as err:  # noqa: BLE001 - any NVRTC/driver failure means: use the Triton kernels
+        return False, f"NVRTC compilation failed: {err}"
+    return True, ""
+
+
+def _load_tuned() -> dict[tuple[int, int, int], tuple[int, ...]]:
+    if not CONFIG_FILE.exists():
+        return {}
+    return {(int(m), int(n), int(k)): tuple(cfg) for m, n, k, cfg in json.loads(CONFIG_FILE.read_text())["configs"]}
+
+
+#: {(M bucket, N, K): (TN, WK, U, splits)}; written by the GPU sweep, heuristics fill gaps
+TUNED = _load_tuned()
+
+
+def m_tiles(m: int) -> int:
+    return max(1, min(8, math.ceil(m / 8)))
+
+
+def config(m: int, n: int, k: int) -> tuple[int, int, int, int]:
+    """(TN, WK, U, splits) for this shape: 16-row tiles per warp, warps per block, chunks loaded ahead,
+    split-K slices.  The heuristic aims at ~16 warps per SM with a few KB of loads in flight each."""
+    bucket = 1 << max(0, (m - 1).bit_length())
+    if (bucket, n, k) in TUNED:
+        return TUNED[(bucket, n, k)]
+    tn = 1 if m <= 16 else 2
+    wk, u = 4, 4 if m <= 16 else 2
+    blocks = math.ceil(n / TILE / tn)
+    n_chunks = k // CHUNK
+    target_blocks = 132 * 4
+    splits = max(1, min(n_chunks // (wk * u), round(target_blocks / blocks)))
+    return tn, wk, u, splits
+
+
+def splits_of(k: int, splits: int) -> tuple[int, int]:
+    """(chunks per split, splits actually launched)."""
+    n_chunks = k // CHUNK
+    per = math.ceil(n_chunks / max(1, splits))
+    return per, math.ceil(n_chunks / per)
+
+
+def output_splits(m: int, n: int, k: int) -> int:
+    if m > MAX_M:
+        return 1
+    return splits_of(k, config(m, n, k)[3])[1]
+
+
+def mma_split(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+              cfg: tuple[int, int, int, int] | None = None) -> torch.Tensor:
+    """x [M, K] bf16 (M <= 64) -> split-K partials [S, M, N] (fp32 when S > 1, bf16 when S == 1)."""
+    m, k = x.shape
+    n = qweight.shape[0] * TILE
+    tn, wk, u, splits = cfg or config(m, n, k)
+    per, splits = splits_of(k, splits)
+    out = torch.empty(splits, m, n, dtype=torch.float32 if splits > 1 else torch.bfloat16, device=x.device)
+    mt = m_tiles(m)
+    if (wk - 1) * tn * mt * 4 * 32 * 4 > 48 * 1024:
+        raise ValueError(f"config {(tn, wk, u, splits)} needs more than 48 KiB of shared memory at M={m}")
+    kernel = _kernel(f"w4a16_mma<{mt}, {tn}, {wk}, {u}>")
+    kernel(grid=(math.ceil(n / TILE / tn), splits, 1), block=(32 * wk, 1, 1),
+           args=[x, qweight, scales, zeros, out, m, n, k, k // scales.shape[0], per, int(splits > 1)])
+    return out
+
+
+def dequantize_mma_cuda(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> torch.Tensor:
+    """W [N, K] bf16 from the mma layout (prefill: the product then goes to cuBLAS)."""
+    nt, nc = qweight.shape[:2]
+    n, k = nt * TILE, nc * CHUNK
+    w = torch.empty(n, k, dtype=torch.bfloat16, device=qweight.device)
+    _kernel("w4a16_mma_dequant")(grid=(math.ceil(nt * nc / 4), 1, 1), block=(128, 1, 1),
+                                 args=[qweight, scales, zeros, w, n, k, k // scales.shape[0]])
+    return w

@@ -1,0 +1,153 @@
+"""The "mma" int4 layout: packing on CPU (against an independent model of mma.m16n8k16's fragments) and
+the NVRTC-compiled tensor-core kernels on a GPU (marked ``gpu``)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tasks.backends.torch.cuda import int4, int4_mma
+from tasks.backends.torch.cuda.generate import Generator
+from tasks.backends.torch.cuda.loader import random_llama
+from tasks.backends.torch.cuda.model import ModelArgs
+
+gpu = pytest.mark.gpu
+needs_mma = pytest.mark.skipif(not torch.cuda.is_available() or not int4_mma.available(torch.device("cuda"))[0],
+                               reason="needs an sm_80+ NVIDIA GPU with NVRTC")
+
+
+def _random_layer(n: int, k: int, gs: int, device: str = "cpu") -> tuple[torch.Tensor, ...]:
+    gen = torch.Generator().manual_seed(n * 7 + k)
+    q = torch.randint(0, 16, (n, k), dtype=torch.uint8, generator=gen)
+    scales = (torch.rand(k // gs, n, generator=gen) * 0.01 + 0.001).to(torch.bfloat16)
+    zeros = torch.randint(0, 16, (k // gs, n), generator=gen).to(torch.bfloat16)
+    return q.to(device), scales.to(device), zeros.to(device)
+
+
+@pytest.mark.parametrize("n,k", [(16, 64), (48, 576), (64, 256)])
+def test_pack_mma_round_trip(n: int, k: int) -> None:
+    q = _random_layer(n, k, 64)[0]
+    packed = int4_mma.pack_mma(q)
+    assert packed.shape == (n // 16, k // 64, 32, 4) and packed.dtype == torch.int32
+    assert torch.equal(int4_mma.unpack_mma(packed), q)
+
+
+def test_pack_mma_feeds_the_mma_fragments() -> None:
+    """Rebuild each m16n8k16 step from the words and activations exactly as the kernel's registers hold
+    them (PTX ISA fragment layouts for .bf16: A row-major 16x16, B 16x8, lane = 4 * groupID + threadID),
+    and check that the sum of the 4 K-steps of a chunk is the chunk's true product."""
+    n, k, m = 16, 64, 8
+    q = _random_layer(n, k, 64)[0].to(torch.int64)
+    x = torch.randn(m, k, dtype=torch.float64)
+    words = int4_mma.pack_mma(q.to(torch.uint8))[0, 0].to(torch.int64) & 0xFFFFFFFF  # [32 lanes, 4 kt]
+    total = torch.zeros(n, m, dtype=torch.float64)
+    for kt in range(4):
+        a = torch.full((16, 16), float("nan"), dtype=torch.float64)
+        b = torch.full((16, 8), float("nan"), dtype=torch.float64)
+        for lane in range(32):
+            g, t = lane // 4, lane % 4
+            w = int(words[lane, kt])
+            regs = [(((w >> (4 * i)) & 0xF), ((w >> (4 * i + 16)) & 0xF)) for i in range(4)]  # (low, high) halves
+            # A: reg i holds (a_{2i}, a_{2i+1}); rows g / g+8 alternate, columns +8 for regs 2 and 3
+            for i, (lo, hi) in enumerate(regs):
+                row = g + 8 * (i & 1)
+                col = 2 * t + 8 * (i >> 1)
+                a[row, col], a[row, col + 1] = lo, hi
+            # B from the lane's 16 contiguous activations x[g, 16t : 16t + 16]: words 2kt and 2kt + 1
+            xs = x[g, 16 * t:16 * t + 16]
+            b[2 * t, g], b[2 * t + 1, g] = xs[4 * kt], xs[4 * kt + 1]
+            b[2 * t + 8, g], b[2 * t + 9, g] = xs[4 * kt + 2], xs[4 * kt + 3]
+        assert not a.isnan().any() and not b.isnan().any()  # every fragment element written exactly once
+        total += a @ b
+    torch.testing.assert_close(total, q.double() @ x.t())
+
+
+def test_reference_path_reads_the_mma_layout_on_cpu() -> None:
+    n, k, gs = 32, 128, 64
+    q, scales, zeros = _random_layer(n, k, gs)
+    layer = int4.Int4Linear.from_quantized(q, scales, zeros)
+    x = torch.randn(3, k, dtype=torch.bfloat16)
+    before = layer(x)
+    assert layer.to_mma_layout() and layer.layout == "mma"
+    torch.testing.assert_close(layer(x), before, rtol=0, atol=0)
+    torch.testing.assert_close(int4.dequantize(layer.qweight, scales, zeros, k),
+                               int4.dequantize(int4.pack_int4(q), scales, zeros, k), rtol=0, atol=0)
+
+
+def test_unsupported_shapes_keep_the_triton_layout() -> None:
+    q, scales, zeros = _random_layer(24, 128, 64)  # 24 rows: not whole 16-row tiles
+    layer = int4.Int4Linear.from_quantized(q, scales, zeros)
+    assert not layer.to_mma_layout() and layer.layout == "triton"
+    assert not int4_mma.supported(4096, 4096, 32)
+
+
+def test_select_kernels_names_the_allowed_values() -> None:
+    with pytest.raises(ValueError, match="int4_kernels must be one of auto, mma, triton"):
+        int4.select_kernels(torch.nn.Linear(2, 2), "marlin")
+
+
+def test_select_kernels_on_cpu_keeps_the_reference_layout() -> None:
+    q, scales, zeros = _random_layer(32, 128, 64)
+    model = torch.nn.Sequential(int4.Int4Linear.from_quantized(q, scales, zeros))
+    assert int4.select_kernels(model, "auto") == "triton" and model[0].layout == "triton"
+    with pytest.raises(RuntimeError, match="int4_kernels=mma is not available here"):
+        int4.select_kernels(model, "mma")
+
+
+# ------------------------------------------------------------------------------------------------- GPU
+
+
+@gpu
+@needs_mma
+@pytest.mark.parametrize("m", [1, 2, 5, 8, 13, 16, 33, 64, 65, 512])
+@pytest.mark.parametrize("n,k,gs", [(4096, 4096, 128), (1536, 576, 64), (512, 11008, 128), (272, 1280, 128)])
+def test_mma_kernel_matches_reference(m: int, n: int, k: int, gs: int) -> None:
+    q, scales, zeros = _random_layer(n, k, gs, "cuda")
+    qweight = int4_mma.pack_mma(q)
+    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+    w_bf16 = int4.dequantize(qweight, scales, zeros, k, torch.bfloat16)
+    ref = x.double() @ w_bf16.double().t()
+    parts = torch.ops.quantsweep.w4a16_mm_split(x, qweight, scales, zeros, k)
+    fake_splits = int4_mma.output_splits(m, n, k)
+    assert parts.shape == (fake_splits, m, n)
+    out = int4.reduce_splits(parts, torch.float32)
+    assert torch.isfinite(out).all()
+    assert ((out.double() - ref).norm() / ref.norm()).item() < 5e-3
+
+
+@gpu
+@needs_mma
+@pytest.mark.parametrize("cfg", [(1, 1, 1, 1), (1, 4, 4, 3), (2, 2, 2, 5), (4, 1, 2, 2), (3, 4, 1, 7)])
+@pytest.mark.parametrize("m", [1, 9, 40])
+def test_mma_kernel_configs_match_reference(cfg: tuple, m: int) -> None:
+    """Every template/launch knob the sweep may pick, on a shape with a ragged last tile group and split."""
+    n, k, gs = 208, 1216, 64
+    q, scales, zeros = _random_layer(n, k, gs, "cuda")
+    qweight = int4_mma.pack_mma(q)
+    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+    ref = x.double() @ int4.dequantize(qweight, scales, zeros, k, torch.bfloat16).double().t()
+    out = int4.reduce_splits(int4_mma.mma_split(x, qweight, scales, zeros, cfg), torch.float32)
+    assert ((out.double() - ref).norm() / ref.norm()).item() < 5e-3
+
+
+@gpu
+@needs_mma
+def test_mma_dequantize_is_the_reference_bit_for_bit() -> None:
+    n, k, gs = 1536, 576, 64
+    q, scales, zeros = _random_layer(n, k, gs, "cuda")
+    qweight = int4_mma.pack_mma(q)
+    got = int4_mma.dequantize_mma_cuda(qweight, scales, zeros)
+    assert torch.equal(got, int4.dequantize(qweight, scales, zeros, k, torch.bfloat16))
+
+
+@gpu
+@needs_mma
+def test_graph_decode_with_mma_kernels_matches_eager() -> None:
+    args = ModelArgs(vocab_size=512, dim=256, n_layers=2, n_heads=4, n_kv_heads=4, intermediate_size=512,
+                     head_dim=64)
+    model = random_llama(args, "int4", "cuda", group_size=128, int4_kernels="mma")
+    assert model.int4_kernels == "mma"
+    for batch in (1, 3):
+        ids = torch.randint(0, 512, (batch, 16), device="cuda")
+        fast = Generator(model, compile=True, cuda_graph=True).generate(ids, 8)
+        slow = Generator(model, compile=False, cuda_graph=False).generate(ids, 8)
+        assert (fast.output_token_ids == slow.output_token_ids).float().mean() > 0.9, batch
