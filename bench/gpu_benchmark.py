@@ -9,11 +9,14 @@ and memory do not depend on the values).  Modes:
   choice and a grid of candidates (old and new Triton kernels, de-quantize + cuBLAS), each inside a CUDA
   graph over weight copies that do not fit in L2; writes the fastest correct path per shape to
   ``--configs-out`` (the engine reads that JSON) after every linear.
+- ``mma``: the same timing for the tensor-core kernels of ``int4_mma`` (weights in the "mma" layout) over
+  their launch configs, against bf16 cuBLAS and the Triton kernels; writes the fastest per shape to
+  ``--configs-out`` (the engine reads ``int4_mma_configs.json``).
 - ``smoke``: the orchestrator's path without Ray on small checkpoints (``--smoke-dir`` with ``fp`` and
   ``rtn``): TorchBackend build -> load (KV cache from the profile options) -> profile_engine -> lm-eval.
 - ``attention``: per batch size, the decode-attention kernels over a grid of launch configs; writes the
   fastest to ``--configs-out`` (the engine reads ``attention_configs.json``).
-- ``e2e``: method x batch -> output tok/s (batch x output_len / end-to-end, prefill included), decode
+- ``e2e``: method (fp16; int4 with the default kernels; int4-triton) x batch -> output tok/s (batch x output_len / end-to-end, prefill included), decode
   tok/s, TTFT, inter-token latency, peak memory, and % of the bandwidth roofline (bytes a decode step
   must read / the device-to-device copy bandwidth measured here).  Each method runs in its own process,
   so one method's memory never shows in the other's peak.
@@ -40,7 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from tasks.backends.torch.cuda import int4  # noqa: E402
+from tasks.backends.torch.cuda import int4, int4_mma  # noqa: E402
 from tasks.backends.torch.cuda.generate import Generator  # noqa: E402
 from tasks.backends.torch.cuda.loader import random_llama  # noqa: E402
 from tasks.backends.torch.cuda.model import kv_bytes_per_token, llama2_7b_args  # noqa: E402
@@ -87,32 +90,38 @@ def copy_bandwidth(nbytes: int = 2 * GIB, repeats: int = 20) -> float:
 
 
 def numerical_check(batch_sizes: list[int], input_len: int, out_dir: Path) -> list[dict]:
-    """Relative error of the int4 op vs x @ dequant(W)^T in fp32, fresh random data for every shape."""
+    """Relative error of the int4 op vs x @ dequant(W)^T in fp32, fresh random data for every shape, for
+    both weight layouts (Triton kernels, and the tensor-core "mma" kernels where they run)."""
     torch.backends.cuda.matmul.allow_tf32 = False
     rows = []
     ms = sorted(set(batch_sizes) | {b * input_len for b in batch_sizes})
+    layouts = ["triton"] + (["mma"] if int4_mma.available(torch.device("cuda"))[0] else [])
     for name, (k, n) in shapes_kn().items():
         for m in ms:
             torch.manual_seed(1000 * m + k + n)
-            _, qweight, scales, zeros = random_int4(k, n)
+            q, qweight, scales, zeros = random_int4(k, n)
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-            out = int4.w4a16_mm(x, qweight, scales, zeros, k)
-            torch.cuda.synchronize()
             w = int4.dequantize(qweight, scales, zeros, k)  # fp32 [N, K], exact
             ref = x.float() @ w.t()
             dense = F.linear(x, w.to(torch.bfloat16)).float()  # what a bf16 model with these weights gives
-            rel = ((out.float() - ref).norm() / ref.norm()).item()
             rel_dense = ((dense - ref).norm() / ref.norm()).item()
-            ok = bool(torch.isfinite(out).all()) and rel < 1e-2
-            rows.append({"linear": name, "M": m, "K": k, "N": n, "rel_err_int4": rel,
-                         "rel_err_bf16_dense": rel_dense, "pass": ok})
-            del x, out, w, ref, dense
+            for layout in layouts:
+                words = int4_mma.pack_mma(q) if layout == "mma" else qweight
+                out = int4.w4a16_mm(x, words, scales, zeros, k)
+                torch.cuda.synchronize()
+                rel = ((out.float() - ref).norm() / ref.norm()).item()
+                ok = bool(torch.isfinite(out).all()) and rel < 1e-2
+                rows.append({"linear": name, "layout": layout, "M": m, "K": k, "N": n, "rel_err_int4": rel,
+                             "rel_err_bf16_dense": rel_dense, "pass": ok})
+                del out, words
+            del x, w, ref, dense
     torch.cuda.empty_cache()
     _write(rows, out_dir / "numerical_check")
-    worst = max(r["rel_err_int4"] for r in rows)
-    print(f"numerical check: {sum(r['pass'] for r in rows)}/{len(rows)} shapes pass (rel err < 1e-2); "
-          f"worst int4 rel err {worst:.2e}; bf16 dense on the same weights: "
-          f"{max(r['rel_err_bf16_dense'] for r in rows):.2e}")
+    for layout in layouts:
+        mine = [r for r in rows if r["layout"] == layout]
+        print(f"numerical check [{layout}]: {sum(r['pass'] for r in mine)}/{len(mine)} shapes pass (rel err < 1e-2); "
+              f"worst int4 rel err {max(r['rel_err_int4'] for r in mine):.2e}; bf16 dense on the same weights: "
+              f"{max(r['rel_err_bf16_dense'] for r in mine):.2e}")
     return rows
 
 
@@ -394,6 +403,76 @@ def kernel_sweep(ms: list[int], out_dir: Path, configs_out: Path | None) -> list
     return rows
 
 
+def mma_candidates(m: int) -> list[tuple[int, int, int, int]]:
+    """(TN, WK, U, splits) for the tensor-core kernels at M (see ``int4_mma.config``)."""
+    tns = (1, 2, 4) if m <= 16 else (1, 2)
+    us = (2, 4, 8) if m <= 16 else (1, 2, 4)
+    mt = int4_mma.m_tiles(m)
+    return [(tn, wk, u, sp) for tn in tns for wk in (1, 2, 4) for u in us for sp in (1, 2, 4, 8, 16)
+            if (wk - 1) * tn * mt * 512 <= 48 * 1024]
+
+
+def mma_sweep(ms: list[int], out_dir: Path, configs_out: Path | None) -> list[dict]:
+    """Per (linear, M): bf16 cuBLAS, the Triton kernels' tuned choice, and every tensor-core candidate,
+    timed like :func:`kernel_sweep` (CUDA graphs, weights cold in L2, split-K sum included); the fastest
+    correct candidate per shape goes to ``configs_out`` (the engine reads ``int4_mma_configs.json``)."""
+    rows, tuned = [], {}
+    for name, (k, n) in shapes_kn().items():
+        int4_bytes = n * k // 2 + 4 * n * (k // 128)
+        copies_q = max(2, -(-200_000_000 // int4_bytes))
+        copies_d = max(2, -(-200_000_000 // (2 * n * k)))
+        weights = [random_int4(k, n) for _ in range(copies_q)]
+        packed = [int4_mma.pack_mma(q) for q, *_ in weights]
+        dense = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(copies_d)]
+        _, qweight, scales, zeros = weights[0]
+        w_ref = int4.dequantize(qweight, scales, zeros, k)
+        for m in ms:
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+            ref = x.float() @ w_ref.t()
+            row = {"linear": name, "M": m, "K": k, "N": n}
+            row["bf16_ms"] = _bench_graph(lambda i: F.linear(x, dense[i]), copies_d)
+
+            def triton_op(i: int) -> torch.Tensor:
+                parts = torch.ops.quantsweep.w4a16_mm_split(x, weights[i][1], weights[i][2], weights[i][3], k)
+                return parts.sum(0) if parts.shape[0] > 1 else parts[0]
+
+            row["triton_ms"] = _bench_graph(triton_op, copies_q)
+            best = (float("inf"), None)
+            for cfg in mma_candidates(m):
+                def op(i: int, cfg=cfg) -> torch.Tensor:
+                    parts = int4_mma.mma_split(x, packed[i], weights[i][2], weights[i][3], cfg)
+                    return parts.sum(0) if parts.shape[0] > 1 else parts[0]
+
+                if not _candidate_is_correct(cfg, lambda: op(0), ref):
+                    continue
+                t = _bench_graph(op, copies_q)
+                if t < best[0]:
+                    best = (t, cfg)
+            row["mma_ms"], row["mma_config"] = best[0], json.dumps(best[1])
+            row["mma_over_bf16"] = row["bf16_ms"] / best[0]
+            row["mma_over_triton"] = row["triton_ms"] / best[0]
+            row["weight_gb_s_mma"] = int4_bytes / (best[0] * 1e-3) / 1e9
+            if best[1] is not None:
+                tuned[(int4.m_bucket(m), n, k)] = best[1]
+            rows.append(row)
+            print(f"  {name:5s} M={m:3d}: bf16 {row['bf16_ms'] * 1e3:7.1f} us  triton {row['triton_ms'] * 1e3:7.1f}"
+                  f"  mma {best[0] * 1e3:7.1f} {best[1]}  (x{row['mma_over_bf16']:.2f} vs bf16, "
+                  f"x{row['mma_over_triton']:.2f} vs triton, {row['weight_gb_s_mma']:.0f} GB/s of int4 weights)",
+                  flush=True)
+            del x, ref
+        del weights, packed, dense, w_ref
+        torch.cuda.empty_cache()
+        if configs_out is not None:
+            data = json.loads(configs_out.read_text()) if configs_out.exists() else {"configs": []}
+            merged = {(c[0], c[1], c[2]): c[3] for c in data["configs"]}
+            merged.update(tuned)
+            configs_out.write_text(json.dumps({"device": torch.cuda.get_device_name(), "configs": [
+                [mb, n_, k_, list(cfg)] for (mb, n_, k_), cfg in sorted(merged.items())]}, indent=1))
+            print(f"wrote {configs_out}", flush=True)
+    _write(rows, out_dir / "mma_kernels")
+    return rows
+
+
 # ---------------------------------------------------------------------------------------------- e2e
 
 
@@ -441,7 +520,8 @@ def run_method(method: str, batch_sizes: list[int], input_len: int, output_len: 
     print(RANDOM_NOTICE)
     args = llama2_7b_args()
     t0 = time.perf_counter()
-    model = random_llama(args, "bfloat16" if method == "fp16" else "int4", "cuda", group_size=128)
+    model = random_llama(args, "bfloat16" if method == "fp16" else "int4", "cuda", group_size=128,
+                         int4_kernels="triton" if method == "int4-triton" else "auto")
     gen = Generator(model, compile=compile_blocks, cuda_graph=True)
     print(f"[{method}] built in {time.perf_counter() - t0:.1f} s; weights {model.weight_bytes() / GIB:.2f} GiB")
     rows = []
@@ -488,6 +568,7 @@ def run_method(method: str, batch_sizes: list[int], input_len: int, output_len: 
             "setup_s": setup_s, "repeats": repeats, "warmup": warmup,
             "weights_gib": model.weight_bytes() / GIB,
             "gpu": torch.cuda.get_device_name(),
+            "int4_kernels": model.int4_kernels if method != "fp16" else "",
         }
         if breakdown:
             try:
@@ -612,7 +693,7 @@ def smoke(smoke_dir: Path, out_dir: Path) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--mode", choices=["all", "check", "kernels", "attention", "e2e", "method", "smoke"],
+    p.add_argument("--mode", choices=["all", "check", "kernels", "mma", "attention", "e2e", "method", "smoke"],
                    default="all")
     p.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "bench_out")))
     p.add_argument("--methods", default="fp16,int4")
@@ -648,6 +729,8 @@ def main() -> None:
         attention_check(batch_sizes, args.input_len + args.output_len, args.out)
     if args.mode == "kernels":
         kernel_sweep([int(m) for m in args.kernel_ms.split(",")], args.out, args.configs_out)
+    if args.mode == "mma":
+        mma_sweep([int(m) for m in args.kernel_ms.split(",")], args.out, args.configs_out)
     if args.mode == "attention":
         attention_sweep(batch_sizes, args.input_len + args.output_len, args.input_len + args.output_len // 2,
                         args.out, args.configs_out)

@@ -18,6 +18,9 @@
 
 typedef unsigned int u32;
 typedef unsigned short u16;
+typedef unsigned long long u64;
+
+__device__ __forceinline__ int imin(int a, int b) { return a < b ? a : b; }
 
 struct __align__(16) U4 { u32 x, y, z, w; };
 
@@ -82,11 +85,11 @@ __global__ void __launch_bounds__(32 * WK) w4a16_mma(
     const int nt0 = blockIdx.x * TN;
     const int split = blockIdx.y;
     const int c_begin = split * chunks_per_split;
-    const int c_end = min(c_begin + chunks_per_split, n_chunks);
+    const int c_end = imin(c_begin + chunks_per_split, n_chunks);
 
     int tile[TN];  // clamped so that every load is in bounds; tiles past N are computed, never stored
 #pragma unroll
-    for (int tn = 0; tn < TN; ++tn) tile[tn] = min(nt0 + tn, n_tiles - 1);
+    for (int tn = 0; tn < TN; ++tn) tile[tn] = imin(nt0 + tn, n_tiles - 1);
 
     float acc[TN][MT][4];
 #pragma unroll
@@ -100,9 +103,9 @@ __global__ void __launch_bounds__(32 * WK) w4a16_mma(
         U4 w[U][TN];
 #pragma unroll
         for (int u = 0; u < U; ++u) {
-            const int c = min(c0 + u * WK, c_end - 1);  // past the end: a harmless re-read, skipped below
+            const int c = imin(c0 + u * WK, c_end - 1);  // past the end: a harmless re-read, skipped below
 #pragma unroll
-            for (int tn = 0; tn < TN; ++tn) w[u][tn] = load_stream(qw + ((size_t)tile[tn] * n_chunks + c) * 32 + lane);
+            for (int tn = 0; tn < TN; ++tn) w[u][tn] = load_stream(qw + ((u64)tile[tn] * n_chunks + c) * 32 + lane);
         }
 #pragma unroll
         for (int u = 0; u < U; ++u) {
@@ -113,7 +116,7 @@ __global__ void __launch_bounds__(32 * WK) w4a16_mma(
 #pragma unroll
             for (int tn = 0; tn < TN; ++tn) {
                 const int n = tile[tn] * 16 + g;
-                const size_t at = (size_t)grp * N + n;
+                const u64 at = (u64)grp * N + n;
                 u32 s0 = scales[at], s1 = scales[at + 8], z0 = zeros[at], z1 = zeros[at + 8];
                 s_lo[tn] = s0 | (s0 << 16);
                 s_hi[tn] = s1 | (s1 << 16);
@@ -127,7 +130,7 @@ __global__ void __launch_bounds__(32 * WK) w4a16_mma(
                 for (int mt = 0; mt < MT; ++mt) {
                     const int m = mt * 8 + g;
                     if (m < M) {
-                        xf[mt] = load_cached(reinterpret_cast<const U4*>(x + (size_t)m * K + (c << 6) + 16 * t + 8 * half));
+                        xf[mt] = load_cached(reinterpret_cast<const U4*>(x + (u64)m * K + (c << 6) + 16 * t + 8 * half));
                     } else {
                         xf[mt].x = xf[mt].y = xf[mt].z = xf[mt].w = 0u;
                     }
@@ -193,7 +196,7 @@ __global__ void __launch_bounds__(32 * WK) w4a16_mma(
                 const int m = mt * 8 + 2 * t + (i & 1);
                 const int n = (nt0 + tn) * 16 + g + 8 * (i >> 1);
                 if (m < M) {
-                    const size_t at = ((size_t)split * M + m) * N + n;
+                    const u64 at = ((u64)split * M + m) * N + n;
                     if (out_fp32) reinterpret_cast<float*>(out)[at] = acc[tn][mt][i];
                     else reinterpret_cast<u16*>(out)[at] = float_to_bf16(acc[tn][mt][i]);
                 }
@@ -217,8 +220,8 @@ extern "C" __global__ void __launch_bounds__(128) w4a16_mma_dequant(
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
         const int n = nt * 16 + g + 8 * h;
-        const float s = bf16_to_float(scales[(size_t)grp * N + n]);
-        const float z = bf16_to_float(zeros[(size_t)grp * N + n]);
+        const float s = bf16_to_float(scales[(u64)grp * N + n]);
+        const float z = bf16_to_float(zeros[(u64)grp * N + n]);
         u32 packed[8];  // 16 bf16: k = 16t + 4kt + slot
 #pragma unroll
         for (int kt = 0; kt < 4; ++kt) {
@@ -233,7 +236,7 @@ extern "C" __global__ void __launch_bounds__(128) w4a16_mma_dequant(
             packed[2 * kt] = e[0] | ((u32)e[1] << 16);
             packed[2 * kt + 1] = e[2] | ((u32)e[3] << 16);
         }
-        U4* dst = reinterpret_cast<U4*>(w_out + (size_t)n * K + (c << 6) + 16 * t);
+        U4* dst = reinterpret_cast<U4*>(w_out + (u64)n * K + (c << 6) + 16 * t);
         dst[0] = U4{packed[0], packed[1], packed[2], packed[3]};
         dst[1] = U4{packed[4], packed[5], packed[6], packed[7]};
     }
