@@ -403,13 +403,21 @@ def kernel_sweep(ms: list[int], out_dir: Path, configs_out: Path | None) -> list
     return rows
 
 
-def mma_candidates(m: int) -> list[tuple[int, int, int, int]]:
-    """(TN, WK, U, splits) for the tensor-core kernels at M (see ``int4_mma.config``)."""
-    tns = (1, 2, 4) if m <= 16 else (1, 2)
-    us = (2, 4, 8) if m <= 16 else (1, 2, 4)
-    mt = int4_mma.m_tiles(m)
-    return [(tn, wk, u, sp) for tn in tns for wk in (1, 2, 4) for u in us for sp in (1, 2, 4, 8, 16)
-            if (wk - 1) * tn * mt * 512 <= 48 * 1024]
+def mma_candidates(m: int) -> list[tuple[int, ...]]:
+    """(kernel, TN, warps, U, splits) for the tensor-core kernels at M (see ``int4_mma.config``)."""
+    small = m <= 8
+    grid = [(0, tn, wk, u, sp) for tn in (1, 2) for wk in (1, 2, 4) for u in ((2, 4, 8) if small else (1, 2))
+            for sp in (1, 2, 4, 8)]
+    grid += [(1, tn, nw, u, sp) for tn in ((1, 2) if small else (1, 2, 4)) for nw in (2, 4, 8)
+             for u in ((2, 4) if small else (1, 2, 4)) for sp in (1, 2, 4, 8)]
+    valid = []
+    for cfg in grid:
+        try:
+            int4_mma.check_config(m, cfg)
+            valid.append(cfg)
+        except ValueError:
+            pass
+    return valid
 
 
 def mma_sweep(ms: list[int], out_dir: Path, configs_out: Path | None) -> list[dict]:

@@ -80,6 +80,13 @@ def test_unsupported_shapes_keep_the_triton_layout() -> None:
     assert not int4_mma.supported(4096, 4096, 32)
 
 
+def test_invalid_mma_config_is_a_clear_error() -> None:
+    with pytest.raises(ValueError, match="shared memory"):
+        int4_mma.check_config(64, (1, 2, 4, 4, 1))  # 2 x 4 chunks x 64 rows of activations: 73 KiB
+    with pytest.raises(ValueError, match="kernel must be 0 or 1"):
+        int4_mma.check_config(1, (2, 1, 4, 4, 1))
+
+
 def test_select_kernels_names_the_allowed_values() -> None:
     with pytest.raises(ValueError, match="int4_kernels must be one of auto, mma, triton"):
         int4.select_kernels(torch.nn.Linear(2, 2), "marlin")
@@ -116,10 +123,12 @@ def test_mma_kernel_matches_reference(m: int, n: int, k: int, gs: int) -> None:
 
 @gpu
 @needs_mma
-@pytest.mark.parametrize("cfg", [(1, 1, 1, 1), (1, 4, 4, 3), (2, 2, 2, 5), (4, 1, 2, 2), (3, 4, 1, 7)])
+@pytest.mark.parametrize("cfg", [(0, 1, 1, 1, 1), (0, 1, 4, 4, 3), (0, 2, 2, 2, 5), (0, 4, 1, 2, 2), (0, 3, 4, 1, 7),
+                                 (0, 1, 2, 8, 1), (1, 1, 4, 2, 1), (1, 2, 2, 4, 3), (1, 3, 4, 1, 2), (1, 1, 8, 2, 5)])
 @pytest.mark.parametrize("m", [1, 9, 40])
 def test_mma_kernel_configs_match_reference(cfg: tuple, m: int) -> None:
-    """Every template/launch knob the sweep may pick, on a shape with a ragged last tile group and split."""
+    """Both kernels and every template/launch knob the sweep may pick, on a shape with a ragged last group
+    of tiles and a ragged last split (13 tiles, 19 chunks)."""
     n, k, gs = 208, 1216, 64
     q, scales, zeros = _random_layer(n, k, gs, "cuda")
     qweight = int4_mma.pack_mma(q)

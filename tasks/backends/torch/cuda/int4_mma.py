@@ -100,27 +100,41 @@ def _load_tuned() -> dict[tuple[int, int, int], tuple[int, ...]]:
     return {(int(m), int(n), int(k)): tuple(cfg) for m, n, k, cfg in json.loads(CONFIG_FILE.read_text())["configs"]}
 
 
-#: {(M bucket, N, K): (TN, WK, U, splits)}; written by the GPU sweep, heuristics fill gaps
+#: {(M bucket, N, K): (kernel, TN, warps, U, splits)}; written by the GPU sweep, heuristics fill gaps
 TUNED = _load_tuned()
+
+#: kernel 0: ``w4a16_mma`` (warps split K, activations from L1/L2); 1: ``w4a16_mma_xs`` (warps split N,
+#: activations shared through shared memory)
+KERNELS = ("w4a16_mma", "w4a16_mma_xs")
 
 
 def m_tiles(m: int) -> int:
     return max(1, min(8, math.ceil(m / 8)))
 
 
-def config(m: int, n: int, k: int) -> tuple[int, int, int, int]:
-    """(TN, WK, U, splits) for this shape: 16-row tiles per warp, warps per block, chunks loaded ahead,
-    split-K slices.  The heuristic aims at ~16 warps per SM with a few KB of loads in flight each."""
+def config(m: int, n: int, k: int) -> tuple[int, int, int, int, int]:
+    """(kernel, TN, warps, U, splits) for this shape: which kernel, 16-row tiles per warp, warps per
+    block, 64-deep chunks per pipeline batch, split-K slices.  Tuned entries win; the heuristic aims at a
+    few blocks per SM with a batch of loads in flight per warp."""
     bucket = 1 << max(0, (m - 1).bit_length())
     if (bucket, n, k) in TUNED:
         return TUNED[(bucket, n, k)]
-    tn = 1 if m <= 16 else 2
-    wk, u = 4, 4 if m <= 16 else 2
-    blocks = math.ceil(n / TILE / tn)
+    kernel, tn, warps, u = (0, 1, 4, 4) if m <= 8 else (1, 2, 4, 2)
+    tiles_per_block = tn * (1 if kernel == 0 else warps)
+    blocks = math.ceil(n / TILE / tiles_per_block)
     n_chunks = k // CHUNK
-    target_blocks = 132 * 4
-    splits = max(1, min(n_chunks // (wk * u), round(target_blocks / blocks)))
-    return tn, wk, u, splits
+    splits = max(1, min(n_chunks // (4 * u), round(132 * 4 / blocks)))
+    return kernel, tn, warps, u, splits
+
+
+def check_config(m: int, cfg: tuple[int, ...]) -> None:
+    """Shared-memory limits of a config (48 KiB static), as a clear error before any launch."""
+    kernel, tn, warps, u, _ = cfg
+    mt = m_tiles(m)
+    smem = (warps - 1) * tn * mt * 128 * 4 if kernel == 0 else 2 * u * mt * 8 * 72 * 2
+    if kernel not in (0, 1) or smem > 48 * 1024:
+        raise ValueError(f"int4 mma config {cfg} is invalid at M={m} (kernel must be 0 or 1; "
+                         f"shared memory {smem} B, limit 49152 B)")
 
 
 def splits_of(k: int, splits: int) -> tuple[int, int]:
@@ -133,22 +147,22 @@ def splits_of(k: int, splits: int) -> tuple[int, int]:
 def output_splits(m: int, n: int, k: int) -> int:
     if m > MAX_M:
         return 1
-    return splits_of(k, config(m, n, k)[3])[1]
+    return splits_of(k, config(m, n, k)[-1])[1]
 
 
 def mma_split(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
-              cfg: tuple[int, int, int, int] | None = None) -> torch.Tensor:
+              cfg: tuple[int, ...] | None = None) -> torch.Tensor:
     """x [M, K] bf16 (M <= 64) -> split-K partials [S, M, N] (fp32 when S > 1, bf16 when S == 1)."""
     m, k = x.shape
     n = qweight.shape[0] * TILE
-    tn, wk, u, splits = cfg or config(m, n, k)
+    cfg = tuple(cfg or config(m, n, k))
+    check_config(m, cfg)
+    kernel, tn, warps, u, splits = cfg
     per, splits = splits_of(k, splits)
     out = torch.empty(splits, m, n, dtype=torch.float32 if splits > 1 else torch.bfloat16, device=x.device)
-    mt = m_tiles(m)
-    if (wk - 1) * tn * mt * 4 * 32 * 4 > 48 * 1024:
-        raise ValueError(f"config {(tn, wk, u, splits)} needs more than 48 KiB of shared memory at M={m}")
-    kernel = _kernel(f"w4a16_mma<{mt}, {tn}, {wk}, {u}>")
-    kernel(grid=(math.ceil(n / TILE / tn), splits, 1), block=(32 * wk, 1, 1),
+    tiles_per_block = tn * (1 if kernel == 0 else warps)
+    launch = _kernel(f"{KERNELS[kernel]}<{m_tiles(m)}, {tn}, {warps}, {u}>")
+    launch(grid=(math.ceil(n / TILE / tiles_per_block), splits, 1), block=(32 * warps, 1, 1),
            args=[x, qweight, scales, zeros, out, m, n, k, k // scales.shape[0], per, int(splits > 1)])
     return out
 

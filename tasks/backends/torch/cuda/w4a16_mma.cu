@@ -71,14 +71,59 @@ __device__ __forceinline__ u32 word_of(const U4& v, int i) {
 #define BF16X2_NEG_ZERO 0x80008000u
 #define BF16X2_128 0x43004300u
 
-// out[split, m, n] = sum over this split's K chunks of x[m, k] * W[n, k].
-// MT: 8-row activation tiles (M <= 8 MT); TN: 16-row weight tiles per warp; WK: warps per block, which
-// split the block's chunks between them and add up in shared memory; U: chunks loaded ahead per warp.
+__device__ __forceinline__ u32 prmt(u32 a, u32 sel) {
+    u32 d;
+    asm("prmt.b32 %0, %1, %1, %2;" : "=r"(d) : "r"(a), "r"(sel));
+    return d;
+}
+
+// The A fragments of one K step of one 16-row tile: (q - z) * s for the lane's 8 weights.  sz packs the
+// raw bf16 scale of rows g (low half) and g + 8 (high half); zz the same for the zero points.
+__device__ __forceinline__ void dequant_fragment(u32 word, u32 sz, u32 zz, u32 (&a)[4]) {
+    const u32 s_lo = prmt(sz, 0x1010u), s_hi = prmt(sz, 0x3232u);  // {s_g, s_g}, {s_g+8, s_g+8}
+    const u32 z_lo = fma2(prmt(zz, 0x1010u), BF16X2_ONE, BF16X2_128);  // 128 + zero, exact
+    const u32 z_hi = fma2(prmt(zz, 0x3232u), BF16X2_ONE, BF16X2_128);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        const u32 v = ((word >> (4 * i)) & 0x000F000Fu) | BF16X2_128;  // 128 + q, two at once
+        a[i] = fma2(fma2((i & 1) ? z_hi : z_lo, BF16X2_NEG_ONE, v), (i & 1) ? s_hi : s_lo, BF16X2_NEG_ZERO);
+    }
+}
+
+__device__ __forceinline__ u32 load_pair(const u16* __restrict__ p, u64 at) {  // rows g and g + 8
+    return (u32)p[at] | ((u32)p[at + 8] << 16);
+}
+
+// C fragment: c0, c1 = (n = g, m = 2t, 2t + 1); c2, c3 = (n = g + 8, same m)
+template <int MT>
+__device__ __forceinline__ void store_tile(const float (&acc)[MT][4], void* out, int split, int M, int N, int tile,
+                                           int g, int t, int out_fp32) {
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            const int m = mt * 8 + 2 * t + (i & 1);
+            const int n = tile * 16 + g + 8 * (i >> 1);
+            if (m < M) {
+                const u64 at = ((u64)split * M + m) * N + n;
+                if (out_fp32) reinterpret_cast<float*>(out)[at] = acc[mt][i];
+                else reinterpret_cast<u16*>(out)[at] = float_to_bf16(acc[mt][i]);
+            }
+        }
+}
+
+// out[split, m, n] = sum over this split's K chunks of x[m, k] * W[n, k]; activations read from global
+// memory (L2) by each warp.  MT: 8-row activation tiles (M <= 8 MT); TN: 16-row weight tiles per warp;
+// WK: warps per block, which split the block's chunks between them and add up in shared memory; U: chunks
+// per batch.  Software-pipelined: the next batch's weights, scales and zero points are in flight while the
+// current batch is de-quantized and multiplied, so a warp never waits for DRAM with nothing else queued.
 template <int MT, int TN, int WK, int U>
 __global__ void __launch_bounds__(32 * WK) w4a16_mma(
         const u16* __restrict__ x, const U4* __restrict__ qw, const u16* __restrict__ scales,
         const u16* __restrict__ zeros, void* __restrict__ out, int M, int N, int K, int group_size,
         int chunks_per_split, int out_fp32) {
+    constexpr bool X_BATCH = MT * U <= 8;  // load a whole batch's activations at once (else chunk by chunk)
+    constexpr int XU = X_BATCH ? U : 1;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int g = lane >> 2, t = lane & 3;
     const int n_chunks = K >> 6, n_tiles = N >> 4;
@@ -99,66 +144,74 @@ __global__ void __launch_bounds__(32 * WK) w4a16_mma(
 #pragma unroll
             for (int i = 0; i < 4; ++i) acc[tn][mt][i] = 0.f;
 
-    for (int c0 = c_begin + warp; c0 < c_end; c0 += WK * U) {
-        U4 w[U][TN];
+    U4 w[2][U][TN];
+    u32 sz[2][U][TN], zz[2][U][TN];
+
+    auto load_x = [&](U4 (&dst)[MT][2], int c) {
 #pragma unroll
-        for (int u = 0; u < U; ++u) {
-            const int c = imin(c0 + u * WK, c_end - 1);  // past the end: a harmless re-read, skipped below
-#pragma unroll
-            for (int tn = 0; tn < TN; ++tn) w[u][tn] = load_stream(qw + ((u64)tile[tn] * n_chunks + c) * 32 + lane);
-        }
-#pragma unroll
-        for (int u = 0; u < U; ++u) {
-            const int c = c0 + u * WK;
-            if (c >= c_end) break;
-            const int grp = (c << 6) / group_size;
-            u32 s_lo[TN], s_hi[TN], z_lo[TN], z_hi[TN];
-#pragma unroll
-            for (int tn = 0; tn < TN; ++tn) {
-                const int n = tile[tn] * 16 + g;
-                const u64 at = (u64)grp * N + n;
-                u32 s0 = scales[at], s1 = scales[at + 8], z0 = zeros[at], z1 = zeros[at + 8];
-                s_lo[tn] = s0 | (s0 << 16);
-                s_hi[tn] = s1 | (s1 << 16);
-                z_lo[tn] = fma2(z0 | (z0 << 16), BF16X2_ONE, BF16X2_128);  // 128 + zero, exact
-                z_hi[tn] = fma2(z1 | (z1 << 16), BF16X2_ONE, BF16X2_128);
-            }
+        for (int mt = 0; mt < MT; ++mt) {
+            const int m = mt * 8 + g;
 #pragma unroll
             for (int half = 0; half < 2; ++half) {
-                U4 xf[MT];  // activations k = chunk*64 + 16t + 8 half + [0, 8) of rows mt*8 + g
-#pragma unroll
-                for (int mt = 0; mt < MT; ++mt) {
-                    const int m = mt * 8 + g;
-                    if (m < M) {
-                        xf[mt] = load_cached(reinterpret_cast<const U4*>(x + (u64)m * K + (c << 6) + 16 * t + 8 * half));
-                    } else {
-                        xf[mt].x = xf[mt].y = xf[mt].z = xf[mt].w = 0u;
-                    }
+                if (m < M) {
+                    dst[mt][half] = load_cached(reinterpret_cast<const U4*>(x + (u64)m * K + (c << 6) + 16 * t + 8 * half));
+                } else {
+                    dst[mt][half].x = dst[mt][half].y = dst[mt][half].z = dst[mt][half].w = 0u;
                 }
+            }
+        }
+    };
+    auto load_batch = [&](int buf, int cb) {
 #pragma unroll
-                for (int kh = 0; kh < 2; ++kh) {
-                    const int kt = 2 * half + kh;
+        for (int u = 0; u < U; ++u) {
+            const int c = imin(cb + u * WK, c_end - 1);  // past the end: a harmless re-read, never used
+            const int grp = (c << 6) / group_size;
 #pragma unroll
-                    for (int tn = 0; tn < TN; ++tn) {
-                        const u32 word = word_of(w[u][tn], kt);
-                        u32 a[4];
+            for (int tn = 0; tn < TN; ++tn) {
+                w[buf][u][tn] = load_stream(qw + ((u64)tile[tn] * n_chunks + c) * 32 + lane);
+                const u64 at = (u64)grp * N + tile[tn] * 16 + g;
+                sz[buf][u][tn] = load_pair(scales, at);
+                zz[buf][u][tn] = load_pair(zeros, at);
+            }
+        }
+    };
+
+    // one pipeline step: batch cb from buffer B while batch cb + WK*U loads into the other; B is a literal
+    // at both (inlined) call sites, so the double buffers stay in registers (a loop-carried index would
+    // put them in local memory)
+    auto step = [&](const int B, int cb) {
+        if (cb + WK * U < c_end) load_batch(B ^ 1, cb + WK * U);
+        U4 xa[XU][MT][2];  // activations come from L1/L2: short latency, not worth double-buffering
+        if (X_BATCH) {
 #pragma unroll
-                        for (int i = 0; i < 4; ++i) {
-                            const u32 v = ((word >> (4 * i)) & 0x000F000Fu) | BF16X2_128;  // 128 + q, two at once
-                            const u32 zz = (i & 1) ? z_hi[tn] : z_lo[tn];
-                            const u32 ss = (i & 1) ? s_hi[tn] : s_lo[tn];
-                            a[i] = fma2(fma2(zz, BF16X2_NEG_ONE, v), ss, BF16X2_NEG_ZERO);  // (q - z) * s
-                        }
+            for (int u = 0; u < XU; ++u) load_x(xa[u], imin(cb + u * WK, c_end - 1));
+        }
 #pragma unroll
-                        for (int mt = 0; mt < MT; ++mt) {
-                            const u32 b0 = kh ? xf[mt].z : xf[mt].x;
-                            const u32 b1 = kh ? xf[mt].w : xf[mt].y;
-                            mma16816(acc[tn][mt], a[0], a[1], a[2], a[3], b0, b1);
-                        }
+        for (int u = 0; u < U; ++u) {
+            const int c = cb + u * WK;
+            if (c >= c_end) break;
+            U4 xl[MT][2];
+            if (!X_BATCH) load_x(xl, c);
+#pragma unroll
+            for (int kt = 0; kt < 4; ++kt) {
+#pragma unroll
+                for (int tn = 0; tn < TN; ++tn) {
+                    u32 a[4];
+                    dequant_fragment(word_of(w[B][u][tn], kt), sz[B][u][tn], zz[B][u][tn], a);
+#pragma unroll
+                    for (int mt = 0; mt < MT; ++mt) {
+                        const U4& xv = X_BATCH ? xa[u < XU ? u : 0][mt][kt >> 1] : xl[mt][kt >> 1];
+                        mma16816(acc[tn][mt], a[0], a[1], a[2], a[3], (kt & 1) ? xv.z : xv.x, (kt & 1) ? xv.w : xv.y);
                     }
                 }
             }
         }
+    };
+    const int stride = WK * U;
+    if (c_begin + warp < c_end) load_batch(0, c_begin + warp);
+    for (int cb = c_begin + warp; cb < c_end; cb += 2 * stride) {
+        step(0, cb);
+        if (cb + stride < c_end) step(1, cb + stride);
     }
 
     // warps 1.. hand their sums to warp 0 through shared memory
@@ -185,22 +238,116 @@ __global__ void __launch_bounds__(32 * WK) w4a16_mma(
                     for (int i = 0; i < 4; ++i)
                         acc[tn][mt][i] += red[w2 * PER_WARP + ((tn * MT + mt) * 4 + i) * 32 + lane];
     }
-    // C fragment: c0, c1 = (n = g, m = 2t, 2t + 1); c2, c3 = (n = g + 8, same m)
 #pragma unroll
     for (int tn = 0; tn < TN; ++tn) {
         if (nt0 + tn >= n_tiles) break;
+        store_tile<MT>(acc[tn], out, split, M, N, nt0 + tn, g, t, out_fp32);
+    }
+}
+
+__device__ __forceinline__ void cp_async16(u32 smem_addr, const void* src, int src_bytes) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" :: "r"(smem_addr), "l"(src), "r"(src_bytes));
+}
+
+// The same product for larger batches (M >= 16): the NW warps of a block take different weight tiles
+// (NW * TN of them) over the same K chunks, so the activations are read from L2 once per block into
+// shared memory (cp.async, double-buffered one batch ahead) instead of once per warp.  Each warp keeps its
+// next batch of weights, scales and zero points in flight in registers, as above.
+template <int MT, int TN, int NW, int U>
+__global__ void __launch_bounds__(32 * NW) w4a16_mma_xs(
+        const u16* __restrict__ x, const U4* __restrict__ qw, const u16* __restrict__ scales,
+        const u16* __restrict__ zeros, void* __restrict__ out, int M, int N, int K, int group_size,
+        int chunks_per_split, int out_fp32) {
+    constexpr int ROWS = MT * 8, STRIDE = 72;  // 64 k + 8 pad (bf16): conflict-free 16-byte fragment reads
+    __shared__ __align__(16) u16 xs[2][U][ROWS][STRIDE];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int g = lane >> 2, t = lane & 3;
+    const int n_chunks = K >> 6, n_tiles = N >> 4;
+    const int nt0 = (blockIdx.x * NW + warp) * TN;
+    const int split = blockIdx.y;
+    const int c_begin = split * chunks_per_split;
+    const int c_end = imin(c_begin + chunks_per_split, n_chunks);
+
+    int tile[TN];
+#pragma unroll
+    for (int tn = 0; tn < TN; ++tn) tile[tn] = imin(nt0 + tn, n_tiles - 1);
+    float acc[TN][MT][4];
+#pragma unroll
+    for (int tn = 0; tn < TN; ++tn)
 #pragma unroll
         for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
-            for (int i = 0; i < 4; ++i) {
-                const int m = mt * 8 + 2 * t + (i & 1);
-                const int n = (nt0 + tn) * 16 + g + 8 * (i >> 1);
-                if (m < M) {
-                    const u64 at = ((u64)split * M + m) * N + n;
-                    if (out_fp32) reinterpret_cast<float*>(out)[at] = acc[tn][mt][i];
-                    else reinterpret_cast<u16*>(out)[at] = float_to_bf16(acc[tn][mt][i]);
+            for (int i = 0; i < 4; ++i) acc[tn][mt][i] = 0.f;
+
+    U4 w[2][U][TN];
+    u32 sz[2][U][TN], zz[2][U][TN];
+    auto load_batch = [&](int buf, int cb) {
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+            const int c = imin(cb + u, c_end - 1);
+            const int grp = (c << 6) / group_size;
+#pragma unroll
+            for (int tn = 0; tn < TN; ++tn) {
+                w[buf][u][tn] = load_stream(qw + ((u64)tile[tn] * n_chunks + c) * 32 + lane);
+                const u64 at = (u64)grp * N + tile[tn] * 16 + g;
+                sz[buf][u][tn] = load_pair(scales, at);
+                zz[buf][u][tn] = load_pair(zeros, at);
+            }
+        }
+    };
+    auto copy_x = [&](int buf, int cb) {  // U chunks x ROWS rows x 8 pieces of 16 bytes
+        for (int p = threadIdx.x; p < U * ROWS * 8; p += NW * 32) {
+            const int u = p / (ROWS * 8), row = (p / 8) % ROWS, piece = p % 8;
+            const int c = imin(cb + u, c_end - 1);
+            const int m = imin(row, M - 1);
+            const u32 dst = (u32)__cvta_generic_to_shared(&xs[buf][u][row][piece * 8]);
+            cp_async16(dst, x + (u64)m * K + (c << 6) + piece * 8, row < M ? 16 : 0);  // rows past M: zeros
+        }
+        asm volatile("cp.async.commit_group;");
+    };
+
+    auto step = [&](const int B, int cb) {
+        if (cb + U < c_end) {
+            copy_x(B ^ 1, cb + U);
+            load_batch(B ^ 1, cb + U);
+        } else {
+            asm volatile("cp.async.commit_group;");
+        }
+        asm volatile("cp.async.wait_group 1;");
+        __syncthreads();
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+            if (cb + u >= c_end) break;
+#pragma unroll
+            for (int kt = 0; kt < 4; ++kt) {
+                u32 b[MT][2];
+#pragma unroll
+                for (int mt = 0; mt < MT; ++mt) {
+                    const u32* row = reinterpret_cast<const u32*>(&xs[B][u][mt * 8 + g][16 * t + 4 * kt]);
+                    b[mt][0] = row[0];
+                    b[mt][1] = row[1];
+                }
+#pragma unroll
+                for (int tn = 0; tn < TN; ++tn) {
+                    u32 a[4];
+                    dequant_fragment(word_of(w[B][u][tn], kt), sz[B][u][tn], zz[B][u][tn], a);
+#pragma unroll
+                    for (int mt = 0; mt < MT; ++mt) mma16816(acc[tn][mt], a[0], a[1], a[2], a[3], b[mt][0], b[mt][1]);
                 }
             }
+        }
+        __syncthreads();  // everyone is done with this buffer before the next batch's copy overwrites it
+    };
+    copy_x(0, c_begin);
+    load_batch(0, c_begin);
+    for (int cb = c_begin; cb < c_end; cb += 2 * U) {
+        step(0, cb);
+        if (cb + U < c_end) step(1, cb + U);
+    }
+#pragma unroll
+    for (int tn = 0; tn < TN; ++tn) {
+        if (nt0 + tn >= n_tiles) break;
+        store_tile<MT>(acc[tn], out, split, M, N, nt0 + tn, g, t, out_fp32);
     }
 }
 
