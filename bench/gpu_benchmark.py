@@ -404,12 +404,9 @@ def kernel_sweep(ms: list[int], out_dir: Path, configs_out: Path | None) -> list
 
 
 def mma_candidates(m: int) -> list[tuple[int, ...]]:
-    """(kernel, TN, warps, U, splits) for the tensor-core kernels at M (see ``int4_mma.config``)."""
-    small = m <= 8
-    grid = [(0, tn, wk, u, sp) for tn in (1, 2) for wk in (1, 2, 4) for u in ((2, 4, 8) if small else (1, 2))
-            for sp in (1, 2, 4, 8)]
-    grid += [(1, tn, nw, u, sp) for tn in ((1, 2) if small else (1, 2, 4)) for nw in (2, 4, 8)
-             for u in ((2, 4) if small else (1, 2, 4)) for sp in (1, 2, 4, 8)]
+    """(TN, WK, U, S, splits) for the tensor-core kernel at M (see ``int4_mma.config``)."""
+    grid = [(tn, wk, u, st, sp) for tn in (1, 2) for wk in (2, 4, 8) for u in ((2, 4) if m <= 16 else (1, 2))
+            for st in (3, 4, 6) for sp in (1, 2, 4)]
     valid = []
     for cfg in grid:
         try:

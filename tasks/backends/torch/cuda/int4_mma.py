@@ -100,12 +100,9 @@ def _load_tuned() -> dict[tuple[int, int, int], tuple[int, ...]]:
     return {(int(m), int(n), int(k)): tuple(cfg) for m, n, k, cfg in json.loads(CONFIG_FILE.read_text())["configs"]}
 
 
-#: {(M bucket, N, K): (kernel, TN, warps, U, splits)}; written by the GPU sweep, heuristics fill gaps
+#: {(M bucket, N, K): (TN, WK, U, S, splits)}; written by the GPU sweep, heuristics fill gaps
 TUNED = _load_tuned()
-
-#: kernel 0: ``w4a16_mma`` (warps split K, activations from L1/L2); 1: ``w4a16_mma_xs`` (warps split N,
-#: activations shared through shared memory)
-KERNELS = ("w4a16_mma", "w4a16_mma_xs")
+SMEM_LIMIT = 48 * 1024  # static shared memory per block
 
 
 def m_tiles(m: int) -> int:
@@ -113,28 +110,34 @@ def m_tiles(m: int) -> int:
 
 
 def config(m: int, n: int, k: int) -> tuple[int, int, int, int, int]:
-    """(kernel, TN, warps, U, splits) for this shape: which kernel, 16-row tiles per warp, warps per
-    block, 64-deep chunks per pipeline batch, split-K slices.  Tuned entries win; the heuristic aims at a
-    few blocks per SM with a batch of loads in flight per warp."""
+    """(TN, WK, U, S, splits) for this shape: 16-row tiles per warp, warps per block (splitting K),
+    64-deep chunks per pipeline batch, pipeline stages, split-K slices.  Tuned entries win; the heuristic
+    aims at a few blocks per SM, each warp with S - 1 batches of loads in flight."""
     bucket = 1 << max(0, (m - 1).bit_length())
-    if (bucket, n, k) in TUNED:
-        return TUNED[(bucket, n, k)]
-    kernel, tn, warps, u = (0, 1, 4, 4) if m <= 8 else (1, 2, 4, 2)
-    tiles_per_block = tn * (1 if kernel == 0 else warps)
-    blocks = math.ceil(n / TILE / tiles_per_block)
+    while bucket <= MAX_M and m_tiles(bucket) == m_tiles(m):  # a larger M of the same kernel instance
+        if (bucket, n, k) in TUNED:
+            return TUNED[(bucket, n, k)]
+        bucket *= 2
+    tn, wk, u, stages = (1, 4, 4, 4) if m <= 16 else (2, 2, 2, 3)
+    blocks = math.ceil(n / TILE / tn)
     n_chunks = k // CHUNK
-    splits = max(1, min(n_chunks // (4 * u), round(132 * 4 / blocks)))
-    return kernel, tn, warps, u, splits
+    splits = max(1, min(n_chunks // (wk * u), round(132 * 4 / blocks)))
+    return tn, wk, u, stages, splits
+
+
+def smem_bytes(m: int, cfg: tuple[int, ...]) -> int:
+    """Static shared memory of a config: the weight/scale ring, or the final reduction if larger."""
+    tn, wk, u, stages, _ = cfg
+    return max(wk * stages * u * tn * (32 * 16 + 16 * 4), (wk - 1) * tn * m_tiles(m) * 128 * 4)
 
 
 def check_config(m: int, cfg: tuple[int, ...]) -> None:
-    """Shared-memory limits of a config (48 KiB static), as a clear error before any launch."""
-    kernel, tn, warps, u, _ = cfg
-    mt = m_tiles(m)
-    smem = (warps - 1) * tn * mt * 128 * 4 if kernel == 0 else 2 * u * mt * 8 * 72 * 2
-    if kernel not in (0, 1) or smem > 48 * 1024:
-        raise ValueError(f"int4 mma config {cfg} is invalid at M={m} (kernel must be 0 or 1; "
-                         f"shared memory {smem} B, limit 49152 B)")
+    """A config's limits, as a clear error before any launch."""
+    if len(cfg) != 5 or min(cfg) < 1 or cfg[3] < 2:
+        raise ValueError(f"int4 mma config {cfg} must be (TN, WK, U, S, splits), all >= 1 and S >= 2")
+    if smem_bytes(m, cfg) > SMEM_LIMIT:
+        raise ValueError(f"int4 mma config {cfg} needs {smem_bytes(m, cfg)} B of shared memory at M={m} "
+                         f"(limit {SMEM_LIMIT} B)")
 
 
 def splits_of(k: int, splits: int) -> tuple[int, int]:
@@ -157,12 +160,11 @@ def mma_split(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zero
     n = qweight.shape[0] * TILE
     cfg = tuple(cfg or config(m, n, k))
     check_config(m, cfg)
-    kernel, tn, warps, u, splits = cfg
+    tn, wk, u, stages, splits = cfg
     per, splits = splits_of(k, splits)
     out = torch.empty(splits, m, n, dtype=torch.float32 if splits > 1 else torch.bfloat16, device=x.device)
-    tiles_per_block = tn * (1 if kernel == 0 else warps)
-    launch = _kernel(f"{KERNELS[kernel]}<{m_tiles(m)}, {tn}, {warps}, {u}>")
-    launch(grid=(math.ceil(n / TILE / tiles_per_block), splits, 1), block=(32 * warps, 1, 1),
+    launch = _kernel(f"w4a16_mma<{m_tiles(m)}, {tn}, {wk}, {u}, {stages}>")
+    launch(grid=(math.ceil(n / TILE / tn), splits, 1), block=(32 * wk, 1, 1),
            args=[x, qweight, scales, zeros, out, m, n, k, k // scales.shape[0], per, int(splits > 1)])
     return out
 

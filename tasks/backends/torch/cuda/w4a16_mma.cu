@@ -112,18 +112,41 @@ __device__ __forceinline__ void store_tile(const float (&acc)[MT][4], void* out,
         }
 }
 
-// out[split, m, n] = sum over this split's K chunks of x[m, k] * W[n, k]; activations read from global
-// memory (L2) by each warp.  MT: 8-row activation tiles (M <= 8 MT); TN: 16-row weight tiles per warp;
-// WK: warps per block, which split the block's chunks between them and add up in shared memory; U: chunks
-// per batch.  Software-pipelined: the next batch's weights, scales and zero points are in flight while the
-// current batch is de-quantized and multiplied, so a warp never waits for DRAM with nothing else queued.
-template <int MT, int TN, int WK, int U>
+__device__ __forceinline__ void cp_async16(u32 smem_addr, const void* src) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" :: "r"(smem_addr), "l"(src));
+}
+
+__device__ __forceinline__ void cp_async4(u32 smem_addr, const void* src) {
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4;" :: "r"(smem_addr), "l"(src));
+}
+
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;"); }
+
+template <int N>
+__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;" :: "n"(N)); }
+
+__device__ __forceinline__ u32 smem_addr(const void* p) { return (u32)__cvta_generic_to_shared(p); }
+
+// out[split, m, n] = sum over this split's K chunks of x[m, k] * W[n, k].
+// MT: 8-row activation tiles (M <= 8 MT); TN: 16-row weight tiles per warp; WK: warps per block, which
+// split the block's chunks between them and add up in shared memory at the end; U: chunks per batch;
+// S: pipeline stages.  Each warp streams its weights, scales and zero points through a private S-stage
+// ring in shared memory with cp.async, keeping S - 1 batches (up to tens of KB per SM) in flight without
+// holding them in registers: enough outstanding reads to approach DRAM bandwidth on a short kernel.  A lane
+// reads back only the weight vector it copied itself; scales and zero points cross lanes, hence the
+// warp barrier.  Activations come from L1/L2 (small, shared by all blocks).
+template <int MT, int TN, int WK, int U, int S>
 __global__ void __launch_bounds__(32 * WK) w4a16_mma(
         const u16* __restrict__ x, const U4* __restrict__ qw, const u16* __restrict__ scales,
         const u16* __restrict__ zeros, void* __restrict__ out, int M, int N, int K, int group_size,
         int chunks_per_split, int out_fp32) {
-    constexpr bool X_BATCH = MT * U <= 8;  // load a whole batch's activations at once (else chunk by chunk)
-    constexpr int XU = X_BATCH ? U : 1;
+    constexpr int PER_WARP = TN * MT * 4 * 32;  // accumulators per warp, for the final reduction
+    constexpr int RING_BYTES = WK * S * U * TN * (32 * 16 + 16 * 4);
+    constexpr int RED_BYTES = (WK - 1) * PER_WARP * 4;
+    __shared__ __align__(16) unsigned char smem[RING_BYTES > RED_BYTES ? RING_BYTES : RED_BYTES];
+    auto wq = reinterpret_cast<U4 (*)[S][U][TN][32]>(smem);  // [warp][stage][u][tn][lane]
+    // 16 scales then 16 zero points (bf16) of a tile's rows
+    auto sz = reinterpret_cast<u32 (*)[S][U][TN][16]>(smem + WK * S * U * TN * 32 * 16);
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int g = lane >> 2, t = lane & 3;
     const int n_chunks = K >> 6, n_tiles = N >> 4;
@@ -131,6 +154,8 @@ __global__ void __launch_bounds__(32 * WK) w4a16_mma(
     const int split = blockIdx.y;
     const int c_begin = split * chunks_per_split;
     const int c_end = imin(c_begin + chunks_per_split, n_chunks);
+    const int mine = c_end - c_begin - warp;  // chunks c_begin + warp + WK * j of this warp
+    const int n_batches = mine > 0 ? (mine + WK * U - 1) / (WK * U) : 0;
 
     int tile[TN];  // clamped so that every load is in bounds; tiles past N are computed, never stored
 #pragma unroll
@@ -144,9 +169,26 @@ __global__ void __launch_bounds__(32 * WK) w4a16_mma(
 #pragma unroll
             for (int i = 0; i < 4; ++i) acc[tn][mt][i] = 0.f;
 
-    U4 w[2][U][TN];
-    u32 sz[2][U][TN], zz[2][U][TN];
-
+    auto issue = [&](int batch) {  // always commits a group, empty past the end, so the wait counts hold
+        if (batch < n_batches) {
+            const int stage = batch % S;
+            const int cb = c_begin + warp + batch * WK * U;
+#pragma unroll
+            for (int u = 0; u < U; ++u) {
+                const int c = imin(cb + u * WK, c_end - 1);  // past the end: a harmless re-read, never used
+                const int grp = (c << 6) / group_size;
+#pragma unroll
+                for (int tn = 0; tn < TN; ++tn) {
+                    cp_async16(smem_addr(&wq[warp][stage][u][tn][lane]), qw + ((u64)tile[tn] * n_chunks + c) * 32 + lane);
+                    if (lane < 16) {
+                        const u16* src = (lane < 8 ? scales : zeros) + (u64)grp * N + tile[tn] * 16 + 2 * (lane & 7);
+                        cp_async4(smem_addr(&sz[warp][stage][u][tn][lane]), src);
+                    }
+                }
+            }
+        }
+        cp_async_commit();
+    };
     auto load_x = [&](U4 (&dst)[MT][2], int c) {
 #pragma unroll
         for (int mt = 0; mt < MT; ++mt) {
@@ -161,63 +203,46 @@ __global__ void __launch_bounds__(32 * WK) w4a16_mma(
             }
         }
     };
-    auto load_batch = [&](int buf, int cb) {
-#pragma unroll
-        for (int u = 0; u < U; ++u) {
-            const int c = imin(cb + u * WK, c_end - 1);  // past the end: a harmless re-read, never used
-            const int grp = (c << 6) / group_size;
-#pragma unroll
-            for (int tn = 0; tn < TN; ++tn) {
-                w[buf][u][tn] = load_stream(qw + ((u64)tile[tn] * n_chunks + c) * 32 + lane);
-                const u64 at = (u64)grp * N + tile[tn] * 16 + g;
-                sz[buf][u][tn] = load_pair(scales, at);
-                zz[buf][u][tn] = load_pair(zeros, at);
-            }
-        }
-    };
 
-    // one pipeline step: batch cb from buffer B while batch cb + WK*U loads into the other; B is a literal
-    // at both (inlined) call sites, so the double buffers stay in registers (a loop-carried index would
-    // put them in local memory)
-    auto step = [&](const int B, int cb) {
-        if (cb + WK * U < c_end) load_batch(B ^ 1, cb + WK * U);
-        U4 xa[XU][MT][2];  // activations come from L1/L2: short latency, not worth double-buffering
-        if (X_BATCH) {
 #pragma unroll
-            for (int u = 0; u < XU; ++u) load_x(xa[u], imin(cb + u * WK, c_end - 1));
-        }
+    for (int b = 0; b < S - 1; ++b) issue(b);
+    for (int b = 0; b < n_batches; ++b) {
+        cp_async_wait<S - 2>();  // batch b has landed (this lane's copies) ...
+        __syncwarp();            // ... and every lane's; also: all lanes are done reading batch b - 1
+        issue(b + S - 1);        // into the stage batch b - 1 used
+        const int stage = b % S;
+        const int cb = c_begin + warp + b * WK * U;
 #pragma unroll
         for (int u = 0; u < U; ++u) {
             const int c = cb + u * WK;
             if (c >= c_end) break;
-            U4 xl[MT][2];
-            if (!X_BATCH) load_x(xl, c);
+            U4 xv[MT][2];
+            load_x(xv, c);
 #pragma unroll
-            for (int kt = 0; kt < 4; ++kt) {
+            for (int tn = 0; tn < TN; ++tn) {
+                const U4 wv = wq[warp][stage][u][tn][lane];
+                const u16* p = reinterpret_cast<const u16*>(sz[warp][stage][u][tn]);
+                const u32 s2 = (u32)p[g] | ((u32)p[g + 8] << 16);
+                const u32 z2 = (u32)p[16 + g] | ((u32)p[24 + g] << 16);
 #pragma unroll
-                for (int tn = 0; tn < TN; ++tn) {
+                for (int kt = 0; kt < 4; ++kt) {
                     u32 a[4];
-                    dequant_fragment(word_of(w[B][u][tn], kt), sz[B][u][tn], zz[B][u][tn], a);
+                    dequant_fragment(word_of(wv, kt), s2, z2, a);
 #pragma unroll
                     for (int mt = 0; mt < MT; ++mt) {
-                        const U4& xv = X_BATCH ? xa[u < XU ? u : 0][mt][kt >> 1] : xl[mt][kt >> 1];
-                        mma16816(acc[tn][mt], a[0], a[1], a[2], a[3], (kt & 1) ? xv.z : xv.x, (kt & 1) ? xv.w : xv.y);
+                        const U4& xq = xv[mt][kt >> 1];
+                        mma16816(acc[tn][mt], a[0], a[1], a[2], a[3], (kt & 1) ? xq.z : xq.x, (kt & 1) ? xq.w : xq.y);
                     }
                 }
             }
         }
-    };
-    const int stride = WK * U;
-    if (c_begin + warp < c_end) load_batch(0, c_begin + warp);
-    for (int cb = c_begin + warp; cb < c_end; cb += 2 * stride) {
-        step(0, cb);
-        if (cb + stride < c_end) step(1, cb + stride);
     }
+    cp_async_wait<0>();
 
-    // warps 1.. hand their sums to warp 0 through shared memory
-    constexpr int PER_WARP = TN * MT * 4 * 32;
-    __shared__ float red[WK > 1 ? (WK - 1) * PER_WARP : 1];
+    // warps 1.. hand their sums to warp 0 through shared memory (reusing the ring)
     if (WK > 1) {
+        float* red = reinterpret_cast<float*>(smem);
+        __syncthreads();
         if (warp > 0) {
 #pragma unroll
             for (int tn = 0; tn < TN; ++tn)
@@ -237,112 +262,6 @@ __global__ void __launch_bounds__(32 * WK) w4a16_mma(
 #pragma unroll
                     for (int i = 0; i < 4; ++i)
                         acc[tn][mt][i] += red[w2 * PER_WARP + ((tn * MT + mt) * 4 + i) * 32 + lane];
-    }
-#pragma unroll
-    for (int tn = 0; tn < TN; ++tn) {
-        if (nt0 + tn >= n_tiles) break;
-        store_tile<MT>(acc[tn], out, split, M, N, nt0 + tn, g, t, out_fp32);
-    }
-}
-
-__device__ __forceinline__ void cp_async16(u32 smem_addr, const void* src, int src_bytes) {
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" :: "r"(smem_addr), "l"(src), "r"(src_bytes));
-}
-
-// The same product for larger batches (M >= 16): the NW warps of a block take different weight tiles
-// (NW * TN of them) over the same K chunks, so the activations are read from L2 once per block into
-// shared memory (cp.async, double-buffered one batch ahead) instead of once per warp.  Each warp keeps its
-// next batch of weights, scales and zero points in flight in registers, as above.
-template <int MT, int TN, int NW, int U>
-__global__ void __launch_bounds__(32 * NW) w4a16_mma_xs(
-        const u16* __restrict__ x, const U4* __restrict__ qw, const u16* __restrict__ scales,
-        const u16* __restrict__ zeros, void* __restrict__ out, int M, int N, int K, int group_size,
-        int chunks_per_split, int out_fp32) {
-    constexpr int ROWS = MT * 8, STRIDE = 72;  // 64 k + 8 pad (bf16): conflict-free 16-byte fragment reads
-    __shared__ __align__(16) u16 xs[2][U][ROWS][STRIDE];
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    const int g = lane >> 2, t = lane & 3;
-    const int n_chunks = K >> 6, n_tiles = N >> 4;
-    const int nt0 = (blockIdx.x * NW + warp) * TN;
-    const int split = blockIdx.y;
-    const int c_begin = split * chunks_per_split;
-    const int c_end = imin(c_begin + chunks_per_split, n_chunks);
-
-    int tile[TN];
-#pragma unroll
-    for (int tn = 0; tn < TN; ++tn) tile[tn] = imin(nt0 + tn, n_tiles - 1);
-    float acc[TN][MT][4];
-#pragma unroll
-    for (int tn = 0; tn < TN; ++tn)
-#pragma unroll
-        for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-            for (int i = 0; i < 4; ++i) acc[tn][mt][i] = 0.f;
-
-    U4 w[2][U][TN];
-    u32 sz[2][U][TN], zz[2][U][TN];
-    auto load_batch = [&](int buf, int cb) {
-#pragma unroll
-        for (int u = 0; u < U; ++u) {
-            const int c = imin(cb + u, c_end - 1);
-            const int grp = (c << 6) / group_size;
-#pragma unroll
-            for (int tn = 0; tn < TN; ++tn) {
-                w[buf][u][tn] = load_stream(qw + ((u64)tile[tn] * n_chunks + c) * 32 + lane);
-                const u64 at = (u64)grp * N + tile[tn] * 16 + g;
-                sz[buf][u][tn] = load_pair(scales, at);
-                zz[buf][u][tn] = load_pair(zeros, at);
-            }
-        }
-    };
-    auto copy_x = [&](int buf, int cb) {  // U chunks x ROWS rows x 8 pieces of 16 bytes
-        for (int p = threadIdx.x; p < U * ROWS * 8; p += NW * 32) {
-            const int u = p / (ROWS * 8), row = (p / 8) % ROWS, piece = p % 8;
-            const int c = imin(cb + u, c_end - 1);
-            const int m = imin(row, M - 1);
-            const u32 dst = (u32)__cvta_generic_to_shared(&xs[buf][u][row][piece * 8]);
-            cp_async16(dst, x + (u64)m * K + (c << 6) + piece * 8, row < M ? 16 : 0);  // rows past M: zeros
-        }
-        asm volatile("cp.async.commit_group;");
-    };
-
-    auto step = [&](const int B, int cb) {
-        if (cb + U < c_end) {
-            copy_x(B ^ 1, cb + U);
-            load_batch(B ^ 1, cb + U);
-        } else {
-            asm volatile("cp.async.commit_group;");
-        }
-        asm volatile("cp.async.wait_group 1;");
-        __syncthreads();
-#pragma unroll
-        for (int u = 0; u < U; ++u) {
-            if (cb + u >= c_end) break;
-#pragma unroll
-            for (int kt = 0; kt < 4; ++kt) {
-                u32 b[MT][2];
-#pragma unroll
-                for (int mt = 0; mt < MT; ++mt) {
-                    const u32* row = reinterpret_cast<const u32*>(&xs[B][u][mt * 8 + g][16 * t + 4 * kt]);
-                    b[mt][0] = row[0];
-                    b[mt][1] = row[1];
-                }
-#pragma unroll
-                for (int tn = 0; tn < TN; ++tn) {
-                    u32 a[4];
-                    dequant_fragment(word_of(w[B][u][tn], kt), sz[B][u][tn], zz[B][u][tn], a);
-#pragma unroll
-                    for (int mt = 0; mt < MT; ++mt) mma16816(acc[tn][mt], a[0], a[1], a[2], a[3], b[mt][0], b[mt][1]);
-                }
-            }
-        }
-        __syncthreads();  // everyone is done with this buffer before the next batch's copy overwrites it
-    };
-    copy_x(0, c_begin);
-    load_batch(0, c_begin);
-    for (int cb = c_begin; cb < c_end; cb += 2 * U) {
-        step(0, cb);
-        if (cb + U < c_end) step(1, cb + U);
     }
 #pragma unroll
     for (int tn = 0; tn < TN; ++tn) {
