@@ -77,16 +77,22 @@ __device__ __forceinline__ u32 prmt(u32 a, u32 sel) {
     return d;
 }
 
-// The A fragments of one K step of one 16-row tile: (q - z) * s for the lane's 8 weights.  sz packs the
-// raw bf16 scale of rows g (low half) and g + 8 (high half); zz the same for the zero points.
-__device__ __forceinline__ void dequant_fragment(u32 word, u32 sz, u32 zz, u32 (&a)[4]) {
-    const u32 s_lo = prmt(sz, 0x1010u), s_hi = prmt(sz, 0x3232u);  // {s_g, s_g}, {s_g+8, s_g+8}
-    const u32 z_lo = fma2(prmt(zz, 0x1010u), BF16X2_ONE, BF16X2_128);  // 128 + zero, exact
-    const u32 z_hi = fma2(prmt(zz, 0x3232u), BF16X2_ONE, BF16X2_128);
+// The A fragments of one K step of one 16-row tile: q - z (exact small integers) for the lane's 8
+// weights; zz2 = {128 + z_g, 128 + z_g+8}... as prepared by zero_pairs.  With SCALE, also times the
+// scale pairs: (q - z) * s rounded once to bf16, the reference de-quantization's values.
+__device__ __forceinline__ u32 and_or(u32 a, u32 mask, u32 bits) {  // (a & mask) | bits in ONE instruction
+    u32 d;  // (two immediates would not fit one LOP3, so ptxas would emit two)
+    asm("lop3.b32 %0, %1, %2, %3, 0xEA;" : "=r"(d) : "r"(a), "r"(mask), "r"(bits));
+    return d;
+}
+
+template <bool SCALE>
+__device__ __forceinline__ void dequant_fragment(u32 word, u32 z_lo, u32 z_hi, u32 s_lo, u32 s_hi, u32 (&a)[4]) {
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
-        const u32 v = ((word >> (4 * i)) & 0x000F000Fu) | BF16X2_128;  // 128 + q, two at once
-        a[i] = fma2(fma2((i & 1) ? z_hi : z_lo, BF16X2_NEG_ONE, v), (i & 1) ? s_hi : s_lo, BF16X2_NEG_ZERO);
+        const u32 v = and_or(word >> (4 * i), 0x000F000Fu, BF16X2_128);  // 128 + q, two at once
+        const u32 d = fma2((i & 1) ? z_hi : z_lo, BF16X2_NEG_ONE, v);   // q - z, exact
+        a[i] = SCALE ? fma2(d, (i & 1) ? s_hi : s_lo, BF16X2_NEG_ZERO) : d;
     }
 }
 
@@ -131,22 +137,29 @@ __device__ __forceinline__ u32 smem_addr(const void* p) { return (u32)__cvta_gen
 // MT: 8-row activation tiles (M <= 8 MT); TN: 16-row weight tiles per warp; WK: warps per block, which
 // split the block's chunks between them and add up in shared memory at the end; U: chunks per batch;
 // S: pipeline stages.  Each warp streams its weights, scales and zero points through a private S-stage
-// ring in shared memory with cp.async, keeping S - 1 batches (up to tens of KB per SM) in flight without
-// holding them in registers: enough outstanding reads to approach DRAM bandwidth on a short kernel.  A lane
-// reads back only the weight vector it copied itself; scales and zero points cross lanes, hence the
-// warp barrier.  Activations come from L1/L2 (small, shared by all blocks).
+// ring in shared memory with cp.async, keeping S - 1 batches in flight without holding them in
+// registers.  A lane reads back only the weight vector it copied itself; scales and zero points cross
+// lanes, hence the warp barrier.  Activations come from L1/L2 (small, shared by all blocks).
+// At these sizes the kernel is bound by instruction issue, not DRAM (an H200 moves 4.8 TB/s; a warp
+// spends ~100 instructions per 512 bytes of weights), so the loop is written to keep that count down:
+// chunk -> group is a shift (group_shift = log2(group_size / 64)), addresses are base + constant offsets,
+// and for small M the scale is applied once per chunk to the fp32 MMA result (POST_SCALE) instead of to
+// every weight pair.
 template <int MT, int TN, int WK, int U, int S>
 __global__ void __launch_bounds__(32 * WK) w4a16_mma(
         const u16* __restrict__ x, const U4* __restrict__ qw, const u16* __restrict__ scales,
-        const u16* __restrict__ zeros, void* __restrict__ out, int M, int N, int K, int group_size,
+        const u16* __restrict__ zeros, void* __restrict__ out, int M, int N, int K, int group_shift,
         int chunks_per_split, int out_fp32) {
+    constexpr bool POST_SCALE = MT <= 2;  // 4 fp32 FMAs per (tile, 8 rows, chunk) vs 16 HMUL2 per (tile, chunk)
     constexpr int PER_WARP = TN * MT * 4 * 32;  // accumulators per warp, for the final reduction
-    constexpr int RING_BYTES = WK * S * U * TN * (32 * 16 + 16 * 4);
+    constexpr int W_STAGE = U * TN * 32;        // U4 per stage per warp
+    constexpr int S_STAGE = U * TN * 16;        // u32 per stage per warp
+    constexpr int RING_BYTES = WK * S * (W_STAGE * 16 + S_STAGE * 4);
     constexpr int RED_BYTES = (WK - 1) * PER_WARP * 4;
+    constexpr int STEP = WK * U;  // chunks between a warp's consecutive batches
     __shared__ __align__(16) unsigned char smem[RING_BYTES > RED_BYTES ? RING_BYTES : RED_BYTES];
-    auto wq = reinterpret_cast<U4 (*)[S][U][TN][32]>(smem);  // [warp][stage][u][tn][lane]
-    // 16 scales then 16 zero points (bf16) of a tile's rows
-    auto sz = reinterpret_cast<u32 (*)[S][U][TN][16]>(smem + WK * S * U * TN * 32 * 16);
+    U4* wq = reinterpret_cast<U4*>(smem);                                // [warp][stage][u][tn][lane]
+    u32* sz = reinterpret_cast<u32*>(smem + WK * S * W_STAGE * 16);     // [warp][stage][u][tn][16]
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int g = lane >> 2, t = lane & 3;
     const int n_chunks = K >> 6, n_tiles = N >> 4;
@@ -154,12 +167,25 @@ __global__ void __launch_bounds__(32 * WK) w4a16_mma(
     const int split = blockIdx.y;
     const int c_begin = split * chunks_per_split;
     const int c_end = imin(c_begin + chunks_per_split, n_chunks);
-    const int mine = c_end - c_begin - warp;  // chunks c_begin + warp + WK * j of this warp
-    const int n_batches = mine > 0 ? (mine + WK * U - 1) / (WK * U) : 0;
+    const int first = c_begin + warp;  // this warp's chunks: first + WK * j
+    const int n_batches = c_end > first ? (c_end - first + STEP - 1) / STEP : 0;
 
-    int tile[TN];  // clamped so that every load is in bounds; tiles past N are computed, never stored
+    // per-tile sources at this warp's first chunk (tiles past N are clamped: computed, never stored)
+    const U4* wsrc[TN];
+    const u16* ssrc[TN];
 #pragma unroll
-    for (int tn = 0; tn < TN; ++tn) tile[tn] = imin(nt0 + tn, n_tiles - 1);
+    for (int tn = 0; tn < TN; ++tn) {
+        const int tile = imin(nt0 + tn, n_tiles - 1);
+        wsrc[tn] = qw + ((u64)tile * n_chunks + first) * 32 + lane;
+        ssrc[tn] = (lane < 8 ? scales : zeros) + tile * 16 + 2 * (lane & 7);  // lanes 0-15: one pair each
+    }
+    const u32 wdst = smem_addr(wq + warp * S * W_STAGE + lane);
+    const u32 sdst = smem_addr(sz + warp * S * S_STAGE + (lane & 15));
+    const U4* wown = wq + warp * S * W_STAGE + lane;
+    const u16* sown = reinterpret_cast<const u16*>(sz + warp * S * S_STAGE);
+    const u16* xrow[MT];  // row mt * 8 + g, this lane's 16 k of each chunk
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) xrow[mt] = x + (u64)imin(mt * 8 + g, M - 1) * K + 16 * t;
 
     float acc[TN][MT][4];
 #pragma unroll
@@ -169,73 +195,87 @@ __global__ void __launch_bounds__(32 * WK) w4a16_mma(
 #pragma unroll
             for (int i = 0; i < 4; ++i) acc[tn][mt][i] = 0.f;
 
-    auto issue = [&](int batch) {  // always commits a group, empty past the end, so the wait counts hold
+    auto issue = [&](int batch, int stage) {  // always commits a group (empty past the end): waits count right
         if (batch < n_batches) {
-            const int stage = batch % S;
-            const int cb = c_begin + warp + batch * WK * U;
+            const int cb = first + batch * STEP;
 #pragma unroll
             for (int u = 0; u < U; ++u) {
-                const int c = imin(cb + u * WK, c_end - 1);  // past the end: a harmless re-read, never used
-                const int grp = (c << 6) / group_size;
+                const int c = cb + u * WK;
+                if (c < c_end) {
+                    const u64 sz_off = (u64)(c >> group_shift) * N;
 #pragma unroll
-                for (int tn = 0; tn < TN; ++tn) {
-                    cp_async16(smem_addr(&wq[warp][stage][u][tn][lane]), qw + ((u64)tile[tn] * n_chunks + c) * 32 + lane);
-                    if (lane < 16) {
-                        const u16* src = (lane < 8 ? scales : zeros) + (u64)grp * N + tile[tn] * 16 + 2 * (lane & 7);
-                        cp_async4(smem_addr(&sz[warp][stage][u][tn][lane]), src);
+                    for (int tn = 0; tn < TN; ++tn) {
+                        cp_async16(wdst + (stage * W_STAGE + (u * TN + tn) * 32) * 16, wsrc[tn] + (batch * STEP + u * WK) * 32);
+                        if (lane < 16) cp_async4(sdst + (stage * S_STAGE + (u * TN + tn) * 16) * 4, ssrc[tn] + sz_off);
                     }
                 }
             }
         }
         cp_async_commit();
     };
-    auto load_x = [&](U4 (&dst)[MT][2], int c) {
-#pragma unroll
-        for (int mt = 0; mt < MT; ++mt) {
-            const int m = mt * 8 + g;
-#pragma unroll
-            for (int half = 0; half < 2; ++half) {
-                if (m < M) {
-                    dst[mt][half] = load_cached(reinterpret_cast<const U4*>(x + (u64)m * K + (c << 6) + 16 * t + 8 * half));
-                } else {
-                    dst[mt][half].x = dst[mt][half].y = dst[mt][half].z = dst[mt][half].w = 0u;
-                }
-            }
-        }
-    };
 
 #pragma unroll
-    for (int b = 0; b < S - 1; ++b) issue(b);
+    for (int b = 0; b < S - 1; ++b) issue(b, b);
+    int stage = 0, next_stage = S - 1;
     for (int b = 0; b < n_batches; ++b) {
         cp_async_wait<S - 2>();  // batch b has landed (this lane's copies) ...
         __syncwarp();            // ... and every lane's; also: all lanes are done reading batch b - 1
-        issue(b + S - 1);        // into the stage batch b - 1 used
-        const int stage = b % S;
-        const int cb = c_begin + warp + b * WK * U;
+        issue(b + S - 1, next_stage);  // into the stage batch b - 1 used
+        const int cb = first + b * STEP;
 #pragma unroll
         for (int u = 0; u < U; ++u) {
             const int c = cb + u * WK;
             if (c >= c_end) break;
             U4 xv[MT][2];
-            load_x(xv, c);
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt) {
+                const U4* src = reinterpret_cast<const U4*>(xrow[mt] + (c << 6));
+                if (mt * 8 + g < M) {
+                    xv[mt][0] = load_cached(src);
+                    xv[mt][1] = load_cached(src + 1);
+                } else {
+                    xv[mt][0].x = xv[mt][0].y = xv[mt][0].z = xv[mt][0].w = 0u;
+                    xv[mt][1] = xv[mt][0];
+                }
+            }
 #pragma unroll
             for (int tn = 0; tn < TN; ++tn) {
-                const U4 wv = wq[warp][stage][u][tn][lane];
-                const u16* p = reinterpret_cast<const u16*>(sz[warp][stage][u][tn]);
-                const u32 s2 = (u32)p[g] | ((u32)p[g + 8] << 16);
-                const u32 z2 = (u32)p[16 + g] | ((u32)p[24 + g] << 16);
+                const U4 wv = wown[stage * W_STAGE + (u * TN + tn) * 32];
+                const u16* p = sown + (stage * S_STAGE + (u * TN + tn) * 16) * 2;  // 16 scales, 16 zeros
+                const u32 s0 = p[g], s1 = p[g + 8];
+                const u32 z_lo = fma2((u32)p[16 + g] * 0x10001u, BF16X2_ONE, BF16X2_128);  // {128 + z} x 2
+                const u32 z_hi = fma2((u32)p[24 + g] * 0x10001u, BF16X2_ONE, BF16X2_128);
+                const u32 s_lo = s0 * 0x10001u, s_hi = s1 * 0x10001u;
+                float part[MT][4];
+#pragma unroll
+                for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+                    for (int i = 0; i < 4; ++i) part[mt][i] = 0.f;
 #pragma unroll
                 for (int kt = 0; kt < 4; ++kt) {
                     u32 a[4];
-                    dequant_fragment(word_of(wv, kt), s2, z2, a);
+                    dequant_fragment<!POST_SCALE>(word_of(wv, kt), z_lo, z_hi, s_lo, s_hi, a);
 #pragma unroll
                     for (int mt = 0; mt < MT; ++mt) {
                         const U4& xq = xv[mt][kt >> 1];
-                        mma16816(acc[tn][mt], a[0], a[1], a[2], a[3], (kt & 1) ? xq.z : xq.x, (kt & 1) ? xq.w : xq.y);
+                        mma16816(POST_SCALE ? part[mt] : acc[tn][mt], a[0], a[1], a[2], a[3],
+                                 (kt & 1) ? xq.z : xq.x, (kt & 1) ? xq.w : xq.y);
+                    }
+                }
+                if (POST_SCALE) {
+                    const float f0 = bf16_to_float((u16)s0), f1 = bf16_to_float((u16)s1);
+#pragma unroll
+                    for (int mt = 0; mt < MT; ++mt) {
+                        acc[tn][mt][0] += f0 * part[mt][0];
+                        acc[tn][mt][1] += f0 * part[mt][1];
+                        acc[tn][mt][2] += f1 * part[mt][2];
+                        acc[tn][mt][3] += f1 * part[mt][3];
                     }
                 }
             }
         }
+        stage = stage + 1 == S ? 0 : stage + 1;
+        next_stage = next_stage + 1 == S ? 0 : next_stage + 1;
     }
     cp_async_wait<0>();
 
