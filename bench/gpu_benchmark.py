@@ -405,7 +405,7 @@ def kernel_sweep(ms: list[int], out_dir: Path, configs_out: Path | None) -> list
 
 def mma_candidates(m: int) -> list[tuple[int, ...]]:
     """(TN, WK, U, S, splits) for the tensor-core kernel at M (see ``int4_mma.config``)."""
-    grid = [(tn, wk, u, st, sp) for tn in (1, 2) for wk in (2, 4, 8) for u in ((2, 4) if m <= 16 else (1, 2))
+    grid = [(tn, wk, u, st, sp) for tn in (1, 2) for wk in (2, 4, 8) for u in ((1, 2, 4) if m <= 16 else (1, 2))
             for st in (3, 4, 6) for sp in (1, 2, 4)]
     valid = []
     for cfg in grid:

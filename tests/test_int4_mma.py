@@ -78,6 +78,8 @@ def test_unsupported_shapes_keep_the_triton_layout() -> None:
     layer = int4.Int4Linear.from_quantized(q, scales, zeros)
     assert not layer.to_mma_layout() and layer.layout == "triton"
     assert not int4_mma.supported(4096, 4096, 32)
+    assert not int4_mma.supported(4096, 4608, 192)  # 3 chunks per group: not a power of two
+    assert int4_mma.supported(4096, 4096, 256)
 
 
 def test_invalid_mma_config_is_a_clear_error() -> None:

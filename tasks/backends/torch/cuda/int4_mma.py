@@ -44,8 +44,11 @@ def _shifts(device: torch.device) -> torch.Tensor:
 
 
 def supported(n: int, k: int, group_size: int) -> bool:
-    """Shapes the layout covers: whole 16-row tiles, whole 64-deep chunks, groups of whole chunks."""
-    return n % TILE == 0 and k % CHUNK == 0 and group_size % CHUNK == 0 and k % group_size == 0
+    """Shapes the layout covers: whole 16-row tiles, whole 64-deep chunks, groups of a power-of-two number
+    of chunks (the kernel finds a chunk's group with a shift)."""
+    chunks = group_size // CHUNK
+    return (n % TILE == 0 and k % CHUNK == 0 and group_size % CHUNK == 0 and k % group_size == 0
+            and chunks & (chunks - 1) == 0)
 
 
 def pack_mma(q: torch.Tensor) -> torch.Tensor:
@@ -165,7 +168,8 @@ def mma_split(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zero
     out = torch.empty(splits, m, n, dtype=torch.float32 if splits > 1 else torch.bfloat16, device=x.device)
     launch = _kernel(f"w4a16_mma<{m_tiles(m)}, {tn}, {wk}, {u}, {stages}>")
     launch(grid=(math.ceil(n / TILE / tn), splits, 1), block=(32 * wk, 1, 1),
-           args=[x, qweight, scales, zeros, out, m, n, k, k // scales.shape[0], per, int(splits > 1)])
+           args=[x, qweight, scales, zeros, out, m, n, k, (k // scales.shape[0] // CHUNK).bit_length() - 1, per,
+                 int(splits > 1)])
     return out
 
 
