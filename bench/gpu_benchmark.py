@@ -404,9 +404,11 @@ def kernel_sweep(ms: list[int], out_dir: Path, configs_out: Path | None) -> list
 
 
 def mma_candidates(m: int) -> list[tuple[int, ...]]:
-    """(TN, WK, U, S, splits) for the tensor-core kernel at M (see ``int4_mma.config``)."""
-    grid = [(tn, wk, u, st, sp) for tn in (1, 2) for wk in (2, 4, 8) for u in ((1, 2, 4) if m <= 16 else (1, 2))
-            for st in (3, 4, 6) for sp in (1, 2, 4)]
+    """(TN, WK, U, S, splits, XS) for the tensor-core kernel at M (see ``int4_mma.config``)."""
+    grid = [(tn, wk, u, st, sp, 0) for tn in (1, 2) for wk in (2, 4, 8) for u in ((1, 2, 4) if m <= 16 else (1, 2))
+            for st in ((3, 4, 6) if m <= 8 else (3,)) for sp in (1, 2, 4)]
+    if m >= 16:  # warps split N and share the activations through shared memory
+        grid += [(tn, wk, 1, st, sp, 1) for tn in (1, 2, 4) for wk in (2, 4, 8) for st in (2, 3) for sp in (1, 2, 4)]
     valid = []
     for cfg in grid:
         try:

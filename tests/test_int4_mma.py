@@ -84,9 +84,11 @@ def test_unsupported_shapes_keep_the_triton_layout() -> None:
 
 def test_invalid_mma_config_is_a_clear_error() -> None:
     with pytest.raises(ValueError, match="shared memory"):
-        int4_mma.check_config(1, (2, 4, 4, 3, 1))  # a 54 KiB ring
+        int4_mma.check_config(1, (2, 4, 4, 3, 1, 0))  # a 54 KiB ring
+    with pytest.raises(ValueError, match="shared memory"):
+        int4_mma.check_config(64, (1, 4, 2, 4, 1, 1))  # 4 stages x 2 chunks x 64 rows of activations
     with pytest.raises(ValueError, match="S >= 2"):
-        int4_mma.check_config(1, (1, 4, 4, 1, 1))
+        int4_mma.check_config(1, (1, 4, 4, 1, 1, 0))
 
 
 def test_select_kernels_names_the_allowed_values() -> None:
@@ -125,8 +127,9 @@ def test_mma_kernel_matches_reference(m: int, n: int, k: int, gs: int) -> None:
 
 @gpu
 @needs_mma
-@pytest.mark.parametrize("cfg", [(1, 1, 1, 2, 1), (1, 4, 4, 4, 3), (2, 2, 2, 3, 5), (4, 1, 2, 2, 2), (3, 4, 1, 5, 7),
-                                 (1, 2, 8, 2, 1), (1, 8, 2, 3, 2), (2, 4, 1, 6, 4)])
+@pytest.mark.parametrize("cfg", [(1, 1, 1, 2, 1, 0), (1, 4, 4, 4, 3, 0), (2, 2, 2, 3, 5, 0), (4, 1, 2, 2, 2, 0),
+                                 (3, 4, 1, 5, 7, 0), (1, 2, 8, 2, 1, 0), (1, 8, 2, 3, 2, 0), (2, 4, 1, 6, 4, 0),
+                                 (1, 4, 1, 3, 1, 1), (2, 2, 2, 3, 3, 1), (1, 8, 1, 2, 2, 1), (3, 2, 1, 4, 1, 1)])
 @pytest.mark.parametrize("m", [1, 9, 40])
 def test_mma_kernel_configs_match_reference(cfg: tuple, m: int) -> None:
     """Every template/launch knob the sweep may pick, on a shape with a ragged last group of tiles and a

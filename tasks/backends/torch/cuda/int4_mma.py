@@ -103,7 +103,7 @@ def _load_tuned() -> dict[tuple[int, int, int], tuple[int, ...]]:
     return {(int(m), int(n), int(k)): tuple(cfg) for m, n, k, cfg in json.loads(CONFIG_FILE.read_text())["configs"]}
 
 
-#: {(M bucket, N, K): (TN, WK, U, S, splits)}; written by the GPU sweep, heuristics fill gaps
+#: {(M bucket, N, K): (TN, WK, U, S, splits, XS)}; written by the GPU sweep, heuristics fill gaps
 TUNED = _load_tuned()
 SMEM_LIMIT = 48 * 1024  # static shared memory per block
 
@@ -112,32 +112,35 @@ def m_tiles(m: int) -> int:
     return max(1, min(8, math.ceil(m / 8)))
 
 
-def config(m: int, n: int, k: int) -> tuple[int, int, int, int, int]:
-    """(TN, WK, U, S, splits) for this shape: 16-row tiles per warp, warps per block (splitting K),
-    64-deep chunks per pipeline batch, pipeline stages, split-K slices.  Tuned entries win; the heuristic
-    aims at a few blocks per SM, each warp with S - 1 batches of loads in flight."""
+def config(m: int, n: int, k: int) -> tuple[int, int, int, int, int, int]:
+    """(TN, WK, U, S, splits, XS) for this shape: 16-row tiles per warp, warps per block, 64-deep chunks
+    per pipeline batch, pipeline stages, split-K slices, and whether the block's warps split N and share
+    the activations through shared memory (1) or split K and each read them from L2 (0).  Tuned entries
+    win; the heuristic aims at a few blocks per SM, each warp with S - 1 batches of loads in flight."""
     bucket = 1 << max(0, (m - 1).bit_length())
     while bucket <= MAX_M and m_tiles(bucket) == m_tiles(m):  # a larger M of the same kernel instance
         if (bucket, n, k) in TUNED:
             return TUNED[(bucket, n, k)]
         bucket *= 2
-    tn, wk, u, stages = (1, 4, 4, 4) if m <= 16 else (2, 2, 2, 3)
-    blocks = math.ceil(n / TILE / tn)
+    tn, wk, u, stages, xs = (2, 4, 1, 3, 0) if m <= 16 else (2, 4, 1, 3, 1)
+    blocks = math.ceil(n / TILE / tn / (wk if xs else 1))
     n_chunks = k // CHUNK
     splits = max(1, min(n_chunks // (wk * u), round(132 * 4 / blocks)))
-    return tn, wk, u, stages, splits
+    return tn, wk, u, stages, splits, xs
 
 
 def smem_bytes(m: int, cfg: tuple[int, ...]) -> int:
     """Static shared memory of a config: the weight/scale ring, or the final reduction if larger."""
-    tn, wk, u, stages, _ = cfg
-    return max(wk * stages * u * tn * (32 * 16 + 16 * 4), (wk - 1) * tn * m_tiles(m) * 128 * 4)
+    tn, wk, u, stages, _, xs = cfg
+    ring = wk * stages * u * tn * (32 * 16 + 16 * 4) + (stages * u * m_tiles(m) * 8 * 72 * 2 if xs else 0)
+    return max(ring, 0 if xs else (wk - 1) * tn * m_tiles(m) * 128 * 4)
 
 
 def check_config(m: int, cfg: tuple[int, ...]) -> None:
     """A config's limits, as a clear error before any launch."""
-    if len(cfg) != 5 or min(cfg) < 1 or cfg[3] < 2:
-        raise ValueError(f"int4 mma config {cfg} must be (TN, WK, U, S, splits), all >= 1 and S >= 2")
+    if len(cfg) != 6 or min(cfg[:5]) < 1 or cfg[3] < 2 or cfg[5] not in (0, 1):
+        raise ValueError(f"int4 mma config {cfg} must be (TN, WK, U, S, splits, XS), all >= 1, S >= 2, "
+                         "XS 0 or 1")
     if smem_bytes(m, cfg) > SMEM_LIMIT:
         raise ValueError(f"int4 mma config {cfg} needs {smem_bytes(m, cfg)} B of shared memory at M={m} "
                          f"(limit {SMEM_LIMIT} B)")
@@ -153,7 +156,7 @@ def splits_of(k: int, splits: int) -> tuple[int, int]:
 def output_splits(m: int, n: int, k: int) -> int:
     if m > MAX_M:
         return 1
-    return splits_of(k, config(m, n, k)[-1])[1]
+    return splits_of(k, config(m, n, k)[4])[1]
 
 
 def mma_split(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
@@ -163,11 +166,11 @@ def mma_split(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zero
     n = qweight.shape[0] * TILE
     cfg = tuple(cfg or config(m, n, k))
     check_config(m, cfg)
-    tn, wk, u, stages, splits = cfg
+    tn, wk, u, stages, splits, xs = cfg
     per, splits = splits_of(k, splits)
     out = torch.empty(splits, m, n, dtype=torch.float32 if splits > 1 else torch.bfloat16, device=x.device)
-    launch = _kernel(f"w4a16_mma<{m_tiles(m)}, {tn}, {wk}, {u}, {stages}>")
-    launch(grid=(math.ceil(n / TILE / tn), splits, 1), block=(32 * wk, 1, 1),
+    launch = _kernel(f"w4a16_mma<{m_tiles(m)}, {tn}, {wk}, {u}, {stages}, {'true' if xs else 'false'}>")
+    launch(grid=(math.ceil(n / TILE / tn / (wk if xs else 1)), splits, 1), block=(32 * wk, 1, 1),
            args=[x, qweight, scales, zeros, out, m, n, k, (k // scales.shape[0] // CHUNK).bit_length() - 1, per,
                  int(splits > 1)])
     return out

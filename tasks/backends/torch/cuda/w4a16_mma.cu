@@ -122,6 +122,10 @@ __device__ __forceinline__ void cp_async16(u32 smem_addr, const void* src) {
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" :: "r"(smem_addr), "l"(src));
 }
 
+__device__ __forceinline__ void cp_async16_zfill(u32 smem_addr, const void* src, int src_bytes) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" :: "r"(smem_addr), "l"(src), "r"(src_bytes));
+}
+
 __device__ __forceinline__ void cp_async4(u32 smem_addr, const void* src) {
     asm volatile("cp.async.ca.shared.global [%0], [%1], 4;" :: "r"(smem_addr), "l"(src));
 }
@@ -139,13 +143,16 @@ __device__ __forceinline__ u32 smem_addr(const void* p) { return (u32)__cvta_gen
 // S: pipeline stages.  Each warp streams its weights, scales and zero points through a private S-stage
 // ring in shared memory with cp.async, keeping S - 1 batches in flight without holding them in
 // registers.  A lane reads back only the weight vector it copied itself; scales and zero points cross
-// lanes, hence the warp barrier.  Activations come from L1/L2 (small, shared by all blocks).
+// lanes, hence the warp barrier.  Activations come from L1/L2 (small, shared by all blocks), or, with XS
+// (for larger M, where every warp re-reading them from L2 costs more than the weights), the warps of a
+// block take different tiles over the same chunks and the block stages the activations in the same ring
+// (cp.async, block barrier).
 // At these sizes the kernel is bound by instruction issue, not DRAM (an H200 moves 4.8 TB/s; a warp
 // spends ~100 instructions per 512 bytes of weights), so the loop is written to keep that count down:
 // chunk -> group is a shift (group_shift = log2(group_size / 64)), addresses are base + constant offsets,
 // and for small M the scale is applied once per chunk to the fp32 MMA result (POST_SCALE) instead of to
 // every weight pair.
-template <int MT, int TN, int WK, int U, int S>
+template <int MT, int TN, int WK, int U, int S, bool XS>
 __global__ void __launch_bounds__(32 * WK) w4a16_mma(
         const u16* __restrict__ x, const U4* __restrict__ qw, const u16* __restrict__ scales,
         const u16* __restrict__ zeros, void* __restrict__ out, int M, int N, int K, int group_shift,
@@ -154,20 +161,23 @@ __global__ void __launch_bounds__(32 * WK) w4a16_mma(
     constexpr int PER_WARP = TN * MT * 4 * 32;  // accumulators per warp, for the final reduction
     constexpr int W_STAGE = U * TN * 32;        // U4 per stage per warp
     constexpr int S_STAGE = U * TN * 16;        // u32 per stage per warp
-    constexpr int RING_BYTES = WK * S * (W_STAGE * 16 + S_STAGE * 4);
-    constexpr int RED_BYTES = (WK - 1) * PER_WARP * 4;
-    constexpr int STEP = WK * U;  // chunks between a warp's consecutive batches
+    constexpr int X_ROW = 72;                   // bf16 per shared activation row: 64 + 8 pad (no bank conflicts)
+    constexpr int X_STAGE = XS ? U * MT * 8 * X_ROW : 0;  // bf16 per stage (whole block)
+    constexpr int RING_BYTES = WK * S * (W_STAGE * 16 + S_STAGE * 4) + S * X_STAGE * 2;
+    constexpr int RED_BYTES = XS ? 0 : (WK - 1) * PER_WARP * 4;
+    constexpr int STEP = XS ? U : WK * U;  // chunks between a warp's consecutive batches
     __shared__ __align__(16) unsigned char smem[RING_BYTES > RED_BYTES ? RING_BYTES : RED_BYTES];
     U4* wq = reinterpret_cast<U4*>(smem);                                // [warp][stage][u][tn][lane]
     u32* sz = reinterpret_cast<u32*>(smem + WK * S * W_STAGE * 16);     // [warp][stage][u][tn][16]
+    u16* xs = reinterpret_cast<u16*>(smem + WK * S * (W_STAGE * 16 + S_STAGE * 4));  // [stage][u][row][X_ROW]
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int g = lane >> 2, t = lane & 3;
     const int n_chunks = K >> 6, n_tiles = N >> 4;
-    const int nt0 = blockIdx.x * TN;
+    const int nt0 = (XS ? blockIdx.x * WK + warp : blockIdx.x) * TN;  // XS: warps split N, else K
     const int split = blockIdx.y;
     const int c_begin = split * chunks_per_split;
     const int c_end = imin(c_begin + chunks_per_split, n_chunks);
-    const int first = c_begin + warp;  // this warp's chunks: first + WK * j
+    const int first = XS ? c_begin : c_begin + warp;  // this warp's chunks: first + STEP / U * j
     const int n_batches = c_end > first ? (c_end - first + STEP - 1) / STEP : 0;
 
     // per-tile sources at this warp's first chunk (tiles past N are clamped: computed, never stored)
@@ -195,17 +205,27 @@ __global__ void __launch_bounds__(32 * WK) w4a16_mma(
 #pragma unroll
             for (int i = 0; i < 4; ++i) acc[tn][mt][i] = 0.f;
 
+    constexpr int CSTRIDE = XS ? 1 : WK;  // chunks between u and u + 1 within a batch
     auto issue = [&](int batch, int stage) {  // always commits a group (empty past the end): waits count right
         if (batch < n_batches) {
             const int cb = first + batch * STEP;
+            if (XS) {  // the block's activations for this batch: U chunks x MT*8 rows x 8 pieces of 16 bytes
+                for (int p = threadIdx.x; p < U * MT * 64; p += WK * 32) {
+                    const int u = p / (MT * 64), row = (p >> 3) % (MT * 8), piece = p & 7;
+                    const int c = imin(cb + u, c_end - 1);
+                    const u16* src = x + (u64)imin(row, M - 1) * K + (c << 6) + piece * 8;
+                    cp_async16_zfill(smem_addr(xs + ((stage * U + u) * MT * 8 + row) * X_ROW + piece * 8), src,
+                                     row < M ? 16 : 0);  // rows past M: zeros
+                }
+            }
 #pragma unroll
             for (int u = 0; u < U; ++u) {
-                const int c = cb + u * WK;
+                const int c = cb + u * CSTRIDE;
                 if (c < c_end) {
                     const u64 sz_off = (u64)(c >> group_shift) * N;
 #pragma unroll
                     for (int tn = 0; tn < TN; ++tn) {
-                        cp_async16(wdst + (stage * W_STAGE + (u * TN + tn) * 32) * 16, wsrc[tn] + (batch * STEP + u * WK) * 32);
+                        cp_async16(wdst + (stage * W_STAGE + (u * TN + tn) * 32) * 16, wsrc[tn] + (batch * STEP + u * CSTRIDE) * 32);
                         if (lane < 16) cp_async4(sdst + (stage * S_STAGE + (u * TN + tn) * 16) * 4, ssrc[tn] + sz_off);
                     }
                 }
@@ -218,19 +238,24 @@ __global__ void __launch_bounds__(32 * WK) w4a16_mma(
     for (int b = 0; b < S - 1; ++b) issue(b, b);
     int stage = 0, next_stage = S - 1;
     for (int b = 0; b < n_batches; ++b) {
-        cp_async_wait<S - 2>();  // batch b has landed (this lane's copies) ...
-        __syncwarp();            // ... and every lane's; also: all lanes are done reading batch b - 1
+        cp_async_wait<S - 2>();  // batch b has landed (this thread's copies) ...
+        if (XS) __syncthreads();  // ... and every thread's; also: everyone is done reading batch b - 1
+        else __syncwarp();
         issue(b + S - 1, next_stage);  // into the stage batch b - 1 used
         const int cb = first + b * STEP;
 #pragma unroll
         for (int u = 0; u < U; ++u) {
-            const int c = cb + u * WK;
+            const int c = cb + u * CSTRIDE;
             if (c >= c_end) break;
             U4 xv[MT][2];
 #pragma unroll
             for (int mt = 0; mt < MT; ++mt) {
                 const U4* src = reinterpret_cast<const U4*>(xrow[mt] + (c << 6));
-                if (mt * 8 + g < M) {
+                if (XS) {
+                    const U4* sh = reinterpret_cast<const U4*>(xs + ((stage * U + u) * MT * 8 + mt * 8 + g) * X_ROW + 16 * t);
+                    xv[mt][0] = sh[0];
+                    xv[mt][1] = sh[1];
+                } else if (mt * 8 + g < M) {
                     xv[mt][0] = load_cached(src);
                     xv[mt][1] = load_cached(src + 1);
                 } else {
@@ -280,7 +305,7 @@ __global__ void __launch_bounds__(32 * WK) w4a16_mma(
     cp_async_wait<0>();
 
     // warps 1.. hand their sums to warp 0 through shared memory (reusing the ring)
-    if (WK > 1) {
+    if (!XS && WK > 1) {
         float* red = reinterpret_cast<float*>(smem);
         __syncthreads();
         if (warp > 0) {
