@@ -621,12 +621,14 @@ def print_table(rows: list[dict], bandwidth: float) -> None:
     print()
     print(RANDOM_NOTICE)
     gpu = rows[0]["gpu"] if rows else "?"
+    kernels = sorted({f"{r['method']}: {r['int4_kernels']}" for r in rows if r.get("int4_kernels")})
     print(f"GPU: {gpu}; measured copy bandwidth {bandwidth / 1e12:.2f} TB/s (read + write); fp16 = bf16 weights; "
-          "int4 = W4A16 g128 asymmetric (Triton), lm_head/embeddings bf16; input 512, output 200, greedy, EOS ignored")
+          f"int4 = W4A16 g128 asymmetric (kernels: {', '.join(kernels)}), lm_head/embeddings bf16; "
+          "input 512, output 200, greedy, EOS ignored")
     cols = [("method", "{}"), ("batch_size", "{}"), ("output_tok_s", "{:.1f}"), ("decode_tok_s", "{:.1f}"),
             ("ttft_ms", "{:.1f}"), ("itl_median_ms", "{:.2f}"), ("peak_nvml_used_gib", "{:.2f}"),
             ("torch_max_reserved_gib", "{:.2f}"), ("roofline_decode_tok_s", "{:.0f}"), ("pct_roofline", "{:.1f}"),
-            ("speedup_vs_fp16", "{:.2f}"), ("nvml_vs_fp16", "{:.2f}")]
+            ("speedup_vs_fp16", "{:.2f}"), ("decode_speedup_vs_fp16", "{:.2f}"), ("nvml_vs_fp16", "{:.2f}")]
     print("| " + " | ".join(c for c, _ in cols) + " |")
     print("|" + "---|" * len(cols))
     for r in rows:
