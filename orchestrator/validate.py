@@ -139,6 +139,11 @@ def _check_eval(cfg: dict[str, Any]) -> None:
         ev["mmlu_dir"] = str(resolved) if resolved is not None else None
 
 
+#: torch backend options with a closed set of values (the rest are free-form)
+TORCH_OPTION_VALUES = {"engine": ("fast", "hf"), "int4_kernels": ("auto", "mma", "triton"),
+                       "cpu_dtype": ("float32", "bfloat16", "float16")}
+
+
 def _check_backend(cfg: dict[str, Any]) -> None:
     backend = cfg["backend"]
     for name in cfg["sweep"]["methods"]:
@@ -148,6 +153,12 @@ def _check_backend(cfg: dict[str, Any]) -> None:
                  ("none", "rtn", "awq", "gptq") if backend["name"] == "torch" else ALGORITHMS)
     _require(backend["name"] in BACKENDS, "backend.name", f"unknown backend {backend['name']!r}", BACKENDS)
     _require(backend["device"] in DEVICES, "backend.device", f"unknown device {backend['device']!r}", DEVICES)
+    if backend["name"] == "torch":
+        options = backend.get("options") or {}
+        for key, allowed in TORCH_OPTION_VALUES.items():
+            if key in options:
+                _require(options[key] in allowed, f"backend.options.{key}", f"unknown value {options[key]!r}",
+                         allowed)
     if backend["name"] == "tensorrt_llm" and cfg["cluster"].get("address") is None:
         # Locally we can tell right away; on a cluster the GPU workers' environment decides.
         from tasks.backends.tensorrt_llm import check_available
