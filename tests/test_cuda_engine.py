@@ -159,6 +159,28 @@ def test_int4_checkpoint_loads_to_same_weights(tmp_path: Path, symmetric: bool) 
     assert torch.isfinite(logits).all()
 
 
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("kernels", ["auto", "triton"])
+def test_int4_checkpoint_on_gpu_matches_the_cpu_reference(tmp_path: Path, kernels: str) -> None:
+    """A compressed-tensors checkpoint loaded on the GPU (repacked for the chosen kernels) gives the CPU
+    reference's logits: prefill (de-quantize + cuBLAS) and decode-sized batches (the int4 kernels)."""
+    hf = _hf_tiny(seed=3)
+    _write_compressed_checkpoint(hf, tmp_path, 64, False)
+    cpu = load_llama(tmp_path, "cpu", dtype=torch.float32)
+    gpu = load_llama(tmp_path, "cuda", int4_kernels=kernels)
+    if kernels == "auto" and torch.cuda.get_device_capability() >= (8, 0):
+        assert gpu.int4_kernels == "mma" and gpu.layers[0].attention.wqkv.layout == "mma"
+    cpu.setup_cache(3, 32)
+    gpu.setup_cache(3, 32)
+    for length in (1, 24):
+        ids = torch.randint(0, TINY["vocab_size"], (3, length))
+        with torch.no_grad():
+            ref = cpu(ids, torch.arange(length)).float()
+            got = gpu(ids.cuda(), torch.arange(length, device="cuda")).float().cpu()
+        assert ((got - ref).norm() / ref.norm()).item() < 2e-2, length
+
+
 def test_random_llama_shapes_and_int4_bytes() -> None:
     args = ModelArgs(vocab_size=256, dim=256, n_layers=2, n_heads=4, n_kv_heads=4, intermediate_size=384,
                      head_dim=64)
