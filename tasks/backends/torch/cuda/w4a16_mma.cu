@@ -306,27 +306,18 @@ __global__ void __launch_bounds__(32 * WK) w4a16_mma(
 
     // warps 1.. hand their sums to warp 0 through shared memory (reusing the ring)
     if (!XS && WK > 1) {
-        float* red = reinterpret_cast<float*>(smem);
+        float* red = reinterpret_cast<float*>(smem);  // [warp - 1][accumulator][lane]
+        float* mine = &acc[0][0][0];                  // fully unrolled indices: stays in registers
         __syncthreads();
         if (warp > 0) {
 #pragma unroll
-            for (int tn = 0; tn < TN; ++tn)
-#pragma unroll
-                for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-                    for (int i = 0; i < 4; ++i)
-                        red[(warp - 1) * PER_WARP + ((tn * MT + mt) * 4 + i) * 32 + lane] = acc[tn][mt][i];
+            for (int j = 0; j < PER_WARP / 32; ++j) red[((warp - 1) * PER_WARP / 32 + j) * 32 + lane] = mine[j];
         }
         __syncthreads();
         if (warp > 0) return;
         for (int w2 = 0; w2 < WK - 1; ++w2)
 #pragma unroll
-            for (int tn = 0; tn < TN; ++tn)
-#pragma unroll
-                for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-                    for (int i = 0; i < 4; ++i)
-                        acc[tn][mt][i] += red[w2 * PER_WARP + ((tn * MT + mt) * 4 + i) * 32 + lane];
+            for (int j = 0; j < PER_WARP / 32; ++j) mine[j] += red[(w2 * PER_WARP / 32 + j) * 32 + lane];
     }
 #pragma unroll
     for (int tn = 0; tn < TN; ++tn) {
