@@ -28,7 +28,7 @@ timed: 16 vs 20 us for 4096x12288 at M=1, 7 vs 10 us for 4096x4096) but 1.5-5x s
 M=8-16 up, and it needs its own opaque weight layout: keeping both layouts would cost the memory int4 is
 meant to save, so it is not used.
 On sm_80+ NVIDIA GPUs the loader normally repacks the weights into the "mma" layout of :mod:`.int4_mma`
-(:func:`select_kernels`), whose NVRTC-compiled tensor-core kernels are 1.1-2.2x faster than these at
+(:func:`select_kernels`), whose NVRTC-compiled tensor-core kernels are 1.3-2.2x faster than these at
 M <= 32 on an H200; a 4-D ``qweight`` selects that path in :func:`w4a16_mm_split`.
 CPU (and any device without Triton) runs the pure-PyTorch reference, which the tests compare against.
 
