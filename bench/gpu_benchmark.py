@@ -324,6 +324,17 @@ def _write_configs(configs_out: Path, ms: list[int], tuned: list[tuple]) -> None
     print(f"wrote {configs_out} (gemm_max_m={gemm_max})", flush=True)
 
 
+def _weight_copies(k: int, n: int) -> tuple[int, list[tuple], list[torch.Tensor], torch.Tensor]:
+    """(int4 bytes of one copy, int4 copies, bf16 copies, fp32 reference W [N, K] of int4 copy 0): enough
+    copies of each (~200 MB) that cycling through them keeps the weights cold in L2, as in a decode step."""
+    int4_bytes = n * k // 2 + 4 * n * (k // 128)
+    weights = [random_int4(k, n) for _ in range(max(2, -(-200_000_000 // int4_bytes)))]
+    dense = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
+             for _ in range(max(2, -(-200_000_000 // (2 * n * k))))]
+    _, qweight, scales, zeros = weights[0]
+    return int4_bytes, weights, dense, int4.dequantize(qweight, scales, zeros, k)
+
+
 def kernel_sweep(ms: list[int], out_dir: Path, configs_out: Path | None) -> list[dict]:
     """Per (linear, M): bf16 cuBLAS, tinygemm, the engine's current int4 choice ("old") and every candidate.
 
@@ -333,13 +344,8 @@ def kernel_sweep(ms: list[int], out_dir: Path, configs_out: Path | None) -> list
     """
     rows, tuned = [], []
     for name, (k, n) in shapes_kn().items():
-        int4_bytes = n * k // 2 + 4 * n * (k // 128)
-        copies_q = max(2, -(-200_000_000 // int4_bytes))
-        copies_d = max(2, -(-200_000_000 // (2 * n * k)))
-        weights = [random_int4(k, n) for _ in range(copies_q)]
-        dense = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(copies_d)]
-        _, qweight, scales, zeros = weights[0]
-        w_ref = int4.dequantize(qweight, scales, zeros, k)  # fp32 [N, K]
+        int4_bytes, weights, dense, w_ref = _weight_copies(k, n)
+        copies_q, copies_d = len(weights), len(dense)
         try:
             tgs = [_tinygemm(q, s, z) for q, _, s, z in weights]
         except Exception as exc:
@@ -425,14 +431,9 @@ def mma_sweep(ms: list[int], out_dir: Path, configs_out: Path | None) -> list[di
     correct candidate per shape goes to ``configs_out`` (the engine reads ``int4_mma_configs.json``)."""
     rows, tuned = [], {}
     for name, (k, n) in shapes_kn().items():
-        int4_bytes = n * k // 2 + 4 * n * (k // 128)
-        copies_q = max(2, -(-200_000_000 // int4_bytes))
-        copies_d = max(2, -(-200_000_000 // (2 * n * k)))
-        weights = [random_int4(k, n) for _ in range(copies_q)]
+        int4_bytes, weights, dense, w_ref = _weight_copies(k, n)
+        copies_q, copies_d = len(weights), len(dense)
         packed = [int4_mma.pack_mma(q) for q, *_ in weights]
-        dense = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(copies_d)]
-        _, qweight, scales, zeros = weights[0]
-        w_ref = int4.dequantize(qweight, scales, zeros, k)
         for m in ms:
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
             ref = x.float() @ w_ref.t()

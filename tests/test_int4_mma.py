@@ -99,7 +99,8 @@ def test_select_kernels_names_the_allowed_values() -> None:
 def test_select_kernels_on_cpu_keeps_the_reference_layout() -> None:
     q, scales, zeros = _random_layer(32, 128, 64)
     model = torch.nn.Sequential(int4.Int4Linear.from_quantized(q, scales, zeros))
-    assert int4.select_kernels(model, "auto") == "triton" and model[0].layout == "triton"
+    assert int4.select_kernels(model, "auto") == "reference" and model[0].layout == "triton"
+    assert int4.select_kernels(torch.nn.Linear(2, 2), "auto") == "none"
     with pytest.raises(RuntimeError, match="int4_kernels=mma is not available here"):
         int4.select_kernels(model, "mma")
 

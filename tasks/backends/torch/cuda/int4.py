@@ -45,6 +45,7 @@ import torch
 from torch import nn
 
 from tasks.backends.torch.cuda import int4_mma
+from tasks.backends.torch.cuda.int4_mma import m_bucket
 
 try:  # Triton ships with CUDA builds of torch only
     import triton
@@ -364,11 +365,6 @@ if triton is not None:
             tl.store(w_ptr + k[:, None] * N + offs_n[None, :], ((q - z) * s).to(w_ptr.dtype.element_ty), mask=ok)
 
 
-def m_bucket(m: int) -> int:
-    """Tuned configs (here and in :mod:`.attention`) are stored per power-of-two M (the sweeps' M values)."""
-    return 1 << max(0, (m - 1).bit_length())
-
-
 def _load_tuned() -> tuple[dict[tuple[str, int, int, int], tuple[int, ...]], int]:
     """Per-shape kernel configs and the GEMM/cuBLAS cut-over measured by the kernel sweep (optional file)."""
     if not CONFIG_FILE.exists():
@@ -429,9 +425,7 @@ def _kernel_choice(m: int, n: int, k: int, group_size: int) -> tuple[str, tuple[
 
 def _splits(k: int, split: int) -> tuple[int, int]:
     """(128-deep K blocks per split, splits actually launched) for a requested split count."""
-    n_blocks = -(-k // PACK_BLOCK)
-    per_split = -(-n_blocks // max(1, split))
-    return per_split, -(-n_blocks // per_split)
+    return int4_mma.split_k(-(-k // PACK_BLOCK), split)
 
 
 def output_splits(m: int, n: int, k: int, group_size: int) -> int:
@@ -571,8 +565,10 @@ class Int4Linear(nn.Module):
     def to_mma_layout(self) -> bool:
         """Repack the weights for the tensor-core kernels of :mod:`.int4_mma` (same bytes, other order);
         False, and nothing changed, where the shape does not fit that layout."""
-        if self.layout == "mma" or not int4_mma.supported(self.out_features, self.in_features, self.group_size):
-            return self.layout == "mma"
+        if self.layout == "mma":
+            return True
+        if not int4_mma.supported(self.out_features, self.in_features, self.group_size):
+            return False
         self.qweight = int4_mma.pack_mma(unpack_int4(self.qweight, self.in_features))
         return True
 
@@ -592,14 +588,22 @@ def select_kernels(model: nn.Module, kernels: str = "auto") -> str:
 
     ``kernels``: "mma" (the NVRTC-compiled tensor-core kernels of :mod:`.int4_mma`, which need an sm_80+
     GPU), "triton" (this module's kernels), or "auto" (mma where available, else triton).  Layers whose
-    shapes the mma layout does not cover keep the Triton layout either way.
+    shapes the mma layout does not cover keep the Triton layout either way.  Off CUDA the reference runs
+    ("reference"); a model without int4 layers returns "none".
     """
     if kernels not in ("auto", "mma", "triton"):
         raise ValueError(f"int4_kernels must be one of auto, mma, triton; got {kernels!r}")
     layers = [m for m in model.modules() if isinstance(m, Int4Linear)]
-    if not layers or kernels == "triton":
+    if not layers:
+        return "none"
+    device = layers[0].qweight.device
+    if device.type != "cuda":
+        if kernels == "mma":
+            raise RuntimeError(f"int4_kernels=mma is not available here: {device} is not a CUDA device")
+        return "reference"
+    if kernels == "triton":
         return "triton"
-    available, why = int4_mma.available(layers[0].qweight.device)
+    available, why = int4_mma.available(device)
     if not available:
         if kernels == "mma":
             raise RuntimeError(f"int4_kernels=mma is not available here: {why}")

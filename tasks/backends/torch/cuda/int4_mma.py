@@ -108,6 +108,17 @@ TUNED = _load_tuned()
 SMEM_LIMIT = 48 * 1024  # static shared memory per block
 
 
+def m_bucket(m: int) -> int:
+    """Tuned configs (here, in :mod:`.int4` and :mod:`.attention`) are stored per power-of-two M."""
+    return 1 << max(0, (m - 1).bit_length())
+
+
+def split_k(n_units: int, splits: int) -> tuple[int, int]:
+    """K cut into ``n_units`` blocks and a requested split count -> (blocks per split, splits launched)."""
+    per = -(-n_units // max(1, splits))
+    return per, -(-n_units // per)
+
+
 def m_tiles(m: int) -> int:
     return max(1, min(8, math.ceil(m / 8)))
 
@@ -117,7 +128,7 @@ def config(m: int, n: int, k: int) -> tuple[int, int, int, int, int, int]:
     per pipeline batch, pipeline stages, split-K slices, and whether the block's warps split N and share
     the activations through shared memory (1) or split K and each read them from L2 (0).  Tuned entries
     win; the heuristic aims at a few blocks per SM, each warp with S - 1 batches of loads in flight."""
-    bucket = 1 << max(0, (m - 1).bit_length())
+    bucket = m_bucket(m)
     while bucket <= MAX_M and m_tiles(bucket) == m_tiles(m):  # a larger M of the same kernel instance
         if (bucket, n, k) in TUNED:
             return TUNED[(bucket, n, k)]
@@ -146,17 +157,10 @@ def check_config(m: int, cfg: tuple[int, ...]) -> None:
                          f"(limit {SMEM_LIMIT} B)")
 
 
-def splits_of(k: int, splits: int) -> tuple[int, int]:
-    """(chunks per split, splits actually launched)."""
-    n_chunks = k // CHUNK
-    per = math.ceil(n_chunks / max(1, splits))
-    return per, math.ceil(n_chunks / per)
-
-
 def output_splits(m: int, n: int, k: int) -> int:
     if m > MAX_M:
         return 1
-    return splits_of(k, config(m, n, k)[4])[1]
+    return split_k(k // CHUNK, config(m, n, k)[4])[1]
 
 
 def mma_split(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
@@ -167,7 +171,7 @@ def mma_split(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zero
     cfg = tuple(cfg or config(m, n, k))
     check_config(m, cfg)
     tn, wk, u, stages, splits, xs = cfg
-    per, splits = splits_of(k, splits)
+    per, splits = split_k(k // CHUNK, splits)
     out = torch.empty(splits, m, n, dtype=torch.float32 if splits > 1 else torch.bfloat16, device=x.device)
     launch = _kernel(f"w4a16_mma<{m_tiles(m)}, {tn}, {wk}, {u}, {stages}, {'true' if xs else 'false'}>")
     launch(grid=(math.ceil(n / TILE / tn / (wk if xs else 1)), splits, 1), block=(32 * wk, 1, 1),

@@ -113,7 +113,7 @@ def load_llama(checkpoint_dir: Path, device: str | torch.device, dtype: torch.dt
                int4_kernels: str = "auto") -> Transformer:
     """A :class:`Transformer` on ``device`` from a HF Llama folder (dense or compressed-tensors int4).
 
-    ``int4_kernels`` picks the int4 kernels on CUDA (:func:`~.int4.select_kernels`); CPU keeps the reference.
+    ``int4_kernels`` picks the int4 kernels on CUDA (:func:`~.int4.select_kernels`); CPU runs the reference.
     """
     config = read_config(checkpoint_dir)
     args = ModelArgs.from_hf_config(config)
@@ -145,8 +145,7 @@ def load_llama(checkpoint_dir: Path, device: str | torch.device, dtype: torch.dt
                 else:
                     _load_int4(module, theirs, tensors, device)
     model.requires_grad_(False)  # inference only: no autograd graphs in compiled code
-    if torch.device(device).type == "cuda":
-        model.int4_kernels = select_kernels(model, int4_kernels)
+    model.int4_kernels = select_kernels(model, int4_kernels)
     model.setup_cache(1, 16)  # rope tables and a small cache so the model runs at once; engines resize it
     return model.eval()
 
@@ -194,8 +193,7 @@ def random_llama(args: ModelArgs, weight_format: str, device: str | torch.device
             elif t.is_floating_point():
                 t.copy_(0.02 * torch.randn(t.shape, generator=gen, device=device, dtype=torch.float32))
     model.requires_grad_(False)
-    if torch.device(device).type == "cuda":
-        model.int4_kernels = select_kernels(model, int4_kernels)
+    model.int4_kernels = select_kernels(model, int4_kernels)
     model.setup_cache(1, 16)
     return model.eval()
 

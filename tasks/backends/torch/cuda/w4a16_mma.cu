@@ -12,9 +12,10 @@
 // inside a chunk is permuted the same way for the activations, which makes a lane's B fragments for the
 // whole chunk the 16 contiguous activations x[m, chunk*64 + 16t ...]: two 16-byte loads per 8 rows.
 //
-// De-quantization per pair of weights: one shift, one LOP3 (0x4300 | q is the bf16 128 + q), an exact
-// bf16x2 subtraction of 128 + zero, and one bf16x2 multiply by the scale: w = bf16((q - z) * s), the same
-// values as the reference de-quantization.  Products accumulate in fp32 in the tensor cores.
+// De-quantization per pair of weights: one shift, one LOP3 (0x4300 | q is the bf16 128 + q) and an exact
+// bf16x2 subtraction of 128 + zero.  The scale multiplies either the fp32 MMA result once per chunk (small
+// M) or each bf16x2 pair, w = bf16((q - z) * s), the reference de-quantization's values (larger M).
+// Products accumulate in fp32 in the tensor cores.
 
 typedef unsigned int u32;
 typedef unsigned short u16;
@@ -71,21 +72,15 @@ __device__ __forceinline__ u32 word_of(const U4& v, int i) {
 #define BF16X2_NEG_ZERO 0x80008000u
 #define BF16X2_128 0x43004300u
 
-__device__ __forceinline__ u32 prmt(u32 a, u32 sel) {
-    u32 d;
-    asm("prmt.b32 %0, %1, %1, %2;" : "=r"(d) : "r"(a), "r"(sel));
-    return d;
-}
-
-// The A fragments of one K step of one 16-row tile: q - z (exact small integers) for the lane's 8
-// weights; zz2 = {128 + z_g, 128 + z_g+8}... as prepared by zero_pairs.  With SCALE, also times the
-// scale pairs: (q - z) * s rounded once to bf16, the reference de-quantization's values.
 __device__ __forceinline__ u32 and_or(u32 a, u32 mask, u32 bits) {  // (a & mask) | bits in ONE instruction
     u32 d;  // (two immediates would not fit one LOP3, so ptxas would emit two)
     asm("lop3.b32 %0, %1, %2, %3, 0xEA;" : "=r"(d) : "r"(a), "r"(mask), "r"(bits));
     return d;
 }
 
+// The A fragments of one K step of one 16-row tile: q - z (exact small integers) for the lane's 8
+// weights, from z_lo / z_hi = {128 + z, 128 + z} of rows g / g + 8.  With SCALE, also times s_lo / s_hi:
+// (q - z) * s rounded once to bf16, the reference de-quantization's values.
 template <bool SCALE>
 __device__ __forceinline__ void dequant_fragment(u32 word, u32 z_lo, u32 z_hi, u32 s_lo, u32 s_hi, u32 (&a)[4]) {
 #pragma unroll
@@ -94,10 +89,6 @@ __device__ __forceinline__ void dequant_fragment(u32 word, u32 z_lo, u32 z_hi, u
         const u32 d = fma2((i & 1) ? z_hi : z_lo, BF16X2_NEG_ONE, v);   // q - z, exact
         a[i] = SCALE ? fma2(d, (i & 1) ? s_hi : s_lo, BF16X2_NEG_ZERO) : d;
     }
-}
-
-__device__ __forceinline__ u32 load_pair(const u16* __restrict__ p, u64 at) {  // rows g and g + 8
-    return (u32)p[at] | ((u32)p[at + 8] << 16);
 }
 
 // C fragment: c0, c1 = (n = g, m = 2t, 2t + 1); c2, c3 = (n = g + 8, same m)
