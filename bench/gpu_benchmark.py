@@ -409,12 +409,18 @@ def kernel_sweep(ms: list[int], out_dir: Path, configs_out: Path | None) -> list
     return rows
 
 
-def mma_candidates(m: int) -> list[tuple[int, ...]]:
-    """(TN, WK, U, S, splits, XS) for the tensor-core kernel at M (see ``int4_mma.config``)."""
-    grid = [(tn, wk, u, st, sp, 0) for tn in (1, 2) for wk in (2, 4, 8) for u in ((1, 2, 4) if m <= 16 else (1, 2))
-            for st in ((3, 4, 6) if m <= 8 else (3,)) for sp in (1, 2, 4)]
-    if m >= 16:  # warps split N and share the activations through shared memory
+def mma_candidates(m: int, modes: tuple[int, ...] = (0, 1, 2)) -> list[tuple[int, ...]]:
+    """(TN, WK, U, S, splits, MODE) for the tensor-core kernels at M (see ``int4_mma.config``); MODE 2
+    (wgmma) only where the GPU runs it, and only for M > 8 (one 8-row tile wastes the wgmma's width)."""
+    grid = []
+    if int4_mma.SPLIT_K in modes:
+        grid += [(tn, wk, u, st, sp, 0) for tn in (1, 2) for wk in (2, 4, 8)
+                 for u in ((1, 2, 4) if m <= 16 else (1, 2)) for st in ((3, 4, 6) if m <= 8 else (3,))
+                 for sp in (1, 2, 4)]
+    if int4_mma.SHARED_X in modes and m >= 16:  # warps split N and share the activations through shared memory
         grid += [(tn, wk, 1, st, sp, 1) for tn in (1, 2, 4) for wk in (2, 4, 8) for st in (2, 3) for sp in (1, 2, 4)]
+    if int4_mma.WGMMA in modes and m > 8 and int4_mma.wgmma_available(torch.device("cuda")):
+        grid += [(tn, 4, u, st, sp, 2) for tn in (1, 2, 4) for u in (1, 2) for st in (3, 4, 5) for sp in (1, 2, 4)]
     valid = []
     for cfg in grid:
         try:
@@ -425,10 +431,13 @@ def mma_candidates(m: int) -> list[tuple[int, ...]]:
     return valid
 
 
-def mma_sweep(ms: list[int], out_dir: Path, configs_out: Path | None) -> list[dict]:
+def mma_sweep(ms: list[int], out_dir: Path, configs_out: Path | None, modes: tuple[int, ...] = (0, 1, 2)
+              ) -> list[dict]:
     """Per (linear, M): bf16 cuBLAS, the Triton kernels' tuned choice, and every tensor-core candidate,
     timed like :func:`kernel_sweep` (CUDA graphs, weights cold in L2, split-K sum included); the fastest
-    correct candidate per shape goes to ``configs_out`` (the engine reads ``int4_mma_configs.json``)."""
+    correct candidate per shape goes to ``configs_out`` (the engine reads ``int4_mma_configs.json``).
+    ``modes`` limits the kernels swept; the shape's current config is always a candidate, so a partial
+    sweep only replaces it with something faster."""
     rows, tuned = [], {}
     for name, (k, n) in shapes_kn().items():
         int4_bytes, weights, dense, w_ref = _weight_copies(k, n)
@@ -446,7 +455,8 @@ def mma_sweep(ms: list[int], out_dir: Path, configs_out: Path | None) -> list[di
 
             row["triton_ms"] = _bench_graph(triton_op, copies_q)
             best = (float("inf"), None)
-            for cfg in mma_candidates(m):
+            current = int4_mma.config(m, n, k, int4_mma.wgmma_available(x.device))
+            for cfg in dict.fromkeys([current] + mma_candidates(m, modes)):
                 def op(i: int, cfg=cfg) -> torch.Tensor:
                     parts = int4_mma.mma_split(x, packed[i], weights[i][2], weights[i][3], cfg)
                     return parts.sum(0) if parts.shape[0] > 1 else parts[0]
@@ -457,6 +467,7 @@ def mma_sweep(ms: list[int], out_dir: Path, configs_out: Path | None) -> list[di
                 if t < best[0]:
                     best = (t, cfg)
             row["mma_ms"], row["mma_config"] = best[0], json.dumps(best[1])
+            row["mma_kernel"] = "wgmma" if best[1] and best[1][5] == int4_mma.WGMMA else "mma.sync"
             row["mma_over_bf16"] = row["bf16_ms"] / best[0]
             row["mma_over_triton"] = row["triton_ms"] / best[0]
             row["weight_gb_s_mma"] = int4_bytes / (best[0] * 1e-3) / 1e9
@@ -716,6 +727,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--bandwidth", type=float, default=0.0, help="bytes/s; measured when 0")
     p.add_argument("--configs-out", type=Path, default=None)
+    p.add_argument("--mma-modes", default="0,1,2", help="mma sweep: kernels to try (0/1 mma.sync, 2 wgmma)")
     p.add_argument("--no-compile", action="store_true")
     p.add_argument("--breakdown", action="store_true", help="e2e: profile the decode step's kernels per batch")
     p.add_argument("--smoke-dir", type=Path, default=Path(".smoke"), help="fp/ and rtn/ checkpoints (smoke)")
@@ -740,7 +752,8 @@ def main() -> None:
     if args.mode == "kernels":
         kernel_sweep([int(m) for m in args.kernel_ms.split(",")], args.out, args.configs_out)
     if args.mode == "mma":
-        mma_sweep([int(m) for m in args.kernel_ms.split(",")], args.out, args.configs_out)
+        mma_sweep([int(m) for m in args.kernel_ms.split(",")], args.out, args.configs_out,
+                  tuple(int(v) for v in args.mma_modes.split(",")))
     if args.mode == "attention":
         attention_sweep(batch_sizes, args.input_len + args.output_len, args.input_len + args.output_len // 2,
                         args.out, args.configs_out)

@@ -13,6 +13,8 @@ from tasks.backends.torch.cuda.model import ModelArgs
 gpu = pytest.mark.gpu
 needs_mma = pytest.mark.skipif(not torch.cuda.is_available() or not int4_mma.available(torch.device("cuda"))[0],
                                reason="needs an sm_80+ NVIDIA GPU with NVRTC")
+needs_wgmma = pytest.mark.skipif(not torch.cuda.is_available() or not int4_mma.wgmma_available(torch.device("cuda")),
+                                 reason="needs a Hopper (sm_90) GPU with NVRTC")
 
 
 def _random_layer(n: int, k: int, gs: int, device: str = "cpu") -> tuple[torch.Tensor, ...]:
@@ -61,6 +63,54 @@ def test_pack_mma_feeds_the_mma_fragments() -> None:
     torch.testing.assert_close(total, q.double() @ x.t())
 
 
+def _a_fragments(words: torch.Tensor, kt: int) -> torch.Tensor:
+    """The 16x16 A operand of K step ``kt`` from one tile-chunk's words [32 lanes, 4], as the registers hold
+    it (PTX: reg i = (a_2i, a_2i+1); rows g / g + 8 alternate, columns + 8 for regs 2 and 3)."""
+    a = torch.full((16, 16), float("nan"), dtype=torch.float64)
+    for lane in range(32):
+        g, t = lane // 4, lane % 4
+        w = int(words[lane, kt])
+        for i in range(4):
+            row, col = g + 8 * (i & 1), 2 * t + 8 * (i >> 1)
+            a[row, col], a[row, col + 1] = (w >> (4 * i)) & 0xF, (w >> (4 * i + 16)) & 0xF
+    return a
+
+
+@pytest.mark.parametrize("mt", [1, 2, 4, 8])
+def test_wgmma_activation_staging_feeds_the_fragments(mt: int) -> None:
+    """The wgmma kernel copies word L (k = 2L, 2L + 1) of activation row r of a chunk to byte
+    ``(2((L >> 2) & 1) + ((L >> 1) & 1)) KT + (L & 1) LBO + 4 (L >> 3) + (r >> 3) SBO + 16 (r & 7)`` of the
+    chunk's buffer (w4a16_mma.cu).  Read back the way PTX defines a K-major, unswizzled wgmma B operand
+    (8x16-byte core matrices; LBO between the two along K, SBO between 8-row groups), each K step's B
+    times the packed weights' A fragments must give the true product; no two words may share a byte, and
+    the 32 words a warp writes at once (one row) must fall in 32 different banks."""
+    lbo, sbo, kt_bytes = 144, 288, int4_mma._wgmma_k_step_bytes(mt)
+    assert kt_bytes >= mt * sbo and kt_bytes % 128 == 32
+    rows = 8 * mt
+    x = torch.randn(rows, 64, dtype=torch.float64)
+    smem: dict[int, float] = {}
+    for r in range(rows):
+        banks = set()
+        for lane in range(32):
+            kt = 2 * ((lane >> 2) & 1) + ((lane >> 1) & 1)
+            at = kt * kt_bytes + (lane & 1) * lbo + 4 * (lane >> 3) + (r >> 3) * sbo + 16 * (r & 7)
+            assert at not in smem and at + 2 not in smem
+            smem[at], smem[at + 2] = x[r, 2 * lane].item(), x[r, 2 * lane + 1].item()
+            banks.add((at // 4) % 32)
+        assert len(banks) == 32
+    q = _random_layer(16, 64, 64)[0]
+    words = int4_mma.pack_mma(q)[0, 0].to(torch.int64) & 0xFFFFFFFF
+    total = torch.zeros(16, rows, dtype=torch.float64)
+    for kt in range(4):
+        b = torch.empty(16, rows, dtype=torch.float64)  # [k, n] = B of K step kt
+        for n in range(rows):
+            for kk in range(16):
+                core = kt * kt_bytes + (n // 8) * sbo + (kk // 8) * lbo  # core matrix (n // 8, kk // 8)
+                b[kk, n] = smem[core + 16 * (n % 8) + 2 * (kk % 8)]
+        total += _a_fragments(words, kt) @ b
+    torch.testing.assert_close(total, q.double() @ x.t())
+
+
 def test_reference_path_reads_the_mma_layout_on_cpu() -> None:
     n, k, gs = 32, 128, 64
     q, scales, zeros = _random_layer(n, k, gs)
@@ -89,6 +139,21 @@ def test_invalid_mma_config_is_a_clear_error() -> None:
         int4_mma.check_config(64, (1, 4, 2, 4, 1, 1))  # 4 stages x 2 chunks x 64 rows of activations
     with pytest.raises(ValueError, match="S >= 2"):
         int4_mma.check_config(1, (1, 4, 4, 1, 1, 0))
+    with pytest.raises(ValueError, match="MODE 0, 1 or 2"):
+        int4_mma.check_config(16, (1, 4, 1, 3, 1, 3))
+    with pytest.raises(ValueError, match="WK = 4"):
+        int4_mma.check_config(16, (1, 8, 1, 3, 1, int4_mma.WGMMA))
+    with pytest.raises(ValueError, match="shared memory"):
+        int4_mma.check_config(64, (4, 4, 2, 8, 1, int4_mma.WGMMA))
+    int4_mma.check_config(64, (2, 4, 1, 4, 1, int4_mma.WGMMA))  # 55 KiB: dynamic shared memory
+
+
+def test_tuned_wgmma_configs_are_used_only_where_wgmma_runs(monkeypatch) -> None:
+    monkeypatch.setitem(int4_mma.TUNED, (64, 4096, 4096), (2, 4, 1, 4, 2, int4_mma.WGMMA))
+    assert int4_mma.config(64, 4096, 4096, wgmma=True) == (2, 4, 1, 4, 2, int4_mma.WGMMA)
+    assert int4_mma.config(64, 4096, 4096, wgmma=False)[5] != int4_mma.WGMMA
+    assert int4_mma.config(8, 512, 512, wgmma=True)[5] != int4_mma.WGMMA  # one 8-row tile: mma.sync
+    assert not int4_mma.wgmma_available(torch.device("cpu"))
 
 
 def test_select_kernels_names_the_allowed_values() -> None:
@@ -119,7 +184,7 @@ def test_mma_kernel_matches_reference(m: int, n: int, k: int, gs: int) -> None:
     w_bf16 = int4.dequantize(qweight, scales, zeros, k, torch.bfloat16)
     ref = x.double() @ w_bf16.double().t()
     parts = torch.ops.quantsweep.w4a16_mm_split(x, qweight, scales, zeros, k)
-    fake_splits = int4_mma.output_splits(m, n, k)
+    fake_splits = int4_mma.output_splits(m, n, k, x.device)
     assert parts.shape == (fake_splits, m, n)
     out = int4.reduce_splits(parts, torch.float32)
     assert torch.isfinite(out).all()
@@ -135,6 +200,24 @@ def test_mma_kernel_matches_reference(m: int, n: int, k: int, gs: int) -> None:
 def test_mma_kernel_configs_match_reference(cfg: tuple, m: int) -> None:
     """Every template/launch knob the sweep may pick, on a shape with a ragged last group of tiles and a
     ragged last split (13 tiles, 19 chunks), and more stages than some warps have batches."""
+    n, k, gs = 208, 1216, 64
+    q, scales, zeros = _random_layer(n, k, gs, "cuda")
+    qweight = int4_mma.pack_mma(q)
+    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+    ref = x.double() @ int4.dequantize(qweight, scales, zeros, k, torch.bfloat16).double().t()
+    out = int4.reduce_splits(int4_mma.mma_split(x, qweight, scales, zeros, cfg), torch.float32)
+    assert ((out.double() - ref).norm() / ref.norm()).item() < 5e-3
+
+
+@gpu
+@needs_wgmma
+@pytest.mark.parametrize("cfg", [(1, 4, 1, 3, 1, 2), (2, 4, 2, 4, 3, 2), (4, 4, 1, 5, 2, 2), (2, 4, 1, 3, 7, 2),
+                                 (1, 4, 2, 6, 1, 2), (3, 4, 1, 4, 4, 2)])
+@pytest.mark.parametrize("m", [9, 16, 17, 40, 64])
+def test_wgmma_kernel_configs_match_reference(cfg: tuple, m: int) -> None:
+    """The Hopper kernel over its knobs, on the ragged shape above (13 tiles: the last warpgroup's wgmma
+    covers rows past N; 19 chunks: ragged splits and batches) and M that leave rows of the last 8-row tile
+    empty."""
     n, k, gs = 208, 1216, 64
     q, scales, zeros = _random_layer(n, k, gs, "cuda")
     qweight = int4_mma.pack_mma(q)

@@ -76,9 +76,32 @@ def unpack_mma(qweight: torch.Tensor) -> torch.Tensor:
 
 
 @functools.lru_cache(maxsize=None)
-def _kernel(name: str):
-    """NVRTC-compiled kernel ``name`` (a template instance like ``w4a16_mma<1, 1, 4, 4>``), cached."""
-    return torch.cuda._compile_kernel(SOURCE_FILE.read_text(), name, nvcc_options=["-std=c++17"])
+def _kernel(name: str, arch: str | None = None):
+    """NVRTC-compiled kernel ``name`` (a template instance like ``w4a16_mma<1, 1, 4, 4>``), cached; ``arch``
+    overrides the device's compute capability ("90a": the Hopper-only wgmma instructions)."""
+    return torch.cuda._compile_kernel(SOURCE_FILE.read_text(), name, compute_capability=arch,
+                                      nvcc_options=["-std=c++17"])
+
+
+@functools.lru_cache(maxsize=None)
+def _wgmma_kernel(mt: int, tn: int, u: int, stages: int, smem: int):
+    kernel = _kernel(f"w4a16_wgmma<{mt}, {tn}, {u}, {stages}>", "90a")
+    if smem >= 48 * 1024:
+        kernel.set_shared_memory_config(smem)
+    return kernel
+
+
+@functools.lru_cache(maxsize=None)
+def wgmma_available(device: torch.device) -> bool:
+    """Whether the Hopper wgmma kernels run on ``device`` (compute capability 9.0 and NVRTC can build them)."""
+    if not available(device)[0] or torch.cuda.get_device_capability(device) != (9, 0):
+        return False
+    try:
+        with torch.cuda.device(device):
+            _wgmma_kernel(2, 1, 1, 3, smem_bytes(16, (1, 4, 1, 3, 1, WGMMA)))
+    except Exception:  # noqa: BLE001 - an NVRTC without sm_90a: the mma.sync kernels serve every M
+        return False
+    return True
 
 
 def available(device: torch.device) -> tuple[bool, str]:
@@ -103,9 +126,11 @@ def _load_tuned() -> dict[tuple[int, int, int], tuple[int, ...]]:
     return {(int(m), int(n), int(k)): tuple(cfg) for m, n, k, cfg in json.loads(CONFIG_FILE.read_text())["configs"]}
 
 
-#: {(M bucket, N, K): (TN, WK, U, S, splits, XS)}; written by the GPU sweep, heuristics fill gaps
+#: {(M bucket, N, K): (TN, WK, U, S, splits, MODE)}; written by the GPU sweep, heuristics fill gaps
 TUNED = _load_tuned()
-SMEM_LIMIT = 48 * 1024  # static shared memory per block
+SMEM_LIMIT = 48 * 1024  # static shared memory per block (mma.sync kernels)
+WGMMA_SMEM_LIMIT = 227 * 1024  # dynamic shared memory per block on an H100/H200
+SPLIT_K, SHARED_X, WGMMA = 0, 1, 2  # MODE: warps split K / warps split N sharing x in smem / Hopper wgmma
 
 
 def m_bucket(m: int) -> int:
@@ -123,44 +148,61 @@ def m_tiles(m: int) -> int:
     return max(1, min(8, math.ceil(m / 8)))
 
 
-def config(m: int, n: int, k: int) -> tuple[int, int, int, int, int, int]:
-    """(TN, WK, U, S, splits, XS) for this shape: 16-row tiles per warp, warps per block, 64-deep chunks
-    per pipeline batch, pipeline stages, split-K slices, and whether the block's warps split N and share
-    the activations through shared memory (1) or split K and each read them from L2 (0).  Tuned entries
-    win; the heuristic aims at a few blocks per SM, each warp with S - 1 batches of loads in flight."""
+def config(m: int, n: int, k: int, wgmma: bool = False) -> tuple[int, int, int, int, int, int]:
+    """(TN, WK, U, S, splits, MODE) for this shape: 16-row tiles per warp, warps per block, 64-deep chunks
+    per pipeline batch, pipeline stages, split-K slices, and the kernel: the mma.sync kernel whose warps
+    split K and each read the activations from L2 (SPLIT_K) or split N and share them through shared
+    memory (SHARED_X), or the Hopper wgmma kernel (WGMMA, one warpgroup per block; only where ``wgmma``).
+    Tuned entries win; the heuristic aims at a few blocks per SM, each warp with loads in flight."""
     bucket = m_bucket(m)
     while bucket <= MAX_M and m_tiles(bucket) == m_tiles(m):  # a larger M of the same kernel instance
-        if (bucket, n, k) in TUNED:
-            return TUNED[(bucket, n, k)]
+        cfg = TUNED.get((bucket, n, k))
+        if cfg is not None and (wgmma or cfg[5] != WGMMA):
+            return cfg
         bucket *= 2
-    tn, wk, u, stages, xs = (2, 4, 1, 3, 0) if m <= 16 else (2, 4, 1, 3, 1)
-    blocks = math.ceil(n / TILE / tn / (wk if xs else 1))
     n_chunks = k // CHUNK
+    if wgmma and m > 8:
+        tn, stages = 2, 4
+        blocks = math.ceil(n / TILE / tn / 4)
+        return tn, 4, 1, stages, max(1, min(n_chunks // 4, round(132 * 2 / blocks))), WGMMA
+    tn, wk, u, stages, mode = (2, 4, 1, 3, SPLIT_K) if m <= 16 else (2, 4, 1, 3, SHARED_X)
+    blocks = math.ceil(n / TILE / tn / (wk if mode == SHARED_X else 1))
     splits = max(1, min(n_chunks // (wk * u), round(132 * 4 / blocks)))
-    return tn, wk, u, stages, splits, xs
+    return tn, wk, u, stages, splits, mode
+
+
+def _wgmma_k_step_bytes(mt: int) -> int:
+    """Bytes of one 16-deep K step of activations in the wgmma kernel's shared memory (``KT`` there)."""
+    return ((mt * 288 - 32 + 127) // 128) * 128 + 32
 
 
 def smem_bytes(m: int, cfg: tuple[int, ...]) -> int:
-    """Static shared memory of a config: the weight/scale ring, or the final reduction if larger."""
-    tn, wk, u, stages, _, xs = cfg
-    ring = wk * stages * u * tn * (32 * 16 + 16 * 4) + (stages * u * m_tiles(m) * 8 * 72 * 2 if xs else 0)
-    return max(ring, 0 if xs else (wk - 1) * tn * m_tiles(m) * 128 * 4)
+    """Shared memory of a config: the weight/scale ring (+ activations), or the final reduction if larger."""
+    tn, wk, u, stages, _, mode = cfg
+    ring = wk * stages * u * tn * (32 * 16 + 16 * 4)
+    if mode == WGMMA:
+        return ring + stages * u * 4 * _wgmma_k_step_bytes(m_tiles(m))
+    ring += stages * u * m_tiles(m) * 8 * 72 * 2 if mode == SHARED_X else 0
+    return max(ring, 0 if mode == SHARED_X else (wk - 1) * tn * m_tiles(m) * 128 * 4)
 
 
 def check_config(m: int, cfg: tuple[int, ...]) -> None:
     """A config's limits, as a clear error before any launch."""
-    if len(cfg) != 6 or min(cfg[:5]) < 1 or cfg[3] < 2 or cfg[5] not in (0, 1):
-        raise ValueError(f"int4 mma config {cfg} must be (TN, WK, U, S, splits, XS), all >= 1, S >= 2, "
-                         "XS 0 or 1")
-    if smem_bytes(m, cfg) > SMEM_LIMIT:
+    if len(cfg) != 6 or min(cfg[:5]) < 1 or cfg[3] < 2 or cfg[5] not in (SPLIT_K, SHARED_X, WGMMA):
+        raise ValueError(f"int4 mma config {cfg} must be (TN, WK, U, S, splits, MODE), all >= 1, S >= 2, "
+                         f"MODE {SPLIT_K}, {SHARED_X} or {WGMMA}")
+    if cfg[5] == WGMMA and (cfg[1] != 4 or cfg[3] < 3):
+        raise ValueError(f"int4 wgmma config {cfg} needs WK = 4 (one warpgroup) and S >= 3")
+    limit = WGMMA_SMEM_LIMIT if cfg[5] == WGMMA else SMEM_LIMIT
+    if smem_bytes(m, cfg) > limit:
         raise ValueError(f"int4 mma config {cfg} needs {smem_bytes(m, cfg)} B of shared memory at M={m} "
-                         f"(limit {SMEM_LIMIT} B)")
+                         f"(limit {limit} B)")
 
 
-def output_splits(m: int, n: int, k: int) -> int:
+def output_splits(m: int, n: int, k: int, device: torch.device) -> int:
     if m > MAX_M:
         return 1
-    return split_k(k // CHUNK, config(m, n, k)[4])[1]
+    return split_k(k // CHUNK, config(m, n, k, wgmma_available(device))[4])[1]
 
 
 def mma_split(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
@@ -168,15 +210,21 @@ def mma_split(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zero
     """x [M, K] bf16 (M <= 64) -> split-K partials [S, M, N] (fp32 when S > 1, bf16 when S == 1)."""
     m, k = x.shape
     n = qweight.shape[0] * TILE
-    cfg = tuple(cfg or config(m, n, k))
+    cfg = tuple(cfg or config(m, n, k, wgmma_available(x.device)))
     check_config(m, cfg)
-    tn, wk, u, stages, splits, xs = cfg
+    tn, wk, u, stages, splits, mode = cfg
     per, splits = split_k(k // CHUNK, splits)
     out = torch.empty(splits, m, n, dtype=torch.float32 if splits > 1 else torch.bfloat16, device=x.device)
-    launch = _kernel(f"w4a16_mma<{m_tiles(m)}, {tn}, {wk}, {u}, {stages}, {'true' if xs else 'false'}>")
-    launch(grid=(math.ceil(n / TILE / tn / (wk if xs else 1)), splits, 1), block=(32 * wk, 1, 1),
-           args=[x, qweight, scales, zeros, out, m, n, k, (k // scales.shape[0] // CHUNK).bit_length() - 1, per,
-                 int(splits > 1)])
+    args = [x, qweight, scales, zeros, out, m, n, k, (k // scales.shape[0] // CHUNK).bit_length() - 1, per,
+            int(splits > 1)]
+    if mode == WGMMA:
+        smem = smem_bytes(m, cfg)
+        _wgmma_kernel(m_tiles(m), tn, u, stages, smem)(
+            grid=(math.ceil(n / TILE / tn / 4), splits, 1), block=(128, 1, 1), args=args, shared_mem=smem)
+        return out
+    launch = _kernel(f"w4a16_mma<{m_tiles(m)}, {tn}, {wk}, {u}, {stages}, {'true' if mode == SHARED_X else 'false'}>")
+    launch(grid=(math.ceil(n / TILE / tn / (wk if mode == SHARED_X else 1)), splits, 1), block=(32 * wk, 1, 1),
+           args=args)
     return out
 
 

@@ -354,3 +354,208 @@ extern "C" __global__ void __launch_bounds__(128) w4a16_mma_dequant(
         dst[1] = U4{packed[4], packed[5], packed[6], packed[7]};
     }
 }
+
+
+// ------------------------------------------------------------------------------------------------------
+// Hopper (sm_90a): the same weight layout through wgmma, for decode batches of 9..64 rows.
+//
+// mma.sync issues one m16n8k16 per 4 weight pairs per 8 activation rows, so at M = 64 a warp spends more
+// issue slots on MMAs and activation loads than the weights take to arrive, and the kernel trails cuBLAS.
+// wgmma.m64nNk16 multiplies a warpgroup's 64 weight rows (4 warps x one 16-row tile, A from registers in
+// exactly the mma.m16n8k16 fragment layout, so the de-quantization is unchanged) by N = 8 MT activation
+// rows that it reads itself from shared memory, asynchronously, while the warps de-quantize the next batch.
+// The accumulator fragment of each warp is that of MT m16n8 tiles, so the output store is shared too.
+//
+// B (the activations, K-major) sits in shared memory as 8x8 "core matrices" (8 rows x 16 bytes), one block
+// of MT x 2 of them per 16-deep K step, in the K order of the weight layout (see the top of this file):
+// virtual column c of K step kt of a chunk is k = 16 (c % 8 / 2) + 4 kt + (c % 2) + 2 (c / 8).  A warp
+// copies one activation row's 64-deep chunk (128 bytes, lane L: k = 2L, 2L + 1) with 4-byte cp.async into
+// its scattered place; the strides below (core matrices 144 / 288 bytes apart, K steps 32 mod 128 apart)
+// put those 32 words in 32 different banks.
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+
+template <int MT> struct Wgmma;
+template <> struct Wgmma<1> {  // m64n8k16
+    static __device__ __forceinline__ void run(float (&d)[1][4], const u32 (&a)[4], u64 desc) {
+        asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n"
+                     "wgmma.mma_async.sync.aligned.m64n8k16.f32.bf16.bf16 {%0, %1, %2, %3}, "
+                     "{%4, %5, %6, %7}, %8, p, 1, 1, 0;\n}"
+                     : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3])
+                     : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc));
+    }
+};
+template <> struct Wgmma<2> {  // m64n16k16
+    static __device__ __forceinline__ void run(float (&d)[2][4], const u32 (&a)[4], u64 desc) {
+        asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n"
+                     "wgmma.mma_async.sync.aligned.m64n16k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7}, "
+                     "{%8, %9, %10, %11}, %12, p, 1, 1, 0;\n}"
+                     : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3])
+                     : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc));
+    }
+};
+template <> struct Wgmma<4> {  // m64n32k16
+    static __device__ __forceinline__ void run(float (&d)[4][4], const u32 (&a)[4], u64 desc) {
+        asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n"
+                     "wgmma.mma_async.sync.aligned.m64n32k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15}, "
+                     "{%16, %17, %18, %19}, %20, p, 1, 1, 0;\n}"
+                     : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]), "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]), "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3])
+                     : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc));
+    }
+};
+template <> struct Wgmma<8> {  // m64n64k16
+    static __device__ __forceinline__ void run(float (&d)[8][4], const u32 (&a)[4], u64 desc) {
+        asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n"
+                     "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, "
+                     "{%32, %33, %34, %35}, %36, p, 1, 1, 0;\n}"
+                     : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]), "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]), "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3]), "+f"(d[4][0]), "+f"(d[4][1]), "+f"(d[4][2]), "+f"(d[4][3]), "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]), "+f"(d[6][0]), "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]), "+f"(d[7][0]), "+f"(d[7][1]), "+f"(d[7][2]), "+f"(d[7][3])
+                     : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc));
+    }
+};
+
+
+__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;" ::: "memory"); }
+__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void wgmma_wait() { asm volatile("wgmma.wait_group.sync.aligned %0;" :: "n"(N) : "memory"); }
+__device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;" ::: "memory"); }
+__device__ __forceinline__ void pin(float& r) { asm volatile("" : "+f"(r) :: "memory"); }
+
+__device__ __forceinline__ void cp_async4_zfill(u32 smem_addr, const void* src, int src_bytes) {
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;" :: "r"(smem_addr), "l"(src), "r"(src_bytes));
+}
+
+// out[split, m, n] = sum over this split's K chunks of x[m, k] * W[n, k]; one warpgroup per block, warp w
+// owns the 16-row tiles blockIdx.x * 4 TN + 4 tn + w (tn < TN), so wgmma tn covers 64 consecutive rows.
+// U chunks per pipeline batch, S shared-memory stages with S - 2 batches of copies in flight: a stage is
+// refilled only after the wgmmas that read it have retired (wait_group 1 at the end of the next batch).
+template <int MT, int TN, int U, int S>
+__global__ void __launch_bounds__(128) w4a16_wgmma(
+        const u16* __restrict__ x, const U4* __restrict__ qw, const u16* __restrict__ scales,
+        const u16* __restrict__ zeros, void* __restrict__ out, int M, int N, int K, int group_shift,
+        int chunks_per_split, int out_fp32) {
+    static_assert(S >= 3, "S - 2 batches in flight");
+    constexpr int LBO = 144, SBO = 288;  // bytes between core matrices along K / along the 8-row groups
+    constexpr int KT = ((MT * SBO - 32 + 127) / 128) * 128 + 32;  // bytes per K step, = 32 mod 128
+    constexpr int X_CHUNK = 4 * KT;                                 // bytes of activations per chunk
+    constexpr int W_STAGE = U * TN * 32;                            // U4 per stage per warp
+    constexpr int S_STAGE = U * TN * 16;                            // u32 per stage per warp
+    constexpr int X_BYTES = S * U * X_CHUNK;
+    constexpr int W_BYTES = 4 * S * W_STAGE * 16;
+    extern __shared__ __align__(128) unsigned char smem[];
+    U4* wq = reinterpret_cast<U4*>(smem + X_BYTES);               // [warp][stage][u][tn][lane]
+    u32* sz = reinterpret_cast<u32*>(smem + X_BYTES + W_BYTES);   // [warp][stage][u][tn][16]
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int g = lane >> 2, t = lane & 3;
+    const int n_chunks = K >> 6, n_tiles = N >> 4;
+    const int tile0 = blockIdx.x * 4 * TN + warp;
+    const int c_begin = blockIdx.y * chunks_per_split;
+    const int c_end = imin(c_begin + chunks_per_split, n_chunks);
+    const int n_batches = c_end > c_begin ? (c_end - c_begin + U - 1) / U : 0;
+
+    const U4* wsrc[TN];
+    const u16* ssrc[TN];
+#pragma unroll
+    for (int tn = 0; tn < TN; ++tn) {
+        const int tile = imin(tile0 + 4 * tn, n_tiles - 1);  // tiles past N: computed, never stored
+        wsrc[tn] = qw + ((u64)tile * n_chunks + c_begin) * 32 + lane;
+        ssrc[tn] = (lane < 8 ? scales : zeros) + tile * 16 + 2 * (lane & 7);
+    }
+    const u32 wdst = smem_addr(wq + warp * S * W_STAGE + lane);
+    const u32 sdst = smem_addr(sz + warp * S * S_STAGE + (lane & 15));
+    const U4* wown = wq + warp * S * W_STAGE + lane;
+    const u16* sown = reinterpret_cast<const u16*>(sz + warp * S * S_STAGE);
+    // activation word `lane` (k = 2 lane, 2 lane + 1) of a chunk row -> K step, core matrix, byte in its row
+    const u32 x_base = smem_addr(smem);
+    const u32 xdst = x_base + (2 * ((lane >> 2) & 1) + ((lane >> 1) & 1)) * KT + (lane & 1) * LBO + 4 * (lane >> 3);
+    const u16* xsrc = x + (u64)c_begin * 64 + 2 * lane;
+
+    auto issue = [&](int batch, int stage) {  // always commits a group (empty past the end): waits count right
+        if (batch < n_batches) {
+#pragma unroll
+            for (int u = 0; u < U; ++u) {
+                const int c = c_begin + batch * U + u;
+                if (c < c_end) {
+                    const u32 xd = xdst + (stage * U + u) * X_CHUNK;
+#pragma unroll
+                    for (int i = 0; i < 2 * MT; ++i) {  // rows 4i + warp; rows past M are zero-filled
+                        const int row = 4 * i + warp;
+                        cp_async4_zfill(xd + (row >> 3) * SBO + (row & 7) * 16,
+                                        xsrc + (u64)imin(row, M - 1) * K + (batch * U + u) * 64, row < M ? 4 : 0);
+                    }
+                    const u64 sz_off = (u64)(c >> group_shift) * N;
+#pragma unroll
+                    for (int tn = 0; tn < TN; ++tn) {
+                        cp_async16(wdst + (stage * W_STAGE + (u * TN + tn) * 32) * 16, wsrc[tn] + (batch * U + u) * 32);
+                        if (lane < 16) cp_async4(sdst + (stage * S_STAGE + (u * TN + tn) * 16) * 4, ssrc[tn] + sz_off);
+                    }
+                }
+            }
+        }
+        cp_async_commit();
+    };
+
+    float acc[TN][MT][4];
+#pragma unroll
+    for (int tn = 0; tn < TN; ++tn)
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+            for (int i = 0; i < 4; ++i) acc[tn][mt][i] = 0.f;
+
+    // descriptor: start address >> 4 (bits 0-13), LBO >> 4 (16-29), SBO >> 4 (32-45), no swizzle
+    const u64 desc0 = ((u64)(SBO >> 4) << 32) | ((u64)(LBO >> 4) << 16);
+#pragma unroll
+    for (int b = 0; b < S - 2; ++b) issue(b, b);
+    int stage = 0, next_stage = S - 2;
+    for (int b = 0; b < n_batches; ++b) {
+        cp_async_wait<S - 3>();  // batch b has landed (this thread's copies) ...
+        fence_proxy_async();     // ... is visible to wgmma's reads ...
+        __syncthreads();         // ... for every thread; and batch b - 2's wgmmas have retired
+        issue(b + S - 2, next_stage);  // into the stage batch b - 2 used
+        u32 a[U][TN][4][4];
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+            if (c_begin + b * U + u >= c_end) break;
+#pragma unroll
+            for (int tn = 0; tn < TN; ++tn) {
+                const U4 wv = wown[stage * W_STAGE + (u * TN + tn) * 32];
+                const u16* p = sown + (stage * S_STAGE + (u * TN + tn) * 16) * 2;  // 16 scales, 16 zeros
+                const u32 z_lo = fma2((u32)p[16 + g] * 0x10001u, BF16X2_ONE, BF16X2_128);
+                const u32 z_hi = fma2((u32)p[24 + g] * 0x10001u, BF16X2_ONE, BF16X2_128);
+                const u32 s_lo = (u32)p[g] * 0x10001u, s_hi = (u32)p[g + 8] * 0x10001u;
+#pragma unroll
+                for (int kt = 0; kt < 4; ++kt) dequant_fragment<true>(word_of(wv, kt), z_lo, z_hi, s_lo, s_hi, a[u][tn][kt]);
+            }
+        }
+        wgmma_fence();
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+            if (c_begin + b * U + u >= c_end) break;
+#pragma unroll
+            for (int kt = 0; kt < 4; ++kt) {
+                const u64 desc = desc0 | (u64)(((x_base + (stage * U + u) * X_CHUNK + kt * KT) & 0x3FFFF) >> 4);
+#pragma unroll
+                for (int tn = 0; tn < TN; ++tn) Wgmma<MT>::run(acc[tn], a[u][tn][kt], desc);
+            }
+        }
+        wgmma_commit();
+        wgmma_wait<1>();
+        stage = stage + 1 == S ? 0 : stage + 1;
+        next_stage = next_stage + 1 == S ? 0 : next_stage + 1;
+    }
+    wgmma_wait<0>();
+    cp_async_wait<0>();
+#pragma unroll
+    for (int tn = 0; tn < TN; ++tn)
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+            for (int i = 0; i < 4; ++i) pin(acc[tn][mt][i]);
+#pragma unroll
+    for (int tn = 0; tn < TN; ++tn) {
+        if (tile0 + 4 * tn >= n_tiles) break;
+        store_tile<MT>(acc[tn], out, blockIdx.y, M, N, tile0 + 4 * tn, g, t, out_fp32);
+    }
+}
+
+#endif  // __CUDA_ARCH_FEAT_SM90_ALL
