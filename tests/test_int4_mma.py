@@ -142,7 +142,7 @@ def test_invalid_mma_config_is_a_clear_error() -> None:
     with pytest.raises(ValueError, match="MODE 0, 1 or 2"):
         int4_mma.check_config(16, (1, 4, 1, 3, 1, 3))
     with pytest.raises(ValueError, match="WK = 4"):
-        int4_mma.check_config(16, (1, 8, 1, 3, 1, int4_mma.WGMMA))
+        int4_mma.check_config(16, (1, 2, 1, 3, 1, int4_mma.WGMMA))
     with pytest.raises(ValueError, match="shared memory"):
         int4_mma.check_config(64, (4, 4, 2, 8, 1, int4_mma.WGMMA))
     int4_mma.check_config(64, (2, 4, 1, 4, 1, int4_mma.WGMMA))  # 55 KiB: dynamic shared memory
@@ -212,8 +212,8 @@ def test_mma_kernel_configs_match_reference(cfg: tuple, m: int) -> None:
 @gpu
 @needs_wgmma
 @pytest.mark.parametrize("cfg", [(1, 4, 1, 3, 1, 2), (2, 4, 2, 4, 3, 2), (4, 4, 1, 5, 2, 2), (2, 4, 1, 3, 7, 2),
-                                 (1, 4, 2, 6, 1, 2), (3, 4, 1, 4, 4, 2)])
-@pytest.mark.parametrize("m", [9, 16, 17, 40, 64])
+                                 (1, 4, 2, 6, 1, 2), (3, 4, 1, 4, 4, 2), (1, 8, 1, 3, 2, 2), (2, 8, 2, 4, 1, 2)])
+@pytest.mark.parametrize("m", [9, 16, 17, 40, 57, 64])
 def test_wgmma_kernel_configs_match_reference(cfg: tuple, m: int) -> None:
     """The Hopper kernel over its knobs, on the ragged shape above (13 tiles: the last warpgroup's wgmma
     covers rows past N; 19 chunks: ragged splits and batches) and M that leave rows of the last 8-row tile

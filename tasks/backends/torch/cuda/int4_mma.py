@@ -84,8 +84,8 @@ def _kernel(name: str, arch: str | None = None):
 
 
 @functools.lru_cache(maxsize=None)
-def _wgmma_kernel(mt: int, tn: int, u: int, stages: int, smem: int):
-    kernel = _kernel(f"w4a16_wgmma<{mt}, {tn}, {u}, {stages}>", "90a")
+def _wgmma_kernel(mt: int, tn: int, u: int, stages: int, warpgroups: int, smem: int):
+    kernel = _kernel(f"w4a16_wgmma<{mt}, {tn}, {u}, {stages}, {warpgroups}>", "90a")
     if smem >= 48 * 1024:
         kernel.set_shared_memory_config(smem)
     return kernel
@@ -98,7 +98,7 @@ def wgmma_available(device: torch.device) -> bool:
         return False
     try:
         with torch.cuda.device(device):
-            _wgmma_kernel(2, 1, 1, 3, smem_bytes(16, (1, 4, 1, 3, 1, WGMMA)))
+            _wgmma_kernel(2, 1, 1, 3, 1, smem_bytes(16, (1, 4, 1, 3, 1, WGMMA)))
     except Exception:  # noqa: BLE001 - an NVRTC without sm_90a: the mma.sync kernels serve every M
         return False
     return True
@@ -152,7 +152,7 @@ def config(m: int, n: int, k: int, wgmma: bool = False) -> tuple[int, int, int, 
     """(TN, WK, U, S, splits, MODE) for this shape: 16-row tiles per warp, warps per block, 64-deep chunks
     per pipeline batch, pipeline stages, split-K slices, and the kernel: the mma.sync kernel whose warps
     split K and each read the activations from L2 (SPLIT_K) or split N and share them through shared
-    memory (SHARED_X), or the Hopper wgmma kernel (WGMMA, one warpgroup per block; only where ``wgmma``).
+    memory (SHARED_X), or the Hopper wgmma kernel (WGMMA, WK / 4 warpgroups per block; only where ``wgmma``).
     Tuned entries win; the heuristic aims at a few blocks per SM, each warp with loads in flight."""
     bucket = m_bucket(m)
     while bucket <= MAX_M and m_tiles(bucket) == m_tiles(m):  # a larger M of the same kernel instance
@@ -191,8 +191,8 @@ def check_config(m: int, cfg: tuple[int, ...]) -> None:
     if len(cfg) != 6 or min(cfg[:5]) < 1 or cfg[3] < 2 or cfg[5] not in (SPLIT_K, SHARED_X, WGMMA):
         raise ValueError(f"int4 mma config {cfg} must be (TN, WK, U, S, splits, MODE), all >= 1, S >= 2, "
                          f"MODE {SPLIT_K}, {SHARED_X} or {WGMMA}")
-    if cfg[5] == WGMMA and (cfg[1] != 4 or cfg[3] < 3):
-        raise ValueError(f"int4 wgmma config {cfg} needs WK = 4 (one warpgroup) and S >= 3")
+    if cfg[5] == WGMMA and (cfg[1] not in (4, 8) or cfg[3] < 3):
+        raise ValueError(f"int4 wgmma config {cfg} needs WK = 4 or 8 (one or two warpgroups) and S >= 3")
     limit = WGMMA_SMEM_LIMIT if cfg[5] == WGMMA else SMEM_LIMIT
     if smem_bytes(m, cfg) > limit:
         raise ValueError(f"int4 mma config {cfg} needs {smem_bytes(m, cfg)} B of shared memory at M={m} "
@@ -219,8 +219,8 @@ def mma_split(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zero
             int(splits > 1)]
     if mode == WGMMA:
         smem = smem_bytes(m, cfg)
-        _wgmma_kernel(m_tiles(m), tn, u, stages, smem)(
-            grid=(math.ceil(n / TILE / tn / 4), splits, 1), block=(128, 1, 1), args=args, shared_mem=smem)
+        _wgmma_kernel(m_tiles(m), tn, u, stages, wk // 4, smem)(
+            grid=(math.ceil(n / TILE / tn / wk), splits, 1), block=(32 * wk, 1, 1), args=args, shared_mem=smem)
         return out
     launch = _kernel(f"w4a16_mma<{m_tiles(m)}, {tn}, {wk}, {u}, {stages}, {'true' if mode == SHARED_X else 'false'}>")
     launch(grid=(math.ceil(n / TILE / tn / (wk if mode == SHARED_X else 1)), splits, 1), block=(32 * wk, 1, 1),

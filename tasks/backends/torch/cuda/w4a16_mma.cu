@@ -393,12 +393,48 @@ template <> struct Wgmma<2> {  // m64n16k16
                      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc));
     }
 };
+template <> struct Wgmma<3> {  // m64n24k16
+    static __device__ __forceinline__ void run(float (&d)[3][4], const u32 (&a)[4], u64 desc) {
+        asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n"
+                     "wgmma.mma_async.sync.aligned.m64n24k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11}, "
+                     "{%12, %13, %14, %15}, %16, p, 1, 1, 0;\n}"
+                     : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]), "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3])
+                     : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc));
+    }
+};
 template <> struct Wgmma<4> {  // m64n32k16
     static __device__ __forceinline__ void run(float (&d)[4][4], const u32 (&a)[4], u64 desc) {
         asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n"
                      "wgmma.mma_async.sync.aligned.m64n32k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15}, "
                      "{%16, %17, %18, %19}, %20, p, 1, 1, 0;\n}"
                      : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]), "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]), "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3])
+                     : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc));
+    }
+};
+template <> struct Wgmma<5> {  // m64n40k16
+    static __device__ __forceinline__ void run(float (&d)[5][4], const u32 (&a)[4], u64 desc) {
+        asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n"
+                     "wgmma.mma_async.sync.aligned.m64n40k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19}, "
+                     "{%20, %21, %22, %23}, %24, p, 1, 1, 0;\n}"
+                     : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]), "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]), "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3]), "+f"(d[4][0]), "+f"(d[4][1]), "+f"(d[4][2]), "+f"(d[4][3])
+                     : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc));
+    }
+};
+template <> struct Wgmma<6> {  // m64n48k16
+    static __device__ __forceinline__ void run(float (&d)[6][4], const u32 (&a)[4], u64 desc) {
+        asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n"
+                     "wgmma.mma_async.sync.aligned.m64n48k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23}, "
+                     "{%24, %25, %26, %27}, %28, p, 1, 1, 0;\n}"
+                     : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]), "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]), "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3]), "+f"(d[4][0]), "+f"(d[4][1]), "+f"(d[4][2]), "+f"(d[4][3]), "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3])
+                     : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc));
+    }
+};
+template <> struct Wgmma<7> {  // m64n56k16
+    static __device__ __forceinline__ void run(float (&d)[7][4], const u32 (&a)[4], u64 desc) {
+        asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n"
+                     "wgmma.mma_async.sync.aligned.m64n56k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27}, "
+                     "{%28, %29, %30, %31}, %32, p, 1, 1, 0;\n}"
+                     : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]), "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]), "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3]), "+f"(d[4][0]), "+f"(d[4][1]), "+f"(d[4][2]), "+f"(d[4][3]), "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]), "+f"(d[6][0]), "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3])
                      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc));
     }
 };
@@ -412,7 +448,6 @@ template <> struct Wgmma<8> {  // m64n64k16
     }
 };
 
-
 __device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;" ::: "memory"); }
 __device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory"); }
 template <int N>
@@ -420,34 +455,34 @@ __device__ __forceinline__ void wgmma_wait() { asm volatile("wgmma.wait_group.sy
 __device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;" ::: "memory"); }
 __device__ __forceinline__ void pin(float& r) { asm volatile("" : "+f"(r) :: "memory"); }
 
-__device__ __forceinline__ void cp_async4_zfill(u32 smem_addr, const void* src, int src_bytes) {
-    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;" :: "r"(smem_addr), "l"(src), "r"(src_bytes));
-}
 
-// out[split, m, n] = sum over this split's K chunks of x[m, k] * W[n, k]; one warpgroup per block, warp w
-// owns the 16-row tiles blockIdx.x * 4 TN + 4 tn + w (tn < TN), so wgmma tn covers 64 consecutive rows.
+// out[split, m, n] = sum over this split's K chunks of x[m, k] * W[n, k]; WG warpgroups per block share the
+// staged activations; warp w of warpgroup v owns the 16-row tiles blockIdx.x * 4 TN WG + 4 (TN v + tn) + w
+// (tn < TN), so each wgmma covers 64 consecutive rows.
 // U chunks per pipeline batch, S shared-memory stages with S - 2 batches of copies in flight: a stage is
 // refilled only after the wgmmas that read it have retired (wait_group 1 at the end of the next batch).
-template <int MT, int TN, int U, int S>
-__global__ void __launch_bounds__(128) w4a16_wgmma(
+template <int MT, int TN, int U, int S, int WG>
+__global__ void __launch_bounds__(128 * WG) w4a16_wgmma(
         const u16* __restrict__ x, const U4* __restrict__ qw, const u16* __restrict__ scales,
         const u16* __restrict__ zeros, void* __restrict__ out, int M, int N, int K, int group_shift,
         int chunks_per_split, int out_fp32) {
     static_assert(S >= 3, "S - 2 batches in flight");
+    static_assert((2 * MT) % WG == 0, "whole activation rows per warp");
+    constexpr int WARPS = 4 * WG;
     constexpr int LBO = 144, SBO = 288;  // bytes between core matrices along K / along the 8-row groups
     constexpr int KT = ((MT * SBO - 32 + 127) / 128) * 128 + 32;  // bytes per K step, = 32 mod 128
     constexpr int X_CHUNK = 4 * KT;                                 // bytes of activations per chunk
     constexpr int W_STAGE = U * TN * 32;                            // U4 per stage per warp
     constexpr int S_STAGE = U * TN * 16;                            // u32 per stage per warp
     constexpr int X_BYTES = S * U * X_CHUNK;
-    constexpr int W_BYTES = 4 * S * W_STAGE * 16;
+    constexpr int W_BYTES = WARPS * S * W_STAGE * 16;
     extern __shared__ __align__(128) unsigned char smem[];
     U4* wq = reinterpret_cast<U4*>(smem + X_BYTES);               // [warp][stage][u][tn][lane]
     u32* sz = reinterpret_cast<u32*>(smem + X_BYTES + W_BYTES);   // [warp][stage][u][tn][16]
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int g = lane >> 2, t = lane & 3;
     const int n_chunks = K >> 6, n_tiles = N >> 4;
-    const int tile0 = blockIdx.x * 4 * TN + warp;
+    const int tile0 = blockIdx.x * 4 * TN * WG + (warp >> 2) * 4 * TN + (warp & 3);
     const int c_begin = blockIdx.y * chunks_per_split;
     const int c_end = imin(c_begin + chunks_per_split, n_chunks);
     const int n_batches = c_end > c_begin ? (c_end - c_begin + U - 1) / U : 0;
@@ -465,30 +500,45 @@ __global__ void __launch_bounds__(128) w4a16_wgmma(
     const U4* wown = wq + warp * S * W_STAGE + lane;
     const u16* sown = reinterpret_cast<const u16*>(sz + warp * S * S_STAGE);
     // activation word `lane` (k = 2 lane, 2 lane + 1) of a chunk row -> K step, core matrix, byte in its row
+    // Warp w copies rows w + WARPS i of each chunk; with WARPS = 4 or 8 that row's 8-row group and row in it
+    // are (WARPS i) / 8 and (WARPS i) % 8 + w, so every copy is a constant offset from one address.
+    constexpr int ROWS_PER_WARP = 2 * MT / WG;
     const u32 x_base = smem_addr(smem);
-    const u32 xdst = x_base + (2 * ((lane >> 2) & 1) + ((lane >> 1) & 1)) * KT + (lane & 1) * LBO + 4 * (lane >> 3);
-    const u16* xsrc = x + (u64)c_begin * 64 + 2 * lane;
+    const u32 xdst = x_base + (2 * ((lane >> 2) & 1) + ((lane >> 1) & 1)) * KT + (lane & 1) * LBO + 4 * (lane >> 3)
+                     + 16 * warp;
+    const int rows_here = M > warp ? imin(ROWS_PER_WARP, (M - warp + WARPS - 1) / WARPS) : 0;
+    for (int i = rows_here; i < ROWS_PER_WARP; ++i)  // rows past M: zeros, written once, never copied over
+        for (int j = 0; j < S * U; ++j)
+            *reinterpret_cast<u32*>(smem + (xdst - x_base) + j * X_CHUNK + ((WARPS * i) >> 3) * SBO
+                                    + ((WARPS * i) & 7) * 16) = 0u;
+    const u64 x_row_step = (u64)WARPS * K;
+    const u16* xnext = x + (u64)warp * K + (u64)c_begin * 64 + 2 * lane;  // next chunk to copy, first row
+    const U4* wnext[TN];
+#pragma unroll
+    for (int tn = 0; tn < TN; ++tn) wnext[tn] = wsrc[tn];
+    int c_next = c_begin;
 
-    auto issue = [&](int batch, int stage) {  // always commits a group (empty past the end): waits count right
-        if (batch < n_batches) {
+    auto issue = [&](int stage) {  // the next U chunks; always commits a group (empty past the end)
 #pragma unroll
-            for (int u = 0; u < U; ++u) {
-                const int c = c_begin + batch * U + u;
-                if (c < c_end) {
-                    const u32 xd = xdst + (stage * U + u) * X_CHUNK;
+        for (int u = 0; u < U; ++u) {
+            if (c_next < c_end) {
+                const u32 xd = xdst + (stage * U + u) * X_CHUNK;
+                const u16* src = xnext;
 #pragma unroll
-                    for (int i = 0; i < 2 * MT; ++i) {  // rows 4i + warp; rows past M are zero-filled
-                        const int row = 4 * i + warp;
-                        cp_async4_zfill(xd + (row >> 3) * SBO + (row & 7) * 16,
-                                        xsrc + (u64)imin(row, M - 1) * K + (batch * U + u) * 64, row < M ? 4 : 0);
-                    }
-                    const u64 sz_off = (u64)(c >> group_shift) * N;
-#pragma unroll
-                    for (int tn = 0; tn < TN; ++tn) {
-                        cp_async16(wdst + (stage * W_STAGE + (u * TN + tn) * 32) * 16, wsrc[tn] + (batch * U + u) * 32);
-                        if (lane < 16) cp_async4(sdst + (stage * S_STAGE + (u * TN + tn) * 16) * 4, ssrc[tn] + sz_off);
-                    }
+                for (int i = 0; i < ROWS_PER_WARP; ++i) {
+                    if (i >= rows_here) break;  // warp-uniform
+                    cp_async4(xd + ((WARPS * i) >> 3) * SBO + ((WARPS * i) & 7) * 16, src);
+                    src += x_row_step;
                 }
+                xnext += 64;
+                const u64 sz_off = (u64)(c_next >> group_shift) * N;
+#pragma unroll
+                for (int tn = 0; tn < TN; ++tn) {
+                    cp_async16(wdst + (stage * W_STAGE + (u * TN + tn) * 32) * 16, wnext[tn]);
+                    wnext[tn] += 32;
+                    if (lane < 16) cp_async4(sdst + (stage * S_STAGE + (u * TN + tn) * 16) * 4, ssrc[tn] + sz_off);
+                }
+                ++c_next;
             }
         }
         cp_async_commit();
@@ -505,13 +555,13 @@ __global__ void __launch_bounds__(128) w4a16_wgmma(
     // descriptor: start address >> 4 (bits 0-13), LBO >> 4 (16-29), SBO >> 4 (32-45), no swizzle
     const u64 desc0 = ((u64)(SBO >> 4) << 32) | ((u64)(LBO >> 4) << 16);
 #pragma unroll
-    for (int b = 0; b < S - 2; ++b) issue(b, b);
+    for (int b = 0; b < S - 2; ++b) issue(b);
     int stage = 0, next_stage = S - 2;
     for (int b = 0; b < n_batches; ++b) {
         cp_async_wait<S - 3>();  // batch b has landed (this thread's copies) ...
         fence_proxy_async();     // ... is visible to wgmma's reads ...
         __syncthreads();         // ... for every thread; and batch b - 2's wgmmas have retired
-        issue(b + S - 2, next_stage);  // into the stage batch b - 2 used
+        issue(next_stage);  // batch b + S - 2, into the stage batch b - 2 used
         u32 a[U][TN][4][4];
 #pragma unroll
         for (int u = 0; u < U; ++u) {
