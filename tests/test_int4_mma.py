@@ -76,28 +76,34 @@ def _a_fragments(words: torch.Tensor, kt: int) -> torch.Tensor:
     return a
 
 
-@pytest.mark.parametrize("mt", [1, 2, 4, 8])
+@pytest.mark.parametrize("mt", [1, 2, 3, 4, 8])
 def test_wgmma_activation_staging_feeds_the_fragments(mt: int) -> None:
-    """The wgmma kernel copies word L (k = 2L, 2L + 1) of activation row r of a chunk to byte
-    ``(2((L >> 2) & 1) + ((L >> 1) & 1)) KT + (L & 1) LBO + 4 (L >> 3) + (r >> 3) SBO + 16 (r & 7)`` of the
-    chunk's buffer (w4a16_mma.cu).  Read back the way PTX defines a K-major, unswizzled wgmma B operand
-    (8x16-byte core matrices; LBO between the two along K, SBO between 8-row groups), each K step's B
-    times the packed weights' A fragments must give the true product; no two words may share a byte, and
-    the 32 words a warp writes at once (one row) must fall in 32 different banks."""
+    """The wgmma kernel stores word w (k = 8j + 2w, + 1) of 16-byte piece j of activation row r of a chunk at
+    byte ``(2 (j & 1) + (w >> 1)) KT + (w & 1) LBO + 4 (j >> 1) + (r >> 3) SBO + 16 (r & 7)`` of the chunk's
+    buffer; thread tid of the block holds piece tid % 8 of rows tid / 8 + 16 i (w4a16_mma.cu).  Read back
+    the way PTX defines a K-major, unswizzled wgmma B operand (8x16-byte core matrices; LBO between the
+    two along K, SBO between 8-row groups), each K step's B times the packed weights' A fragments must give
+    the true product; no two words may share a byte, and each store instruction of a warp (32 threads, one
+    word each) must hit 32 different banks."""
     lbo, sbo, kt_bytes = 144, 288, int4_mma._wgmma_k_step_bytes(mt)
     assert kt_bytes >= mt * sbo and kt_bytes % 128 == 32
     rows = 8 * mt
     x = torch.randn(rows, 64, dtype=torch.float64)
+
+    def at(r: int, j: int, w: int) -> int:
+        return (2 * (j & 1) + (w >> 1)) * kt_bytes + (w & 1) * lbo + 4 * (j >> 1) + (r >> 3) * sbo + 16 * (r & 7)
+
     smem: dict[int, float] = {}
     for r in range(rows):
-        banks = set()
-        for lane in range(32):
-            kt = 2 * ((lane >> 2) & 1) + ((lane >> 1) & 1)
-            at = kt * kt_bytes + (lane & 1) * lbo + 4 * (lane >> 3) + (r >> 3) * sbo + 16 * (r & 7)
-            assert at not in smem and at + 2 not in smem
-            smem[at], smem[at + 2] = x[r, 2 * lane].item(), x[r, 2 * lane + 1].item()
-            banks.add((at // 4) % 32)
-        assert len(banks) == 32
+        for j in range(8):
+            for w in range(4):
+                a = at(r, j, w)
+                assert a not in smem and a + 2 not in smem
+                smem[a], smem[a + 2] = x[r, 8 * j + 2 * w].item(), x[r, 8 * j + 2 * w + 1].item()
+    for warp_first in range(0, rows * 8, 32):  # one warp's store of word w
+        for w in range(4):
+            banks = {(at(tid // 8, tid % 8, w) // 4) % 32 for tid in range(warp_first, min(warp_first + 32, rows * 8))}
+            assert len(banks) == min(32, rows * 8 - warp_first)
     q = _random_layer(16, 64, 64)[0]
     words = int4_mma.pack_mma(q)[0, 0].to(torch.int64) & 0xFFFFFFFF
     total = torch.zeros(16, rows, dtype=torch.float64)

@@ -499,38 +499,54 @@ __global__ void __launch_bounds__(128 * WG) w4a16_wgmma(
     const u32 sdst = smem_addr(sz + warp * S * S_STAGE + (lane & 15));
     const U4* wown = wq + warp * S * W_STAGE + lane;
     const u16* sown = reinterpret_cast<const u16*>(sz + warp * S * S_STAGE);
-    // activation word `lane` (k = 2 lane, 2 lane + 1) of a chunk row -> K step, core matrix, byte in its row
-    // Warp w copies rows w + WARPS i of each chunk; with WARPS = 4 or 8 that row's 8-row group and row in it
-    // are (WARPS i) / 8 and (WARPS i) % 8 + w, so every copy is a constant offset from one address.
-    constexpr int ROWS_PER_WARP = 2 * MT / WG;
+    // Activations go through registers one batch ahead: 16-byte pieces (8 k) of the chunk rows are loaded at
+    // the top of batch b's iteration for batch b + 1 and scattered at its bottom into batch b + 1's stage,
+    // word w of piece j to K step 2 (j & 1) + (w >> 1), core matrix w & 1, byte 4 (j >> 1) of the row (the
+    // permutation at the top of this file; bank-conflict free).  Thread tid owns piece tid % 8 of rows
+    // tid / 8 + 16 WG i; rows past M are zeros.
+    constexpr int THREADS = 128 * WG;
+    constexpr int PIECES = (64 * MT + THREADS - 1) / THREADS;  // per thread per chunk
+    constexpr int ROW_STEP = THREADS / 8;                       // a multiple of 8: same row within its group
+    const int piece = threadIdx.x & 7, row0 = threadIdx.x >> 3;
     const u32 x_base = smem_addr(smem);
-    const u32 xdst = x_base + (2 * ((lane >> 2) & 1) + ((lane >> 1) & 1)) * KT + (lane & 1) * LBO + 4 * (lane >> 3)
-                     + 16 * warp;
-    const int rows_here = M > warp ? imin(ROWS_PER_WARP, (M - warp + WARPS - 1) / WARPS) : 0;
-    for (int i = rows_here; i < ROWS_PER_WARP; ++i)  // rows past M: zeros, written once, never copied over
-        for (int j = 0; j < S * U; ++j)
-            *reinterpret_cast<u32*>(smem + (xdst - x_base) + j * X_CHUNK + ((WARPS * i) >> 3) * SBO
-                                    + ((WARPS * i) & 7) * 16) = 0u;
-    const u64 x_row_step = (u64)WARPS * K;
-    const u16* xnext = x + (u64)warp * K + (u64)c_begin * 64 + 2 * lane;  // next chunk to copy, first row
+    const int x_thread = (row0 >> 3) * SBO + (row0 & 7) * 16 + 2 * (piece & 1) * KT + 4 * (piece >> 1);
+    const u16* x_thread_src = x + (u64)row0 * K + (u64)c_begin * 64 + 8 * piece;  // row0, chunk c_begin
+    const u64 x_step = (u64)ROW_STEP * K;
+    U4 xr[U][PIECES];
+    auto load_x = [&](int batch) {
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+            const int c = imin(batch * U + u, c_end - 1 - c_begin);  // past the end: a valid chunk, unused
+            const u16* src = x_thread_src + c * 64;
+#pragma unroll
+            for (int i = 0; i < PIECES; ++i) {
+                if (row0 + ROW_STEP * i < M) xr[u][i] = load_cached(reinterpret_cast<const U4*>(src));
+                else xr[u][i].x = xr[u][i].y = xr[u][i].z = xr[u][i].w = 0u;
+                src += x_step;
+            }
+        }
+    };
+    auto store_x = [&](int stage) {
+#pragma unroll
+        for (int u = 0; u < U; ++u)
+#pragma unroll
+            for (int i = 0; i < PIECES; ++i) {
+                if (row0 + ROW_STEP * i >= 8 * MT) break;
+                unsigned char* at = smem + (stage * U + u) * X_CHUNK + x_thread + (ROW_STEP * i / 8) * SBO;
+#pragma unroll
+                for (int w = 0; w < 4; ++w)
+                    *reinterpret_cast<u32*>(at + (w >> 1) * KT + (w & 1) * LBO) = word_of(xr[u][i], w);
+            }
+    };
     const U4* wnext[TN];
 #pragma unroll
     for (int tn = 0; tn < TN; ++tn) wnext[tn] = wsrc[tn];
     int c_next = c_begin;
 
-    auto issue = [&](int stage) {  // the next U chunks; always commits a group (empty past the end)
+    auto issue = [&](int stage) {  // weights of the next U chunks; always commits a group (empty past the end)
 #pragma unroll
         for (int u = 0; u < U; ++u) {
             if (c_next < c_end) {
-                const u32 xd = xdst + (stage * U + u) * X_CHUNK;
-                const u16* src = xnext;
-#pragma unroll
-                for (int i = 0; i < ROWS_PER_WARP; ++i) {
-                    if (i >= rows_here) break;  // warp-uniform
-                    cp_async4(xd + ((WARPS * i) >> 3) * SBO + ((WARPS * i) & 7) * 16, src);
-                    src += x_row_step;
-                }
-                xnext += 64;
                 const u64 sz_off = (u64)(c_next >> group_shift) * N;
 #pragma unroll
                 for (int tn = 0; tn < TN; ++tn) {
@@ -554,12 +570,17 @@ __global__ void __launch_bounds__(128 * WG) w4a16_wgmma(
 
     // descriptor: start address >> 4 (bits 0-13), LBO >> 4 (16-29), SBO >> 4 (32-45), no swizzle
     const u64 desc0 = ((u64)(SBO >> 4) << 32) | ((u64)(LBO >> 4) << 16);
+    if (n_batches > 0) {
+        load_x(0);
+        store_x(0);
+    }
 #pragma unroll
     for (int b = 0; b < S - 2; ++b) issue(b);
     int stage = 0, next_stage = S - 2;
     for (int b = 0; b < n_batches; ++b) {
-        cp_async_wait<S - 3>();  // batch b has landed (this thread's copies) ...
-        fence_proxy_async();     // ... is visible to wgmma's reads ...
+        if (b + 1 < n_batches) load_x(b + 1);
+        cp_async_wait<S - 3>();  // batch b's weights have landed (this thread's copies) ...
+        fence_proxy_async();     // ... and its activations (stored last iteration) are visible to wgmma ...
         __syncthreads();         // ... for every thread; and batch b - 2's wgmmas have retired
         issue(next_stage);  // batch b + S - 2, into the stage batch b - 2 used
         u32 a[U][TN][4][4];
@@ -589,8 +610,9 @@ __global__ void __launch_bounds__(128 * WG) w4a16_wgmma(
             }
         }
         wgmma_commit();
-        wgmma_wait<1>();
+        wgmma_wait<1>();  // batch b - 1's wgmmas retired: every warpgroup's, once all pass the next barrier
         stage = stage + 1 == S ? 0 : stage + 1;
+        if (b + 1 < n_batches) store_x(stage);  // batch b + 1, into the stage batch b + 1 - S (<= b - 2) used
         next_stage = next_stage + 1 == S ? 0 : next_stage + 1;
     }
     wgmma_wait<0>();
