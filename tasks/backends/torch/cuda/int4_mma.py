@@ -6,7 +6,10 @@ cuBLAS bf16 at M = 64.  Here every lane loads its whole MMA fragment for a 64-de
 load (a warp reads 512 contiguous bytes), turns two nibbles into two bf16 with one LOP3, and feeds the
 weights to ``mma.m16n8k16`` as the A operand with the activations as B ("swap AB"), so batch 1 wastes
 tensor-core lanes, not bandwidth, and batches up to 64 reuse each de-quantized fragment for up to 8 MMAs.
-The layout and the kernels are described in ``w4a16_mma.cu``.
+On Hopper a third kernel hands the same de-quantized fragments to ``wgmma.m64nNk16`` (four warps' tiles as
+one 64-row A operand from registers, the activations as B from shared memory), which beats cuBLAS bf16 at
+M = 64 where the mma.sync kernels trail it.  The layout and the kernels are described in ``w4a16_mma.cu``;
+which kernel and launch config a shape gets is :func:`config`'s answer.
 
 The kernels are compiled at first use by NVRTC through ``torch.cuda._compile_kernel`` (torch's own
 runtime-compilation entry point; no CUDA toolkit needed), once per template configuration and process.
@@ -85,6 +88,7 @@ def _kernel(name: str, arch: str | None = None):
 
 @functools.lru_cache(maxsize=None)
 def _wgmma_kernel(mt: int, tn: int, u: int, stages: int, warpgroups: int, smem: int):
+    """The compiled wgmma instance, allowed ``smem`` bytes of dynamic shared memory (above 48 KiB needs an opt-in)."""
     kernel = _kernel(f"w4a16_wgmma<{mt}, {tn}, {u}, {stages}, {warpgroups}>", "90a")
     if smem >= 48 * 1024:
         kernel.set_shared_memory_config(smem)
