@@ -197,6 +197,17 @@ def test_mma_kernel_matches_reference(m: int, n: int, k: int, gs: int) -> None:
     assert ((out.double() - ref).norm() / ref.norm()).item() < 5e-3
 
 
+def _check_config_on_ragged_shape(cfg: tuple, m: int) -> None:
+    """One launch config on 13 tiles x 19 chunks (ragged tile groups, splits and batches) vs the reference."""
+    n, k, gs = 208, 1216, 64
+    q, scales, zeros = _random_layer(n, k, gs, "cuda")
+    qweight = int4_mma.pack_mma(q)
+    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+    ref = x.double() @ int4.dequantize(qweight, scales, zeros, k, torch.bfloat16).double().t()
+    out = int4.reduce_splits(int4_mma.mma_split(x, qweight, scales, zeros, cfg), torch.float32)
+    assert ((out.double() - ref).norm() / ref.norm()).item() < 5e-3
+
+
 @gpu
 @needs_mma
 @pytest.mark.parametrize("cfg", [(1, 1, 1, 2, 1, 0), (1, 4, 4, 4, 3, 0), (2, 2, 2, 3, 5, 0), (4, 1, 2, 2, 2, 0),
@@ -206,13 +217,7 @@ def test_mma_kernel_matches_reference(m: int, n: int, k: int, gs: int) -> None:
 def test_mma_kernel_configs_match_reference(cfg: tuple, m: int) -> None:
     """Every template/launch knob the sweep may pick, on a shape with a ragged last group of tiles and a
     ragged last split (13 tiles, 19 chunks), and more stages than some warps have batches."""
-    n, k, gs = 208, 1216, 64
-    q, scales, zeros = _random_layer(n, k, gs, "cuda")
-    qweight = int4_mma.pack_mma(q)
-    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-    ref = x.double() @ int4.dequantize(qweight, scales, zeros, k, torch.bfloat16).double().t()
-    out = int4.reduce_splits(int4_mma.mma_split(x, qweight, scales, zeros, cfg), torch.float32)
-    assert ((out.double() - ref).norm() / ref.norm()).item() < 5e-3
+    _check_config_on_ragged_shape(cfg, m)
 
 
 @gpu
@@ -224,13 +229,7 @@ def test_wgmma_kernel_configs_match_reference(cfg: tuple, m: int) -> None:
     """The Hopper kernel over its knobs, on the ragged shape above (13 tiles: the last warpgroup's wgmma
     covers rows past N; 19 chunks: ragged splits and batches) and M that leave rows of the last 8-row tile
     empty."""
-    n, k, gs = 208, 1216, 64
-    q, scales, zeros = _random_layer(n, k, gs, "cuda")
-    qweight = int4_mma.pack_mma(q)
-    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-    ref = x.double() @ int4.dequantize(qweight, scales, zeros, k, torch.bfloat16).double().t()
-    out = int4.reduce_splits(int4_mma.mma_split(x, qweight, scales, zeros, cfg), torch.float32)
-    assert ((out.double() - ref).norm() / ref.norm()).item() < 5e-3
+    _check_config_on_ragged_shape(cfg, m)
 
 
 @gpu
