@@ -421,7 +421,7 @@ def mma_candidates(m: int, modes: tuple[int, ...] = (0, 1, 2)) -> list[tuple[int
         grid += [(tn, wk, 1, st, sp, 1) for tn in (1, 2, 4) for wk in (2, 4, 8) for st in (2, 3) for sp in (1, 2, 4)]
     if int4_mma.WGMMA in modes and m > 8 and int4_mma.wgmma_available(torch.device("cuda")):
         grid += [(tn, wk, u, st, sp, 2) for tn in (1, 2, 4) for wk in (4, 8) for u in (1, 2) for st in (3, 4, 5)
-                 for sp in (1, 2, 4)]
+                 for sp in (1, 2, 4, 8)]
     valid = []
     for cfg in grid:
         try:
