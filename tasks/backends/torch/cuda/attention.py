@@ -6,11 +6,10 @@ program per head (32 programs on a 132-SM GPU) over a sequence of hundreds of po
 positions to read comes from the device tensor ``pos`` (the position being decoded), so a replayed graph
 reads only the keys written so far, and the cache length is cut into chunks that run in parallel
 (flash-decoding: one program per (sequence, KV head, chunk) for all query heads of that KV head, both
-products on tensor cores, then a merge of the chunks' partial softmaxes).  The new token's
+products on tensor cores, then a small kernel that merges the chunks' partial softmaxes).  The new token's
 key and value are written into the cache by the program whose chunk holds ``pos``; every program uses the
 new key/value from registers rather than from memory, so no program reads a cache slot that another
-program of the same launch is writing.  The last program of each (sequence, KV head) to finish merges the
-chunks' partial softmaxes (an arrival counter per pair), so one launch per layer does the whole step.
+program of the same launch is writing.
 
 ``torch.ops.quantsweep.decode_attention`` is a custom op (opaque to ``torch.compile``, recorded by CUDA-graph
 capture); on CPU, or without Triton, it runs :func:`decode_attention_reference`, which the tests compare
@@ -76,15 +75,11 @@ def decode_attention_reference(q: torch.Tensor, k_new: torch.Tensor, v_new: torc
 if triton is not None:
 
     @triton.jit
-    def _split_kernel(q_ptr, kn_ptr, vn_ptr, kc_ptr, vc_ptr, pos_ptr, o_ptr, m_ptr, l_ptr, out_ptr, count_ptr,
-                      qk_scale, H, HKV, S, n_splits, chunk,
-                      HD: tl.constexpr, G: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK: tl.constexpr,
-                      SPLITS: tl.constexpr):
+    def _split_kernel(q_ptr, kn_ptr, vn_ptr, kc_ptr, vc_ptr, pos_ptr, o_ptr, m_ptr, l_ptr, qk_scale,
+                      H, HKV, S, n_splits, chunk,
+                      HD: tl.constexpr, G: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK: tl.constexpr):
         """One (sequence b, KV head, chunk c) for all G query heads that share the KV head: unnormalised
-        sum_s p_s v_s, running max m and sum l of p_s per query head.  The last of the (b, KV head)'s
-        programs to finish (a counter per pair, which it resets for the next call) merges the chunks:
-        sum_c 2^(m_c - M) o_c / sum_c 2^(m_c - M) l_c.  Merging here instead of in a second kernel saves a
-        launch per layer, which at batch 1 costs about as much as the merge.
+        sum_s p_s v_s, running max m and sum l of p_s per query head.
 
         The G query rows are padded to BLOCK_G (>= 16) so both products run on tensor cores (tl.dot); the
         padding rows compute on zeros and are never stored.  Softmax statistics are fp32, p is rounded to
@@ -133,25 +128,22 @@ if triton is not None:
         tl.store(o_ptr + part[:, None] * HD + offs_d[None, :], acc, mask=g_ok[:, None])
         tl.store(m_ptr + part, m, mask=g_ok)
         tl.store(l_ptr + part, l_sum, mask=g_ok)
-        tl.debug_barrier()  # every thread's partials are written before the counter moves (release, GPU scope)
-        if tl.atomic_add(count_ptr + pid_bk, 1, sem="acq_rel", scope="gpu") == n_splits - 1:
-            tl.atomic_xchg(count_ptr + pid_bk, 0, sem="relaxed", scope="gpu")
-            offs_c = tl.arange(0, SPLITS)
-            both = g_ok[:, None] & (offs_c < n_splits)[None, :]
-            rows = q_rows[:, None] * n_splits + offs_c[None, :]  # [BLOCK_G, SPLITS] partial rows
-            m_all = tl.load(m_ptr + rows, mask=both, other=float("-inf"), cache_modifier=".cg")
-            m_max = tl.max(m_all, axis=1)  # finite for real heads: chunk 0 always holds position 0
-            w = tl.where(both & (m_all > float("-inf")), tl.exp2(m_all - m_max[:, None]), 0.0)
-            denom = tl.sum(w * tl.load(l_ptr + rows, mask=both, other=0.0, cache_modifier=".cg"), axis=1)
-            merged = tl.zeros((BLOCK_G, HD), tl.float32)
-            for cc in range(0, n_splits):
-                w_c = tl.sum(tl.where(offs_c[None, :] == cc, w, 0.0), axis=1)
-                o_c = tl.load(o_ptr + (q_rows * n_splits + cc)[:, None] * HD + offs_d[None, :], mask=g_ok[:, None],
-                              other=0.0, cache_modifier=".cg")
-                merged += w_c[:, None] * o_c
-            merged = merged / tl.where(g_ok, denom, 1.0)[:, None]
-            tl.store(out_ptr + q_rows[:, None] * HD + offs_d[None, :], merged.to(out_ptr.dtype.element_ty),
-                     mask=g_ok[:, None])
+
+    @triton.jit
+    def _combine_kernel(o_ptr, m_ptr, l_ptr, out_ptr, n_splits, HD: tl.constexpr, SPLITS: tl.constexpr):
+        """Merge one (b, h)'s chunk partials: sum_c 2^(m_c - M) o_c / sum_c 2^(m_c - M) l_c."""
+        pid_bh = tl.program_id(0)
+        offs_c = tl.arange(0, SPLITS)
+        offs_d = tl.arange(0, HD)
+        ok = offs_c < n_splits
+        base = pid_bh * n_splits
+        m = tl.load(m_ptr + base + offs_c, mask=ok, other=float("-inf"))
+        m_max = tl.max(m, axis=0)  # finite: chunk 0 always holds position 0
+        w = tl.where(ok & (m > float("-inf")), tl.exp2(m - m_max), 0.0)
+        l_sum = tl.sum(tl.load(l_ptr + base + offs_c, mask=ok, other=0.0) * w, axis=0)
+        o = tl.load(o_ptr + (base + offs_c)[:, None] * HD + offs_d[None, :], mask=ok[:, None], other=0.0)
+        out = tl.sum(o * w[:, None], axis=0) / l_sum
+        tl.store(out_ptr + pid_bh * HD + offs_d, out.to(out_ptr.dtype.element_ty))
 
 
 def _cuda_decode_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, k_cache: torch.Tensor,
@@ -166,27 +158,16 @@ def _cuda_decode_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Te
     o_part = torch.empty(b * h * splits, hd, dtype=torch.float32, device=q.device)
     m_part = torch.empty(b * h * splits, dtype=torch.float32, device=q.device)
     l_part = torch.empty_like(m_part)
-    out = torch.empty_like(q)
     qk_scale = math.log2(math.e) / math.sqrt(hd)
     group = h // hkv
-    _split_kernel[(b * hkv, splits)](q, k_new, v_new, k_cache, v_cache, pos, o_part, m_part, l_part, out,
-                                     _arrival_counters(b * hkv, q.device), qk_scale, h, hkv, s, splits, chunk,
-                                     HD=hd, G=group, BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK=block_s,
-                                     SPLITS=max(2, triton.next_power_of_2(splits)), num_warps=warps,
-                                     num_stages=stages)
+    _split_kernel[(b * hkv, splits)](q, k_new, v_new, k_cache, v_cache, pos, o_part, m_part, l_part, qk_scale,
+                                     h, hkv, s, splits, chunk, HD=hd, G=group,
+                                     BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK=block_s,
+                                     num_warps=warps, num_stages=stages)
+    out = torch.empty_like(q)
+    _combine_kernel[(b * h,)](o_part, m_part, l_part, out, splits, HD=hd,
+                              SPLITS=max(2, triton.next_power_of_2(splits)), num_warps=4)
     return out
-
-
-_COUNTERS: dict[tuple[torch.device, int], torch.Tensor] = {}
-
-
-def _arrival_counters(n: int, device: torch.device) -> torch.Tensor:
-    """int32 [n] zeros that the kernel leaves at zero: one allocation per size and device, made on the first
-    (eager, warm-up) call, so a captured CUDA graph replays with no memset of its own."""
-    key = (device, n)
-    if key not in _COUNTERS:
-        _COUNTERS[key] = torch.zeros(n, dtype=torch.int32, device=device)
-    return _COUNTERS[key]
 
 
 @torch.library.custom_op("quantsweep::decode_attention", mutates_args=("k_cache", "v_cache"))
