@@ -18,9 +18,7 @@ from tasks.gpu_metrics import MemorySampler, device_info, energy_mj
 OUTPUT_TOKENS_NOTE = ("output_tokens_per_s = batch_size * output_len / e2e_s (prefill included, like the "
                       "study and trtllm-bench); decode_tokens_per_s = batch_size * (output_len - 1) / decode time; "
                       "ttft_s = prefill + first token; itl = per-decode-step latency over all steps of all "
-                      "repeats; medians over repeats after warm-up; device synchronised before and after prefill and after "
-                      "the last step (torch engine on a GPU: steps enqueued back to back, each timed with CUDA "
-                      "events; TensorRT-LLM: streamed steps timed on the host)")
+                      "repeats; medians over repeats after warm-up; device synchronised around every step")
 
 
 def random_prompts(vocab_size: int, batch_size: int, input_len: int, seed: int) -> torch.Tensor:

@@ -29,9 +29,7 @@ class GenerationTiming:
 
     ``first_token_s`` covers prefill plus the first sampled token (time to first token);
     ``decode_step_s[i]`` is the time of decode step i (one new token for every sequence), so
-    ``len(decode_step_s) == output_len - 1``.  How a backend times its steps is in its docs: the torch
-    engine's GPU path enqueues steps back to back and times them with CUDA events; TensorRT-LLM's streams
-    them and times each on the host; ``total_s`` always ends after the device has finished.
+    ``len(decode_step_s) == output_len - 1``.  Times are taken after device synchronisation.
     """
 
     batch_size: int

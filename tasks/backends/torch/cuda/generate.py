@@ -1,12 +1,9 @@
 """Greedy generation over :class:`~.model.Transformer`: batched prefill, then one CUDA-graph replay per token.
 
-The decode step (embed -> 32 compiled blocks -> norm -> lm_head -> argmax -> record the token, feed it
-back, advance the position) is captured once per (batch, cache length) shape, so a step costs one graph
-launch instead of hundreds of kernel launches from Python.  The steps are enqueued back to back, as a
-serving loop that does not wait for each token would run them: on a GPU each step's time is the device
-time between CUDA events recorded after consecutive steps (no host round trip in it), and the end-to-end
-time is wall clock up to one synchronisation after the last step.  Prefill (time to first token) is
-synchronised on both sides.
+The decode step (embed -> 32 compiled blocks -> norm -> lm_head -> argmax -> feed the token back, advance
+the position) is captured once per (batch, cache length) shape, so a step costs one graph launch instead of
+hundreds of kernel launches from Python.  Timings synchronise the device after prefill and after every
+step, so each number is the device time of that step plus one host round trip.
 """
 from __future__ import annotations
 
@@ -50,12 +47,10 @@ class Generator:
         self.shape: tuple[int, int] | None = None
 
     def _decode_step(self) -> None:
-        """tok [B, 1] at pos [1] -> next tok written back into tok and into history at its position; pos
-        advanced (all on the device, so the step needs nothing from the host)."""
+        """tok [B, 1] at pos [1] -> next tok written back into tok; pos advanced (all on the device)."""
         logits = self.model(self.tok, self.pos)  # [B, V]
         self.tok.copy_(logits.argmax(dim=-1, keepdim=True))
         self.pos.add_(1)
-        self.history.index_copy_(1, self.pos, self.tok)
 
     @torch.inference_mode()
     def setup(self, batch: int, max_seq: int) -> None:
@@ -66,7 +61,6 @@ class Generator:
         self.model.setup_cache(batch, max_seq)
         self.tok = torch.zeros(batch, 1, dtype=torch.long, device=self.device)
         self.pos = torch.zeros(1, dtype=torch.long, device=self.device)
-        self.history = torch.zeros(batch, max_seq, dtype=torch.long, device=self.device)  # token at each position
         if self.cuda_graph:
             stream = torch.cuda.Stream(self.device)
             stream.wait_stream(torch.cuda.current_stream(self.device))
@@ -81,41 +75,33 @@ class Generator:
 
     @torch.inference_mode()
     def generate(self, input_ids: torch.Tensor, output_len: int) -> GenerationTiming:
-        """input_ids [B, L] -> exactly output_len greedy tokens per row, with the timings described above."""
+        """input_ids [B, L] -> exactly output_len greedy tokens per row, with synchronised timings."""
         batch, length = input_ids.shape
         if self.shape is None or self.shape[0] != batch or self.shape[1] < length + output_len:
             self.setup(batch, length + output_len)  # else reuse the cache (and graph) already set up
         ids = input_ids.to(self.device)
         positions = torch.arange(length, device=self.device)
+        outputs = torch.empty(batch, output_len, dtype=torch.long, device=self.device)
         _sync(self.device)
         start = time.perf_counter()
         logits = self.model(ids, positions)  # prefill: [B, V] of the last position
         self.tok.copy_(logits.argmax(dim=-1, keepdim=True))
         self.pos.fill_(length)
-        self.history[:, length:length + 1].copy_(self.tok)
+        outputs[:, 0:1].copy_(self.tok)
         _sync(self.device)
         first = time.perf_counter() - start
-        on_gpu = self.device.type == "cuda"
-        marks: list[Any] = []  # after step i: a CUDA event (GPU) or a host time (CPU, where steps are synchronous)
-        for _ in range(output_len):
-            if marks:  # step 0 is the prefill's token
-                if self.graph is not None:
-                    self.graph.replay()
-                else:
-                    self._decode_step()
-            if on_gpu:
-                marks.append(torch.cuda.Event(enable_timing=True))
-                marks[-1].record()
+        steps = []
+        for i in range(1, output_len):
+            t0 = time.perf_counter()
+            if self.graph is not None:
+                self.graph.replay()
             else:
-                marks.append(time.perf_counter())
-        _sync(self.device)
+                self._decode_step()
+            outputs[:, i:i + 1].copy_(self.tok)
+            _sync(self.device)
+            steps.append(time.perf_counter() - t0)
         total = time.perf_counter() - start
-        if on_gpu:
-            steps = [a.elapsed_time(b) / 1e3 for a, b in zip(marks, marks[1:])]
-        else:
-            steps = [b - a for a, b in zip(marks, marks[1:])]
-        outputs = self.history[:, length:length + output_len].cpu()
-        return GenerationTiming(batch, length, output_len, first, steps, total, outputs)
+        return GenerationTiming(batch, length, output_len, first, steps, total, outputs.cpu())
 
     def release(self) -> None:
         self.graph = None
