@@ -10,16 +10,17 @@ and memory do not depend on the values).  Modes:
   graph over weight copies that do not fit in L2; writes the fastest correct path per shape to
   ``--configs-out`` (the engine reads that JSON) after every linear.
 - ``mma``: the same timing for the tensor-core kernels of ``int4_mma`` (weights in the "mma" layout) over
-  their launch configs, against bf16 cuBLAS and the Triton kernels; writes the fastest per shape to
-  ``--configs-out`` (the engine reads ``int4_mma_configs.json``).
+  their launch configs (``--mma-modes``: 0 and 1 the mma.sync kernels, 2 the Hopper wgmma kernel), against
+  bf16 cuBLAS and the Triton kernels; writes the fastest per shape to ``--configs-out`` (the engine reads
+  ``int4_mma_configs.json``).
 - ``smoke``: the orchestrator's path without Ray on small checkpoints (``--smoke-dir`` with ``fp`` and
   ``rtn``): TorchBackend build -> load (KV cache from the profile options) -> profile_engine -> lm-eval.
 - ``attention``: per batch size, the decode-attention kernels over a grid of launch configs; writes the
   fastest to ``--configs-out`` (the engine reads ``attention_configs.json``).
-- ``e2e``: method (fp16; int4 with the default kernels; int4-triton) x batch -> output tok/s (batch x output_len / end-to-end, prefill included), decode
-  tok/s, TTFT, inter-token latency, peak memory, and % of the bandwidth roofline (bytes a decode step
-  must read / the device-to-device copy bandwidth measured here).  Each method runs in its own process,
-  so one method's memory never shows in the other's peak.
+- ``e2e``: method (fp16; int4 with the default kernels; int4-triton) x batch -> output tok/s (batch x
+  output_len / end-to-end, prefill included), decode tok/s, TTFT, inter-token latency, peak memory, and % of
+  the bandwidth roofline (bytes a decode step must read / the device-to-device copy bandwidth measured here).
+  Each method runs in its own process, so one method's memory never shows in the other's peak.
 - ``all``: check, then e2e.
 
 Usage: python bench/gpu_benchmark.py --mode all --out results/
@@ -414,14 +415,15 @@ def mma_candidates(m: int, modes: tuple[int, ...] = (0, 1, 2)) -> list[tuple[int
     (wgmma) only where the GPU runs it, and only for M > 8 (one 8-row tile wastes the wgmma's width)."""
     grid = []
     if int4_mma.SPLIT_K in modes:
-        grid += [(tn, wk, u, st, sp, 0) for tn in (1, 2) for wk in (2, 4, 8)
+        grid += [(tn, wk, u, st, sp, int4_mma.SPLIT_K) for tn in (1, 2) for wk in (2, 4, 8)
                  for u in ((1, 2, 4) if m <= 16 else (1, 2)) for st in ((3, 4, 6) if m <= 8 else (3,))
                  for sp in (1, 2, 4)]
     if int4_mma.SHARED_X in modes and m >= 16:  # warps split N and share the activations through shared memory
-        grid += [(tn, wk, 1, st, sp, 1) for tn in (1, 2, 4) for wk in (2, 4, 8) for st in (2, 3) for sp in (1, 2, 4)]
+        grid += [(tn, wk, 1, st, sp, int4_mma.SHARED_X) for tn in (1, 2, 4) for wk in (2, 4, 8) for st in (2, 3)
+                 for sp in (1, 2, 4)]
     if int4_mma.WGMMA in modes and m > 8 and int4_mma.wgmma_available(torch.device("cuda")):
-        grid += [(tn, wk, u, st, sp, 2) for tn in (1, 2, 4) for wk in (4, 8) for u in (1, 2) for st in (3, 4, 5)
-                 for sp in (1, 2, 4, 8)]
+        grid += [(tn, wk, u, st, sp, int4_mma.WGMMA) for tn in (1, 2, 4) for wk in (4, 8) for u in (1, 2)
+                 for st in (3, 4, 5) for sp in (1, 2, 4, 8)]
     valid = []
     for cfg in grid:
         try:
@@ -728,7 +730,8 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--bandwidth", type=float, default=0.0, help="bytes/s; measured when 0")
     p.add_argument("--configs-out", type=Path, default=None)
-    p.add_argument("--mma-modes", default="0,1,2", help="mma sweep: kernels to try (0/1 mma.sync, 2 wgmma)")
+    p.add_argument("--mma-modes", default="0,1,2",
+                   help="mma sweep: kernels to try (0/1 mma.sync, 2 wgmma); empty: time the current configs only")
     p.add_argument("--no-compile", action="store_true")
     p.add_argument("--breakdown", action="store_true", help="e2e: profile the decode step's kernels per batch")
     p.add_argument("--smoke-dir", type=Path, default=Path(".smoke"), help="fp/ and rtn/ checkpoints (smoke)")
@@ -754,7 +757,7 @@ def main() -> None:
         kernel_sweep([int(m) for m in args.kernel_ms.split(",")], args.out, args.configs_out)
     if args.mode == "mma":
         mma_sweep([int(m) for m in args.kernel_ms.split(",")], args.out, args.configs_out,
-                  tuple(int(v) for v in args.mma_modes.split(",")))
+                  tuple(int(v) for v in args.mma_modes.split(",") if v))
     if args.mode == "attention":
         attention_sweep(batch_sizes, args.input_len + args.output_len, args.input_len + args.output_len // 2,
                         args.out, args.configs_out)

@@ -29,7 +29,8 @@ M=8-16 up, and it needs its own opaque weight layout: keeping both layouts would
 meant to save, so it is not used.
 On sm_80+ NVIDIA GPUs the loader normally repacks the weights into the "mma" layout of :mod:`.int4_mma`
 (:func:`select_kernels`), whose NVRTC-compiled tensor-core kernels are 1.3-2.2x faster than these at
-M <= 32 on an H200; a 4-D ``qweight`` selects that path in :func:`w4a16_mm_split`.
+M <= 32 on an H200 and, with Hopper's wgmma, 1.3-1.7x at M = 64; a 4-D ``qweight`` selects that path in
+:func:`w4a16_mm_split`.
 CPU (and any device without Triton) runs the pure-PyTorch reference, which the tests compare against.
 
 ``torch.ops.quantsweep.w4a16_mm_split`` is a custom op, so ``torch.compile`` treats it as one opaque call and

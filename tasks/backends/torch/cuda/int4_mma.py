@@ -88,9 +88,9 @@ def _kernel(name: str, arch: str | None = None):
 
 @functools.lru_cache(maxsize=None)
 def _wgmma_kernel(mt: int, tn: int, u: int, stages: int, warpgroups: int, smem: int):
-    """The compiled wgmma instance, allowed ``smem`` bytes of dynamic shared memory (above 48 KiB needs an opt-in)."""
+    """The compiled wgmma instance, allowed ``smem`` bytes of dynamic shared memory."""
     kernel = _kernel(f"w4a16_wgmma<{mt}, {tn}, {u}, {stages}, {warpgroups}>", "90a")
-    if smem >= 48 * 1024:
+    if smem >= SMEM_LIMIT:  # past the static limit: dynamic shared memory needs an opt-in
         kernel.set_shared_memory_config(smem)
     return kernel
 

@@ -78,6 +78,16 @@ __device__ __forceinline__ u32 and_or(u32 a, u32 mask, u32 bits) {  // (a & mask
     return d;
 }
 
+// A tile's group parameters for rows g and g + 8, from its 16 scales and then 16 zero points in shared
+// memory, as bf16x2 pairs: {s} and {128 + z} (what dequant_fragment subtracts).
+struct GroupParams { u32 s_lo, s_hi, z_lo, z_hi; };
+
+__device__ __forceinline__ GroupParams group_params(const u16* p, int g) {
+    const u32 s0 = p[g], s1 = p[g + 8];
+    return {s0 * 0x10001u, s1 * 0x10001u, fma2((u32)p[16 + g] * 0x10001u, BF16X2_ONE, BF16X2_128),
+            fma2((u32)p[24 + g] * 0x10001u, BF16X2_ONE, BF16X2_128)};
+}
+
 // The A fragments of one K step of one 16-row tile: q - z (exact small integers) for the lane's 8
 // weights, from z_lo / z_hi = {128 + z, 128 + z} of rows g / g + 8.  With SCALE, also times s_lo / s_hi:
 // (q - z) * s rounded once to bf16, the reference de-quantization's values.
@@ -258,10 +268,7 @@ __global__ void __launch_bounds__(32 * WK) w4a16_mma(
             for (int tn = 0; tn < TN; ++tn) {
                 const U4 wv = wown[stage * W_STAGE + (u * TN + tn) * 32];
                 const u16* p = sown + (stage * S_STAGE + (u * TN + tn) * 16) * 2;  // 16 scales, 16 zeros
-                const u32 s0 = p[g], s1 = p[g + 8];
-                const u32 z_lo = fma2((u32)p[16 + g] * 0x10001u, BF16X2_ONE, BF16X2_128);  // {128 + z} x 2
-                const u32 z_hi = fma2((u32)p[24 + g] * 0x10001u, BF16X2_ONE, BF16X2_128);
-                const u32 s_lo = s0 * 0x10001u, s_hi = s1 * 0x10001u;
+                const GroupParams gp = group_params(p, g);
                 float part[MT][4];
 #pragma unroll
                 for (int mt = 0; mt < MT; ++mt)
@@ -270,7 +277,7 @@ __global__ void __launch_bounds__(32 * WK) w4a16_mma(
 #pragma unroll
                 for (int kt = 0; kt < 4; ++kt) {
                     u32 a[4];
-                    dequant_fragment<!POST_SCALE>(word_of(wv, kt), z_lo, z_hi, s_lo, s_hi, a);
+                    dequant_fragment<!POST_SCALE>(word_of(wv, kt), gp.z_lo, gp.z_hi, gp.s_lo, gp.s_hi, a);
 #pragma unroll
                     for (int mt = 0; mt < MT; ++mt) {
                         const U4& xq = xv[mt][kt >> 1];
@@ -279,7 +286,7 @@ __global__ void __launch_bounds__(32 * WK) w4a16_mma(
                     }
                 }
                 if (POST_SCALE) {
-                    const float f0 = bf16_to_float((u16)s0), f1 = bf16_to_float((u16)s1);
+                    const float f0 = bf16_to_float((u16)gp.s_lo), f1 = bf16_to_float((u16)gp.s_hi);
 #pragma unroll
                     for (int mt = 0; mt < MT; ++mt) {
                         acc[tn][mt][0] += f0 * part[mt][0];
@@ -470,7 +477,6 @@ __global__ void __launch_bounds__(128 * WG) w4a16_wgmma(
         const u16* __restrict__ zeros, void* __restrict__ out, int M, int N, int K, int group_shift,
         int chunks_per_split, int out_fp32) {
     static_assert(S >= 3, "S - 2 batches in flight");
-    static_assert((2 * MT) % WG == 0, "whole activation rows per warp");
     constexpr int WARPS = 4 * WG;
     constexpr int LBO = 144, SBO = 288;  // bytes between core matrices along K / along the 8-row groups
     constexpr int KT = ((MT * SBO - 32 + 127) / 128) * 128 + 32;  // bytes per K step, = 32 mod 128
@@ -490,12 +496,12 @@ __global__ void __launch_bounds__(128 * WG) w4a16_wgmma(
     const int c_end = imin(c_begin + chunks_per_split, n_chunks);
     const int n_batches = c_end > c_begin ? (c_end - c_begin + U - 1) / U : 0;
 
-    const U4* wsrc[TN];
+    const U4* wnext[TN];  // this lane's weight vector of the next chunk to copy, per tile
     const u16* ssrc[TN];
 #pragma unroll
     for (int tn = 0; tn < TN; ++tn) {
         const int tile = imin(tile0 + 4 * tn, n_tiles - 1);  // tiles past N: computed, never stored
-        wsrc[tn] = qw + ((u64)tile * n_chunks + c_begin) * 32 + lane;
+        wnext[tn] = qw + ((u64)tile * n_chunks + c_begin) * 32 + lane;
         ssrc[tn] = (lane < 8 ? scales : zeros) + tile * 16 + 2 * (lane & 7);
     }
     const u32 wdst = smem_addr(wq + warp * S * W_STAGE + lane);
@@ -541,9 +547,6 @@ __global__ void __launch_bounds__(128 * WG) w4a16_wgmma(
                     *reinterpret_cast<u32*>(at + (w >> 1) * KT + (w & 1) * LBO) = word_of(xr[u][i], w);
             }
     };
-    const U4* wnext[TN];
-#pragma unroll
-    for (int tn = 0; tn < TN; ++tn) wnext[tn] = wsrc[tn];
     int c_next = c_begin;
 
     auto issue = [&](int stage) {  // weights of the next U chunks; always commits a group (empty past the end)
@@ -594,11 +597,10 @@ __global__ void __launch_bounds__(128 * WG) w4a16_wgmma(
             for (int tn = 0; tn < TN; ++tn) {
                 const U4 wv = wown[stage * W_STAGE + (u * TN + tn) * 32];
                 const u16* p = sown + (stage * S_STAGE + (u * TN + tn) * 16) * 2;  // 16 scales, 16 zeros
-                const u32 z_lo = fma2((u32)p[16 + g] * 0x10001u, BF16X2_ONE, BF16X2_128);
-                const u32 z_hi = fma2((u32)p[24 + g] * 0x10001u, BF16X2_ONE, BF16X2_128);
-                const u32 s_lo = (u32)p[g] * 0x10001u, s_hi = (u32)p[g + 8] * 0x10001u;
+                const GroupParams gp = group_params(p, g);
 #pragma unroll
-                for (int kt = 0; kt < 4; ++kt) dequant_fragment<true>(word_of(wv, kt), z_lo, z_hi, s_lo, s_hi, a[u][tn][kt]);
+                for (int kt = 0; kt < 4; ++kt)
+                    dequant_fragment<true>(word_of(wv, kt), gp.z_lo, gp.z_hi, gp.s_lo, gp.s_hi, a[u][tn][kt]);
             }
         }
         wgmma_fence();
