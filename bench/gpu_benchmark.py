@@ -10,7 +10,8 @@ and memory do not depend on the values).  Modes:
   graph over weight copies that do not fit in L2; writes the fastest correct path per shape to
   ``--configs-out`` (the engine reads that JSON) after every linear.
 - ``mma``: the same timing for the tensor-core kernels of ``int4_mma`` (weights in the "mma" layout) over
-  their launch configs (``--mma-modes``: 0 and 1 the mma.sync kernels, 2 the Hopper wgmma kernel), against
+  their launch configs (``--mma-modes``: 0 and 1 the mma.sync kernels, 2 the Hopper wgmma kernel, 3 the batch <= 8 kernel
+  that folds the zero point out), against
   bf16 cuBLAS and the Triton kernels; writes the fastest per shape to ``--configs-out`` (the engine reads
   ``int4_mma_configs.json``).
 - ``smoke``: the orchestrator's path without Ray on small checkpoints (``--smoke-dir`` with ``fp`` and
@@ -410,9 +411,10 @@ def kernel_sweep(ms: list[int], out_dir: Path, configs_out: Path | None) -> list
     return rows
 
 
-def mma_candidates(m: int, modes: tuple[int, ...] = (0, 1, 2)) -> list[tuple[int, ...]]:
+def mma_candidates(m: int, modes: tuple[int, ...] = (0, 1, 2, 3)) -> list[tuple[int, ...]]:
     """(TN, WK, U, S, splits, MODE) for the tensor-core kernels at M (see ``int4_mma.config``); MODE 2
-    (wgmma) only where the GPU runs it, and only for M > 8 (one 8-row tile wastes the wgmma's width)."""
+    (wgmma) only where the GPU runs it, and only for M > 8 (one 8-row tile wastes the wgmma's width);
+    MODE 3 (zero point folded out) only for M <= 8."""
     grid = []
     if int4_mma.SPLIT_K in modes:
         grid += [(tn, wk, u, st, sp, int4_mma.SPLIT_K) for tn in (1, 2) for wk in (2, 4, 8)
@@ -421,6 +423,9 @@ def mma_candidates(m: int, modes: tuple[int, ...] = (0, 1, 2)) -> list[tuple[int
     if int4_mma.SHARED_X in modes and m >= 16:  # warps split N and share the activations through shared memory
         grid += [(tn, wk, 1, st, sp, int4_mma.SHARED_X) for tn in (1, 2, 4) for wk in (2, 4, 8) for st in (2, 3)
                  for sp in (1, 2, 4)]
+    if int4_mma.GEMV in modes and m <= int4_mma.GEMV_MAX_M:  # the zero-point-folding kernel, U groups per batch
+        grid += [(tn, wk, u, st, sp, int4_mma.GEMV) for tn in (1, 2, 4) for wk in (1, 2, 4, 8) for u in (1, 2)
+                 for st in (3, 4, 6) for sp in (1, 2, 4, 8)]
     if int4_mma.WGMMA in modes and m > 8 and int4_mma.wgmma_available(torch.device("cuda")):
         grid += [(tn, wk, u, st, sp, int4_mma.WGMMA) for tn in (1, 2, 4) for wk in (4, 8) for u in (1, 2)
                  for st in (3, 4, 5) for sp in (1, 2, 4, 8)]
@@ -434,7 +439,7 @@ def mma_candidates(m: int, modes: tuple[int, ...] = (0, 1, 2)) -> list[tuple[int
     return valid
 
 
-def mma_sweep(ms: list[int], out_dir: Path, configs_out: Path | None, modes: tuple[int, ...] = (0, 1, 2)
+def mma_sweep(ms: list[int], out_dir: Path, configs_out: Path | None, modes: tuple[int, ...] = (0, 1, 2, 3)
               ) -> list[dict]:
     """Per (linear, M): bf16 cuBLAS, the Triton kernels' tuned choice, and every tensor-core candidate,
     timed like :func:`kernel_sweep` (CUDA graphs, weights cold in L2, split-K sum included); the fastest
@@ -470,7 +475,8 @@ def mma_sweep(ms: list[int], out_dir: Path, configs_out: Path | None, modes: tup
                 if t < best[0]:
                     best = (t, cfg)
             row["mma_ms"], row["mma_config"] = best[0], json.dumps(best[1])
-            row["mma_kernel"] = "wgmma" if best[1] and best[1][5] == int4_mma.WGMMA else "mma.sync"
+            row["mma_kernel"] = {int4_mma.WGMMA: "wgmma", int4_mma.GEMV: "gemv"}.get(best[1][5] if best[1] else 0,
+                                                                                "mma.sync")
             row["mma_over_bf16"] = row["bf16_ms"] / best[0]
             row["mma_over_triton"] = row["triton_ms"] / best[0]
             row["weight_gb_s_mma"] = int4_bytes / (best[0] * 1e-3) / 1e9
@@ -730,8 +736,9 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--bandwidth", type=float, default=0.0, help="bytes/s; measured when 0")
     p.add_argument("--configs-out", type=Path, default=None)
-    p.add_argument("--mma-modes", default="0,1,2",
-                   help="mma sweep: kernels to try (0/1 mma.sync, 2 wgmma); empty: time the current configs only")
+    p.add_argument("--mma-modes", default="0,1,2,3",
+                   help="mma sweep: kernels to try (0/1 mma.sync, 2 wgmma, 3 zero-point-folding gemv); empty: time "
+                        "the current configs only")
     p.add_argument("--no-compile", action="store_true")
     p.add_argument("--breakdown", action="store_true", help="e2e: profile the decode step's kernels per batch")
     p.add_argument("--smoke-dir", type=Path, default=Path(".smoke"), help="fp/ and rtn/ checkpoints (smoke)")

@@ -145,13 +145,30 @@ def test_invalid_mma_config_is_a_clear_error() -> None:
         int4_mma.check_config(64, (1, 4, 2, 4, 1, 1))  # 4 stages x 2 chunks x 64 rows of activations
     with pytest.raises(ValueError, match="S >= 2"):
         int4_mma.check_config(1, (1, 4, 4, 1, 1, 0))
-    with pytest.raises(ValueError, match="MODE 0, 1 or 2"):
-        int4_mma.check_config(16, (1, 4, 1, 3, 1, 3))
+    with pytest.raises(ValueError, match="MODE 0, 1, 2 or 3"):
+        int4_mma.check_config(16, (1, 4, 1, 3, 1, 4))
     with pytest.raises(ValueError, match="WK = 4"):
         int4_mma.check_config(16, (1, 2, 1, 3, 1, int4_mma.WGMMA))
     with pytest.raises(ValueError, match="shared memory"):
         int4_mma.check_config(64, (4, 4, 2, 8, 1, int4_mma.WGMMA))
     int4_mma.check_config(64, (2, 4, 1, 4, 1, int4_mma.WGMMA))  # 55 KiB: dynamic shared memory
+
+
+def test_gemv_configs_are_checked_and_used_only_where_they_apply(monkeypatch) -> None:
+    with pytest.raises(ValueError, match="M <= 8"):
+        int4_mma.check_config(16, (2, 4, 1, 3, 1, int4_mma.GEMV))
+    with pytest.raises(ValueError, match="shared memory"):  # 8 warps x 3 stages x 2 tiles x 2 chunks
+        int4_mma.check_config(8, (2, 8, 1, 3, 1, int4_mma.GEMV))
+    int4_mma.check_config(8, (2, 8, 1, 3, 1, int4_mma.GEMV), group_chunks=1)
+    monkeypatch.setitem(int4_mma.TUNED, (8, 4096, 4096), (2, 4, 1, 3, 3, int4_mma.GEMV))
+    assert int4_mma.config(5, 4096, 4096, group_chunks=2) == (2, 4, 1, 3, 3, int4_mma.GEMV)
+    assert int4_mma.config(5, 4096, 4096, group_chunks=8)[5] != int4_mma.GEMV  # groups of 512: no instance
+    # splits hold whole groups: 64 chunks in 3 -> 22 rounded up to 24 chunks per split, still 3 splits;
+    # 19 chunks in 5 -> 4 per split, 5 splits; 64 in 7 -> 10 -> 12 per split, only 6 splits launched
+    assert int4_mma.chunk_splits(4096, (2, 4, 1, 2, 3, int4_mma.GEMV)) == (24, 3)
+    assert int4_mma.chunk_splits(1216, (2, 4, 1, 2, 5, int4_mma.GEMV)) == (4, 5)
+    assert int4_mma.chunk_splits(4096, (2, 4, 1, 2, 7, int4_mma.GEMV)) == (12, 6)
+    assert int4_mma.chunk_splits(4096, (2, 4, 1, 3, 7, int4_mma.SPLIT_K)) == (10, 7)
 
 
 def test_tuned_wgmma_configs_are_used_only_where_wgmma_runs(monkeypatch) -> None:
@@ -190,16 +207,16 @@ def test_mma_kernel_matches_reference(m: int, n: int, k: int, gs: int) -> None:
     w_bf16 = int4.dequantize(qweight, scales, zeros, k, torch.bfloat16)
     ref = x.double() @ w_bf16.double().t()
     parts = torch.ops.quantsweep.w4a16_mm_split(x, qweight, scales, zeros, k)
-    fake_splits = int4_mma.output_splits(m, n, k, x.device)
+    fake_splits = int4_mma.output_splits(m, n, k, x.device, gs)
     assert parts.shape == (fake_splits, m, n)
     out = int4.reduce_splits(parts, torch.float32)
     assert torch.isfinite(out).all()
     assert ((out.double() - ref).norm() / ref.norm()).item() < 5e-3
 
 
-def _check_config_on_ragged_shape(cfg: tuple, m: int) -> None:
+def _check_config_on_ragged_shape(cfg: tuple, m: int, k: int = 1216, gs: int = 64) -> None:
     """One launch config on 13 tiles x 19 chunks (ragged tile groups, splits and batches) vs the reference."""
-    n, k, gs = 208, 1216, 64
+    n = 208
     q, scales, zeros = _random_layer(n, k, gs, "cuda")
     qweight = int4_mma.pack_mma(q)
     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
@@ -230,6 +247,37 @@ def test_wgmma_kernel_configs_match_reference(cfg: tuple, m: int) -> None:
     covers rows past N; 19 chunks: ragged splits and batches) and M that leave rows of the last 8-row tile
     empty."""
     _check_config_on_ragged_shape(cfg, m)
+
+
+@gpu
+@needs_mma
+@pytest.mark.parametrize("cfg", [(1, 1, 1, 3, 1, 3), (2, 2, 1, 3, 3, 3), (4, 1, 1, 4, 2, 3), (3, 2, 1, 3, 1, 3),
+                                 (1, 2, 2, 5, 8, 3), (2, 1, 2, 5, 5, 3), (1, 4, 1, 4, 2, 3), (1, 8, 1, 3, 2, 3),
+                                 (2, 4, 2, 3, 3, 3)])
+@pytest.mark.parametrize("m", [1, 2, 5, 8])
+@pytest.mark.parametrize("k,gs", [(1216, 64), (1280, 128), (1280, 256)])
+def test_gemv_kernel_configs_match_reference(cfg: tuple, m: int, k: int, gs: int) -> None:
+    """The zero-point-folding kernel over its knobs and the three group sizes it compiles for, on ragged
+    shapes: 13 tiles (TN 2, 3, 4 leave a partial last block), 19 or 20 chunks (ragged splits; more warps
+    than some splits have batches, and a last batch with fewer groups than U)."""
+    if int4_mma.smem_bytes(m, cfg, gs // 64) > int4_mma.SMEM_LIMIT:
+        pytest.skip(f"{cfg} does not fit in shared memory with groups of {gs}")
+    _check_config_on_ragged_shape(cfg, m, k, gs)
+
+
+@gpu
+@needs_mma
+def test_gemv_zero_point_folding_keeps_precision_with_outlier_activations() -> None:
+    """(128 + q) x summed and (128 + z) sum x subtracted: the cancellation must stay far below bf16's
+    resolution even when a few activations are ~100x the rest (as in LLM hidden states)."""
+    n, k, gs = 4096, 4096, 128
+    q, scales, zeros = _random_layer(n, k, gs, "cuda")
+    qweight = int4_mma.pack_mma(q)
+    x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
+    x[0, ::509] = 300.0
+    ref = x.double() @ int4.dequantize(qweight, scales, zeros, k, torch.float64).t()  # exact (q - z) s
+    out = int4.reduce_splits(int4_mma.mma_split(x, qweight, scales, zeros, (2, 4, 1, 3, 2, 3)), torch.float32)
+    assert ((out.double() - ref).norm() / ref.norm()).item() < 1e-4  # fp32 partials (2 splits)
 
 
 @gpu

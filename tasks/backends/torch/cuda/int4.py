@@ -521,7 +521,8 @@ def _(x, qweight, scales, zeros, in_features):
     if x.device.type != "cuda":
         return x.new_empty(1, m, n)
     if mma:
-        splits = int4_mma.output_splits(m, n, in_features, x.device) if x.dtype == torch.bfloat16 else 1
+        splits = (int4_mma.output_splits(m, n, in_features, x.device, in_features // scales.shape[0])
+                  if x.dtype == torch.bfloat16 else 1)
     else:
         splits = output_splits(m, n, in_features, in_features // scales.shape[0])
     return x.new_empty(splits, m, n, dtype=torch.float32 if splits > 1 else x.dtype)

@@ -134,7 +134,11 @@ def _load_tuned() -> dict[tuple[int, int, int], tuple[int, ...]]:
 TUNED = _load_tuned()
 SMEM_LIMIT = 48 * 1024  # static shared memory per block (mma.sync kernels)
 WGMMA_SMEM_LIMIT = 227 * 1024  # dynamic shared memory per block on an H100/H200
-SPLIT_K, SHARED_X, WGMMA = 0, 1, 2  # MODE: warps split K / warps split N sharing x in smem / Hopper wgmma
+SPLIT_K, SHARED_X, WGMMA, GEMV = 0, 1, 2, 3  # MODE: mma.sync, warps split K / split N sharing x in smem;
+# Hopper wgmma; batch <= 8 with the zero point folded out (U = groups per batch)
+GEMV_MAX_M = 8  # one 8-row activation tile
+GEMV_GROUP_CHUNKS = (1, 2, 4)  # quantization groups of 64, 128 or 256 (compile-time group flush)
+GEMV_SPLIT_ALIGN = 4  # GEMV splits start on multiples of 4 chunks: whole groups for every GEMV_GROUP_CHUNKS
 
 
 def m_bucket(m: int) -> int:
@@ -152,16 +156,20 @@ def m_tiles(m: int) -> int:
     return max(1, min(8, math.ceil(m / 8)))
 
 
-def config(m: int, n: int, k: int, wgmma: bool = False) -> tuple[int, int, int, int, int, int]:
+def config(m: int, n: int, k: int, wgmma: bool = False, group_chunks: int = 2
+           ) -> tuple[int, int, int, int, int, int]:
     """(TN, WK, U, S, splits, MODE) for this shape: 16-row tiles per warp, warps per block, 64-deep chunks
     per pipeline batch, pipeline stages, split-K slices, and the kernel: the mma.sync kernel whose warps
     split K and each read the activations from L2 (SPLIT_K) or split N and share them through shared
-    memory (SHARED_X), or the Hopper wgmma kernel (WGMMA, WK / 4 warpgroups per block; only where ``wgmma``).
+    memory (SHARED_X), the Hopper wgmma kernel (WGMMA, WK / 4 warpgroups per block; only where ``wgmma``),
+    or, for M <= 8, the zero-point-folding kernel (GEMV: U quantization groups per batch, S unused; only
+    for groups of ``group_chunks`` in GEMV_GROUP_CHUNKS 64-deep chunks).
     Tuned entries win; the heuristic aims at a few blocks per SM, each warp with loads in flight."""
     bucket = m_bucket(m)
     while bucket <= MAX_M and m_tiles(bucket) == m_tiles(m):  # a larger M of the same kernel instance
         cfg = TUNED.get((bucket, n, k))
-        if cfg is not None and (wgmma or cfg[5] != WGMMA):
+        if (cfg is not None and (wgmma or cfg[5] != WGMMA)
+                and (cfg[5] != GEMV or (m <= GEMV_MAX_M and group_chunks in GEMV_GROUP_CHUNKS))):
             return cfg
         bucket *= 2
     n_chunks = k // CHUNK
@@ -180,9 +188,11 @@ def _wgmma_k_step_bytes(mt: int) -> int:
     return ((mt * 288 - 32 + 127) // 128) * 128 + 32
 
 
-def smem_bytes(m: int, cfg: tuple[int, ...]) -> int:
+def smem_bytes(m: int, cfg: tuple[int, ...], group_chunks: int = 2) -> int:
     """Shared memory of a config: the weight/scale ring (+ activations), or the final reduction if larger."""
     tn, wk, u, stages, _, mode = cfg
+    if mode == GEMV:  # U groups of weights, scales and zero points per stage; activations in registers
+        return max(wk * stages * u * tn * (group_chunks * 32 * 16 + 16 * 4), (wk - 1) * tn * 128 * 4)
     ring = wk * stages * u * tn * (32 * 16 + 16 * 4)
     if mode == WGMMA:
         return ring + stages * u * 4 * _wgmma_k_step_bytes(m_tiles(m))
@@ -190,23 +200,34 @@ def smem_bytes(m: int, cfg: tuple[int, ...]) -> int:
     return max(ring, 0 if mode == SHARED_X else (wk - 1) * tn * m_tiles(m) * 128 * 4)
 
 
-def check_config(m: int, cfg: tuple[int, ...]) -> None:
+def check_config(m: int, cfg: tuple[int, ...], group_chunks: int = 2) -> None:
     """A config's limits, as a clear error before any launch."""
-    if len(cfg) != 6 or min(cfg[:5]) < 1 or cfg[3] < 2 or cfg[5] not in (SPLIT_K, SHARED_X, WGMMA):
+    if len(cfg) != 6 or min(cfg[:5]) < 1 or cfg[3] < 2 or cfg[5] not in (SPLIT_K, SHARED_X, WGMMA, GEMV):
         raise ValueError(f"int4 mma config {cfg} must be (TN, WK, U, S, splits, MODE), all >= 1, S >= 2, "
-                         f"MODE {SPLIT_K}, {SHARED_X} or {WGMMA}")
+                         f"MODE {SPLIT_K}, {SHARED_X}, {WGMMA} or {GEMV}")
+    if cfg[5] == GEMV and (m > GEMV_MAX_M or cfg[3] < 3):
+        raise ValueError(f"int4 gemv config {cfg} serves M <= {GEMV_MAX_M} (got M={m}) and needs S >= 3")
     if cfg[5] == WGMMA and (cfg[1] not in (4, 8) or cfg[3] < 3):
         raise ValueError(f"int4 wgmma config {cfg} needs WK = 4 or 8 (one or two warpgroups) and S >= 3")
     limit = WGMMA_SMEM_LIMIT if cfg[5] == WGMMA else SMEM_LIMIT
-    if smem_bytes(m, cfg) > limit:
-        raise ValueError(f"int4 mma config {cfg} needs {smem_bytes(m, cfg)} B of shared memory at M={m} "
-                         f"(limit {limit} B)")
+    if smem_bytes(m, cfg, group_chunks) > limit:
+        raise ValueError(f"int4 mma config {cfg} needs {smem_bytes(m, cfg, group_chunks)} B of shared memory "
+                         f"at M={m} (limit {limit} B)")
 
 
-def output_splits(m: int, n: int, k: int, device: torch.device) -> int:
+def chunk_splits(k: int, cfg: tuple[int, ...]) -> tuple[int, int]:
+    """(64-deep chunks per split, splits launched) of a config; GEMV splits hold whole groups."""
+    per, splits = split_k(k // CHUNK, cfg[4])
+    if cfg[5] == GEMV:
+        per = -(-per // GEMV_SPLIT_ALIGN) * GEMV_SPLIT_ALIGN
+        splits = -(-(k // CHUNK) // per)
+    return per, splits
+
+
+def output_splits(m: int, n: int, k: int, device: torch.device, group_size: int) -> int:
     if m > MAX_M:
         return 1
-    return split_k(k // CHUNK, config(m, n, k, wgmma_available(device))[4])[1]
+    return chunk_splits(k, config(m, n, k, wgmma_available(device), group_size // CHUNK))[1]
 
 
 def mma_split(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
@@ -214,13 +235,20 @@ def mma_split(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zero
     """x [M, K] bf16 (M <= 64) -> split-K partials [S, M, N] (fp32 when S > 1, bf16 when S == 1)."""
     m, k = x.shape
     n = qweight.shape[0] * TILE
-    cfg = tuple(cfg or config(m, n, k, wgmma_available(x.device)))
-    check_config(m, cfg)
-    tn, wk, u, stages, splits, mode = cfg
-    per, splits = split_k(k // CHUNK, splits)
+    group_chunks = k // scales.shape[0] // CHUNK
+    cfg = tuple(cfg or config(m, n, k, wgmma_available(x.device), group_chunks))
+    check_config(m, cfg, group_chunks)
+    tn, wk, u, stages, _, mode = cfg
+    if mode == GEMV and group_chunks not in GEMV_GROUP_CHUNKS:
+        raise ValueError(f"int4 gemv config {cfg} needs groups of {[c * CHUNK for c in GEMV_GROUP_CHUNKS]} "
+                         f"weights, got {group_chunks * CHUNK}")
+    per, splits = chunk_splits(k, cfg)
     out = torch.empty(splits, m, n, dtype=torch.float32 if splits > 1 else torch.bfloat16, device=x.device)
-    args = [x, qweight, scales, zeros, out, m, n, k, (k // scales.shape[0] // CHUNK).bit_length() - 1, per,
-            int(splits > 1)]
+    args = [x, qweight, scales, zeros, out, m, n, k, group_chunks.bit_length() - 1, per, int(splits > 1)]
+    if mode == GEMV:
+        _kernel(f"w4a16_gemv<{tn}, {u}, {wk}, {stages}, {group_chunks}>")(
+            grid=(math.ceil(n / TILE / tn), splits, 1), block=(32 * wk, 1, 1), args=args)
+        return out
     if mode == WGMMA:
         smem = smem_bytes(m, cfg)
         _wgmma_kernel(m_tiles(m), tn, u, stages, wk // 4, smem)(

@@ -51,6 +51,13 @@ __device__ __forceinline__ void mma16816(float (&c)[4], u32 a0, u32 a1, u32 a2, 
         : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
 }
 
+__device__ __forceinline__ void mma16816_zero(float (&c)[4], u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32 b1) {
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%10, %10, %10, %10};"
+        : "=f"(c[0]), "=f"(c[1]), "=f"(c[2]), "=f"(c[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1), "f"(0.f));
+}
+
 __device__ __forceinline__ float bf16_to_float(u16 h) {
     float f;
     asm("mov.b32 %0, %1;" : "=f"(f) : "r"(((u32)h) << 16));
@@ -321,6 +328,197 @@ __global__ void __launch_bounds__(32 * WK) w4a16_mma(
     for (int tn = 0; tn < TN; ++tn) {
         if (nt0 + tn >= n_tiles) break;
         store_tile<MT>(acc[tn], out, split, M, N, nt0 + tn, g, t, out_fp32);
+    }
+}
+
+// Batch 1..8 (decode at small batch): the same fragments and MMA, with the zero point folded out of the
+// weights so that de-quantization is one shift and one LOP3 per pair of weights.
+// The MMA multiplies the raw 128 + q (what the LOP3 makes) and a second MMA with all-ones weights sums the
+// activations, so per group and row  sum (q - z) x = sum (128 + q) x - (128 + z) sum x,  and the scale
+// and zero point are applied once per group to the fp32 sums:  acc += s * (part - (128 + z) * xsum).
+// That drops w4a16_mma's bf16 subtraction per pair (a third of the de-quantization) and its per-chunk
+// scale set-up; the ones-MMA costs 4 MMAs per chunk per warp, shared by the warp's TN tiles.  (Both sums
+// are exact products accumulated in fp32; the subtraction loses a few fp32 ulps of the 128 x sum |x|
+// term, far below bf16's resolution of the result.)
+// Weights, scales and zero points stream through a private S-stage cp.async ring per warp, as in
+// w4a16_mma; the activations are loaded into registers one batch ahead.  A batch is U quantization
+// groups of CPG 64-deep chunks (CPG a template parameter, so the group flush is placed at compile time).
+// Activation rows past M read row M - 1: their products land in output columns that are never stored.
+// Warps of a block split the split's groups batch by batch and add up through shared memory at the end.
+template <int B>
+struct GemvX { U4 v[B][2]; };  // one batch of activations: chunk, 16-byte half of the lane's 16 k
+
+template <int TN, int U, int WK, int S, int CPG>
+__global__ void __launch_bounds__(32 * WK) w4a16_gemv(
+        const u16* __restrict__ x, const U4* __restrict__ qw, const u16* __restrict__ scales,
+        const u16* __restrict__ zeros, void* __restrict__ out, int M, int N, int K, int group_shift,
+        int chunks_per_split, int out_fp32) {
+    constexpr int B = U * CPG;                 // chunks per batch
+    constexpr int W_STAGE = B * TN * 32;       // U4 per stage per warp
+    constexpr int P_STAGE = U * TN * 16;       // u32 per stage per warp: 16 scales, then 16 zero points
+    constexpr int RING = WK * S * (W_STAGE * 16 + P_STAGE * 4);
+    constexpr int PER_WARP = TN * 4 * 32;      // accumulators per warp, for the final reduction
+    constexpr int RED = (WK - 1) * PER_WARP * 4;
+    __shared__ __align__(16) unsigned char smem[RING > RED ? RING : RED];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int g = lane >> 2, t = lane & 3;
+    const int n_chunks = K >> 6, n_tiles = N >> 4;
+    const int nt0 = blockIdx.x * TN;
+    const int g_begin = blockIdx.y * (chunks_per_split / CPG);
+    const int g_end = imin(g_begin + chunks_per_split / CPG, n_chunks / CPG);
+    const int batches = (g_end - g_begin + U - 1) / U;  // of the whole block
+    const int n_batches = batches > warp ? (batches - warp + WK - 1) / WK : 0;
+    const int first = g_begin + warp * U;  // this warp's first group; then every WK * U groups
+
+    const U4* wsrc[TN];
+    const u16* psrc[TN];
+#pragma unroll
+    for (int tn = 0; tn < TN; ++tn) {
+        const int tile = imin(nt0 + tn, n_tiles - 1);  // tiles past N: computed, never stored
+        wsrc[tn] = qw + ((u64)tile * n_chunks + (u64)first * CPG) * 32 + lane;
+        psrc[tn] = (lane < 8 ? scales : zeros) + (u64)first * N + tile * 16 + 2 * (lane & 7);  // lanes 0-15
+    }
+    const u16* xsrc = x + (u64)imin(g, M - 1) * K + (u64)first * CPG * 64 + 16 * t;
+    const u64 w_step = (u64)WK * B * 32, p_step = (u64)WK * U * N, x_step = (u64)WK * B * 64;
+    U4* ring_w = reinterpret_cast<U4*>(smem) + warp * S * W_STAGE;
+    u32* ring_p = reinterpret_cast<u32*>(smem + WK * S * W_STAGE * 16) + warp * S * P_STAGE;
+    const u32 wdst = smem_addr(ring_w + lane), pdst = smem_addr(ring_p + (lane & 15));
+
+    auto issue = [&](int batch, int stage) {  // always commits a group (empty past the end): waits count right
+        if (batch < n_batches) {
+            const int g0 = first + batch * WK * U;
+#pragma unroll
+            for (int u = 0; u < U; ++u) {
+                if (g0 + u < g_end) {
+#pragma unroll
+                    for (int tn = 0; tn < TN; ++tn) {
+#pragma unroll
+                        for (int cc = 0; cc < CPG; ++cc) {
+                            const int c = u * CPG + cc;
+                            cp_async16(wdst + (stage * W_STAGE + (c * TN + tn) * 32) * 16, wsrc[tn] + c * 32);
+                        }
+                        if (lane < 16) cp_async4(pdst + (stage * P_STAGE + (u * TN + tn) * 16) * 4, psrc[tn] + u * N);
+                    }
+                }
+            }
+#pragma unroll
+            for (int tn = 0; tn < TN; ++tn) {
+                wsrc[tn] += w_step;
+                psrc[tn] += p_step;
+            }
+        }
+        cp_async_commit();
+    };
+    auto load_x = [&](GemvX<B>& xb, int batch) {
+        if (batch >= n_batches) return;
+        const int g0 = first + batch * WK * U;
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+            if (g0 + u < g_end) {
+#pragma unroll
+                for (int cc = 0; cc < CPG; ++cc) {
+                    const U4* src = reinterpret_cast<const U4*>(xsrc + (u * CPG + cc) * 64);
+                    xb.v[u * CPG + cc][0] = load_cached(src);
+                    xb.v[u * CPG + cc][1] = load_cached(src + 1);
+                }
+            }
+        }
+        xsrc += x_step;
+    };
+
+    float acc[TN][1][4];
+#pragma unroll
+    for (int tn = 0; tn < TN; ++tn)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) acc[tn][0][i] = 0.f;
+
+    auto compute = [&](const GemvX<B>& xb, int batch, int stage) {
+        const int g0 = first + batch * WK * U;
+        const U4* wv = ring_w + stage * W_STAGE + lane;
+        const u16* pv = reinterpret_cast<const u16*>(ring_p + stage * P_STAGE);
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+            if (g0 + u >= g_end) break;
+            float part[TN][4], xs[4];
+#pragma unroll
+            for (int cc = 0; cc < CPG; ++cc) {
+                const int c = u * CPG + cc;
+                U4 w[TN];
+#pragma unroll
+                for (int tn = 0; tn < TN; ++tn) w[tn] = wv[(c * TN + tn) * 32];
+#pragma unroll
+                for (int kt = 0; kt < 4; ++kt) {
+                    const U4& xq = xb.v[c][kt >> 1];
+                    const u32 b0 = (kt & 1) ? xq.z : xq.x, b1 = (kt & 1) ? xq.w : xq.y;
+                    if (cc == 0 && kt == 0) mma16816_zero(xs, BF16X2_ONE, BF16X2_ONE, BF16X2_ONE, BF16X2_ONE, b0, b1);
+                    else mma16816(xs, BF16X2_ONE, BF16X2_ONE, BF16X2_ONE, BF16X2_ONE, b0, b1);
+#pragma unroll
+                    for (int tn = 0; tn < TN; ++tn) {
+                        const u32 word = word_of(w[tn], kt);
+                        u32 a[4];
+#pragma unroll
+                        for (int i = 0; i < 4; ++i) a[i] = and_or(word >> (4 * i), 0x000F000Fu, BF16X2_128);
+                        if (cc == 0 && kt == 0) mma16816_zero(part[tn], a[0], a[1], a[2], a[3], b0, b1);
+                        else mma16816(part[tn], a[0], a[1], a[2], a[3], b0, b1);
+                    }
+                }
+            }
+#pragma unroll
+            for (int tn = 0; tn < TN; ++tn) {  // acc += s * (part - (128 + z) * xsum), rows g and g + 8
+                const u16* p = pv + (u * TN + tn) * 32;
+#pragma unroll
+                for (int h = 0; h < 2; ++h) {
+                    const float s = bf16_to_float(p[g + 8 * h]);
+                    const float nz = __fmaf_rn(bf16_to_float(p[16 + g + 8 * h]), -1.f, -128.f);
+#pragma unroll
+                    for (int j = 0; j < 2; ++j) {
+                        const int i = 2 * h + j;
+                        acc[tn][0][i] = __fmaf_rn(s, __fmaf_rn(nz, xs[i], part[tn][i]), acc[tn][0][i]);
+                    }
+                }
+            }
+        }
+    };
+
+#pragma unroll
+    for (int b = 0; b < S - 1; ++b) issue(b, b);
+    GemvX<B> x0, x1;  // activations double-buffered in registers
+    load_x(x0, 0);
+    int stage = 0, next_stage = S - 1;
+    auto step = [&](int b, const GemvX<B>& cur, GemvX<B>& nxt) {
+        cp_async_wait<S - 2>();  // batch b has landed (this thread's copies) ...
+        __syncwarp();            // ... and the whole warp's (scales cross lanes); batch b - 1 is read
+        issue(b + S - 1, next_stage);
+        load_x(nxt, b + 1);
+        compute(cur, b, stage);
+        stage = stage + 1 == S ? 0 : stage + 1;
+        next_stage = next_stage + 1 == S ? 0 : next_stage + 1;
+    };
+    for (int b = 0; b < n_batches; b += 2) {
+        step(b, x0, x1);
+        if (b + 1 >= n_batches) break;
+        step(b + 1, x1, x0);
+    }
+    cp_async_wait<0>();
+
+    if (WK > 1) {  // warps 1.. hand their sums to warp 0 through shared memory (reusing the ring)
+        float* red = reinterpret_cast<float*>(smem);
+        float* mine = &acc[0][0][0];
+        __syncthreads();
+        if (warp > 0) {
+#pragma unroll
+            for (int j = 0; j < PER_WARP / 32; ++j) red[((warp - 1) * PER_WARP / 32 + j) * 32 + lane] = mine[j];
+        }
+        __syncthreads();
+        if (warp > 0) return;
+        for (int w2 = 0; w2 < WK - 1; ++w2)
+#pragma unroll
+            for (int j = 0; j < PER_WARP / 32; ++j) mine[j] += red[(w2 * PER_WARP / 32 + j) * 32 + lane];
+    }
+#pragma unroll
+    for (int tn = 0; tn < TN; ++tn) {
+        if (nt0 + tn >= n_tiles) break;
+        store_tile<1>(acc[tn], out, blockIdx.y, M, N, nt0 + tn, g, t, out_fp32);
     }
 }
 
