@@ -424,8 +424,10 @@ def mma_candidates(m: int, modes: tuple[int, ...] = (0, 1, 2, 3)) -> list[tuple[
         grid += [(tn, wk, 1, st, sp, int4_mma.SHARED_X) for tn in (1, 2, 4) for wk in (2, 4, 8) for st in (2, 3)
                  for sp in (1, 2, 4)]
     if int4_mma.GEMV in modes and m <= int4_mma.GEMV_MAX_M:  # the zero-point-folding kernel, U groups per batch
-        grid += [(tn, wk, u, st, sp, int4_mma.GEMV) for tn in (1, 2, 4) for wk in (1, 2, 4, 8) for u in (1, 2)
-                 for st in (3, 4, 6) for sp in (1, 2, 4, 8)]
+        # every split count up to 12 and TN 3: a grid that is a whole number of waves on the GPU's SMs
+        # matters more here than the per-warp details (each SM's last wave otherwise runs part-empty)
+        grid += [(tn, wk, u, st, sp, int4_mma.GEMV) for tn in (1, 2, 3, 4) for wk in (1, 2, 4, 8) for u in (1, 2)
+                 for st in (3, 4) for sp in (1, 2, 3, 4, 5, 6, 7, 8, 10, 11, 12, 16)]
     if int4_mma.WGMMA in modes and m > 8 and int4_mma.wgmma_available(torch.device("cuda")):
         grid += [(tn, wk, u, st, sp, int4_mma.WGMMA) for tn in (1, 2, 4) for wk in (4, 8) for u in (1, 2)
                  for st in (3, 4, 5) for sp in (1, 2, 4, 8)]
@@ -442,7 +444,8 @@ def mma_candidates(m: int, modes: tuple[int, ...] = (0, 1, 2, 3)) -> list[tuple[
 def mma_sweep(ms: list[int], out_dir: Path, configs_out: Path | None, modes: tuple[int, ...] = (0, 1, 2, 3)
               ) -> list[dict]:
     """Per (linear, M): bf16 cuBLAS, the Triton kernels' tuned choice, and every tensor-core candidate,
-    timed like :func:`kernel_sweep` (CUDA graphs, weights cold in L2, split-K sum included); the fastest
+    timed like :func:`kernel_sweep` (CUDA graphs, weights cold in L2) but without the split-K sum, which the
+    engine's compiled decode step folds into the product's consumer (triton_ms keeps its sum); the fastest
     correct candidate per shape goes to ``configs_out`` (the engine reads ``int4_mma_configs.json``).
     ``modes`` limits the kernels swept; the shape's current config is always a candidate, so a partial
     sweep only replaces it with something faster."""
@@ -465,11 +468,13 @@ def mma_sweep(ms: list[int], out_dir: Path, configs_out: Path | None, modes: tup
             best = (float("inf"), None)
             current = int4_mma.config(m, n, k, int4_mma.wgmma_available(x.device))
             for cfg in dict.fromkeys([current] + mma_candidates(m, modes)):
-                def op(i: int, cfg=cfg) -> torch.Tensor:
-                    parts = int4_mma.mma_split(x, packed[i], weights[i][2], weights[i][3], cfg)
-                    return parts.sum(0) if parts.shape[0] > 1 else parts[0]
+                def op(i: int, cfg=cfg) -> torch.Tensor:  # the split-K partials, as the engine's decode step
+                    return int4_mma.mma_split(x, packed[i], weights[i][2], weights[i][3], cfg)  # gets them
 
-                if not _candidate_is_correct(cfg, lambda: op(0), ref):
+                # timed without the sum over splits: the engine fuses it into the consumer of the product
+                # (a norm, residual add or SiLU that runs anyway), so a separate sum kernel here would
+                # penalise every split count but 1 by a launch the engine never pays
+                if not _candidate_is_correct(cfg, lambda: int4.reduce_splits(op(0), torch.float32), ref):
                     continue
                 t = _bench_graph(op, copies_q)
                 if t < best[0]:
