@@ -140,12 +140,12 @@ _PROGRAMMATIC_STREAM_SERIALIZATION = 6  # CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREA
 
 
 def pdl_enabled(device: torch.device) -> bool:
-    """Whether the batch <= 8 kernels (int4 and bf16) are launched as programmatic dependent launches: Hopper
-    and newer (PTX griddepcontrol), unless QUANTSWEEP_PDL=0."""
+    """Whether the batch <= 8 kernel is launched as a programmatic dependent launch: Hopper and newer (PTX
+    griddepcontrol), unless QUANTSWEEP_PDL=0."""
     return os.environ.get("QUANTSWEEP_PDL", "1") != "0" and torch.cuda.get_device_capability(device) >= (9, 0)
 
 
-def launch_dependent(kernel, grid: tuple[int, int, int], block: tuple[int, int, int], args: list) -> None:
+def _launch_dependent(kernel, grid: tuple[int, int, int], block: tuple[int, int, int], args: list) -> None:
     """``kernel(grid, block, args)`` through cuLaunchKernelEx with programmatic stream serialization: the
     kernel may start before the previous kernel on the stream has finished and waits for it in-kernel
     (``griddepcontrol.wait``), so its prologue overlaps that kernel's tail.  CUDA graphs capture it as a
@@ -287,7 +287,7 @@ def mma_split(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zero
         kernel = _kernel(f"w4a16_gemv<{tn}, {u}, {wk}, {stages}, {group_chunks}>")
         grid, block = (math.ceil(n / TILE / tn), splits, 1), (32 * wk, 1, 1)
         if pdl_enabled(x.device):
-            launch_dependent(kernel, grid, block, args)
+            _launch_dependent(kernel, grid, block, args)
         else:
             kernel(grid=grid, block=block, args=args)
         return out
