@@ -444,8 +444,7 @@ def mma_candidates(m: int, modes: tuple[int, ...] = (0, 1, 2, 3)) -> list[tuple[
 def mma_sweep(ms: list[int], out_dir: Path, configs_out: Path | None, modes: tuple[int, ...] = (0, 1, 2, 3)
               ) -> list[dict]:
     """Per (linear, M): bf16 cuBLAS, the Triton kernels' tuned choice, and every tensor-core candidate,
-    timed like :func:`kernel_sweep` (CUDA graphs, weights cold in L2) but without the split-K sum, which the
-    engine's compiled decode step folds into the product's consumer (triton_ms keeps its sum); the fastest
+    timed like :func:`kernel_sweep` (CUDA graphs, weights cold in L2, split-K sum included); the fastest
     correct candidate per shape goes to ``configs_out`` (the engine reads ``int4_mma_configs.json``).
     ``modes`` limits the kernels swept; the shape's current config is always a candidate, so a partial
     sweep only replaces it with something faster."""
@@ -468,13 +467,15 @@ def mma_sweep(ms: list[int], out_dir: Path, configs_out: Path | None, modes: tup
             best = (float("inf"), None)
             current = int4_mma.config(m, n, k, int4_mma.wgmma_available(x.device))
             for cfg in dict.fromkeys([current] + mma_candidates(m, modes)):
-                def op(i: int, cfg=cfg) -> torch.Tensor:  # the split-K partials, as the engine's decode step
-                    return int4_mma.mma_split(x, packed[i], weights[i][2], weights[i][3], cfg)  # gets them
+                def op(i: int, cfg=cfg) -> torch.Tensor:
+                    parts = int4_mma.mma_split(x, packed[i], weights[i][2], weights[i][3], cfg)
+                    return parts.sum(0) if parts.shape[0] > 1 else parts[0]
 
-                # timed without the sum over splits: the engine fuses it into the consumer of the product
-                # (a norm, residual add or SiLU that runs anyway), so a separate sum kernel here would
-                # penalise every split count but 1 by a launch the engine never pays
-                if not _candidate_is_correct(cfg, lambda: int4.reduce_splits(op(0), torch.float32), ref):
+                # The sum over splits is timed as a kernel of its own.  The engine fuses it into the consumer
+                # (a norm, the rope, SiLU), but at batch 1 that consumer is a small kernel that pays for
+                # reading every split: timed without the sum, the sweep picked 16 splits and the decode
+                # step got no faster (H200, 2026-12-01).
+                if not _candidate_is_correct(cfg, lambda: op(0), ref):
                     continue
                 t = _bench_graph(op, copies_q)
                 if t < best[0]:

@@ -282,41 +282,6 @@ def test_gemv_zero_point_folding_keeps_precision_with_outlier_activations() -> N
 
 @gpu
 @needs_mma
-@pytest.mark.parametrize("graph", [False, True])
-def test_gemv_dependent_launch_waits_for_the_kernel_that_writes_x(graph: bool) -> None:
-    """With programmatic dependent launch the kernel starts before the previous one ends and must read x
-    only after it: here the previous kernel is a slow reduction that writes x, over an x of zeros."""
-    if not int4_mma.pdl_enabled(torch.device("cuda")):
-        pytest.skip("programmatic dependent launch needs compute capability 9.0+")
-    n, k, gs = 4096, 4096, 128
-    q, scales, zeros = _random_layer(n, k, gs, "cuda")
-    qweight = int4_mma.pack_mma(q)
-    src = torch.randn(k, 2048, device="cuda", dtype=torch.bfloat16)
-    x = torch.zeros(1, k, device="cuda", dtype=torch.bfloat16)
-    ref = src.sum(1).double() @ int4.dequantize(qweight, scales, zeros, k, torch.float64).t()
-
-    def step() -> torch.Tensor:
-        torch.sum(src, dim=1, out=x[0])  # ~40 MB read: tens of microseconds
-        return int4.reduce_splits(int4_mma.mma_split(x, qweight, scales, zeros, (2, 4, 1, 3, 1, 3)),
-                                  torch.float32)
-
-    if graph:
-        step()
-        torch.cuda.synchronize()
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
-            out = step()
-        for _ in range(3):
-            x.zero_()
-            g.replay()
-    else:
-        out = step()
-    torch.cuda.synchronize()
-    assert ((out.double() - ref).norm() / ref.norm()).item() < 5e-3
-
-
-@gpu
-@needs_mma
 def test_mma_dequantize_is_the_reference_bit_for_bit() -> None:
     n, k, gs = 1536, 576, 64
     q, scales, zeros = _random_layer(n, k, gs, "cuda")

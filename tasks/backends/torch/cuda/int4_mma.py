@@ -8,7 +8,10 @@ weights to ``mma.m16n8k16`` as the A operand with the activations as B ("swap AB
 tensor-core lanes, not bandwidth, and batches up to 64 reuse each de-quantized fragment for up to 8 MMAs.
 On Hopper a third kernel hands the same de-quantized fragments to ``wgmma.m64nNk16`` (four warps' tiles as
 one 64-row A operand from registers, the activations as B from shared memory), which beats cuBLAS bf16 at
-M = 64 where the mma.sync kernels trail it.  The layout and the kernels are described in ``w4a16_mma.cu``;
+M = 64 where the mma.sync kernels trail it.  For batch <= 8 a fourth kernel (GEMV mode) folds the zero
+point out of the weights (the MMA multiplies 128 + q; an all-ones MMA sums the activations; scale and zero
+point are applied once per group in fp32), halving the instructions per weight byte; the H200 sweep picks
+it for every M = 1 linear (7-12% faster per layer).  The layout and the kernels are described in ``w4a16_mma.cu``;
 which kernel and launch config a shape gets is :func:`config`'s answer.
 
 The kernels are compiled at first use by NVRTC through ``torch.cuda._compile_kernel`` (torch's own
@@ -18,11 +21,9 @@ The packing functions are plain torch and run on CPU, where the tests check them
 """
 from __future__ import annotations
 
-import ctypes
 import functools
 import json
 import math
-import os
 from pathlib import Path
 
 import torch
@@ -124,42 +125,6 @@ def available(device: torch.device) -> tuple[bool, str]:
     except Exception as err:  # noqa: BLE001 - any NVRTC/driver failure means: use the Triton kernels
         return False, f"NVRTC compilation failed: {err}"
     return True, ""
-
-
-class _LaunchAttribute(ctypes.Structure):  # CUlaunchAttribute (cuda.h): id, padding, a 64-byte value union
-    _fields_ = [("id", ctypes.c_int), ("pad", ctypes.c_char * 4), ("value", ctypes.c_int * 16)]
-
-
-class _LaunchConfig(ctypes.Structure):  # CUlaunchConfig (cuda.h)
-    _fields_ = [("grid", ctypes.c_uint * 3), ("block", ctypes.c_uint * 3), ("shared_mem", ctypes.c_uint),
-                ("stream", ctypes.c_void_p), ("attrs", ctypes.POINTER(_LaunchAttribute)),
-                ("num_attrs", ctypes.c_uint)]
-
-
-_PROGRAMMATIC_STREAM_SERIALIZATION = 6  # CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION
-
-
-def pdl_enabled(device: torch.device) -> bool:
-    """Whether the batch <= 8 kernel is launched as a programmatic dependent launch: Hopper and newer (PTX
-    griddepcontrol), unless QUANTSWEEP_PDL=0."""
-    return os.environ.get("QUANTSWEEP_PDL", "1") != "0" and torch.cuda.get_device_capability(device) >= (9, 0)
-
-
-def _launch_dependent(kernel, grid: tuple[int, int, int], block: tuple[int, int, int], args: list) -> None:
-    """``kernel(grid, block, args)`` through cuLaunchKernelEx with programmatic stream serialization: the
-    kernel may start before the previous kernel on the stream has finished and waits for it in-kernel
-    (``griddepcontrol.wait``), so its prologue overlaps that kernel's tail.  CUDA graphs capture it as a
-    programmatic edge.  (torch's launcher has no launch attributes, hence ctypes.)"""
-    keep = [ctypes.c_void_p(a.data_ptr()) if isinstance(a, torch.Tensor) else ctypes.c_int(a) for a in args]
-    params = (ctypes.c_void_p * len(keep))(*[ctypes.cast(ctypes.byref(v), ctypes.c_void_p) for v in keep])
-    attr = _LaunchAttribute(id=_PROGRAMMATIC_STREAM_SERIALIZATION)
-    attr.value[0] = 1
-    cfg = _LaunchConfig((ctypes.c_uint * 3)(*grid), (ctypes.c_uint * 3)(*block), 0,
-                        ctypes.c_void_p(torch.cuda.current_stream().cuda_stream), ctypes.pointer(attr), 1)
-    libcuda = torch.cuda._utils._get_gpu_runtime_library()
-    rc = libcuda.cuLaunchKernelEx(ctypes.byref(cfg), kernel.func, params, None)
-    if rc != 0:
-        raise RuntimeError(f"cuLaunchKernelEx failed with CUresult {rc}")
 
 
 def _load_tuned() -> dict[tuple[int, int, int], tuple[int, ...]]:
@@ -284,12 +249,8 @@ def mma_split(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zero
     out = torch.empty(splits, m, n, dtype=torch.float32 if splits > 1 else torch.bfloat16, device=x.device)
     args = [x, qweight, scales, zeros, out, m, n, k, group_chunks.bit_length() - 1, per, int(splits > 1)]
     if mode == GEMV:
-        kernel = _kernel(f"w4a16_gemv<{tn}, {u}, {wk}, {stages}, {group_chunks}>")
-        grid, block = (math.ceil(n / TILE / tn), splits, 1), (32 * wk, 1, 1)
-        if pdl_enabled(x.device):
-            _launch_dependent(kernel, grid, block, args)
-        else:
-            kernel(grid=grid, block=block, args=args)
+        _kernel(f"w4a16_gemv<{tn}, {u}, {wk}, {stages}, {group_chunks}>")(
+            grid=(math.ceil(n / TILE / tn), splits, 1), block=(32 * wk, 1, 1), args=args)
         return out
     if mode == WGMMA:
         smem = smem_bytes(m, cfg)

@@ -145,12 +145,6 @@ __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_gr
 
 __device__ __forceinline__ u32 smem_addr(const void* p) { return (u32)__cvta_generic_to_shared(p); }
 
-__device__ __forceinline__ void grid_dependency_wait() {  // PTX griddepcontrol: sm_90 and newer
-#if __CUDA_ARCH__ >= 900
-    asm volatile("griddepcontrol.wait;" ::: "memory");
-#endif
-}
-
 // out[split, m, n] = sum over this split's K chunks of x[m, k] * W[n, k].
 // MT: 8-row activation tiles (M <= 8 MT); TN: 16-row weight tiles per warp; WK: warps per block, which
 // split the block's chunks between them and add up in shared memory at the end; U: chunks per batch;
@@ -347,9 +341,7 @@ __global__ void __launch_bounds__(32 * WK) w4a16_mma(
 // are exact products accumulated in fp32; the subtraction loses a few fp32 ulps of the 128 x sum |x|
 // term, far below bf16's resolution of the result.)
 // Weights, scales and zero points stream through a private S-stage cp.async ring per warp, as in
-// w4a16_mma; the activations are loaded into registers one batch ahead.  The first S - 1 batches of
-// weights are requested before the kernel waits for its input (programmatic dependent launch, below):
-// at batch 1 a ~10 us kernel otherwise spends ~2-3 us starting up after the previous kernel ends.  A batch is U quantization
+// w4a16_mma; the activations are loaded into registers one batch ahead.   A batch is U quantization
 // groups of CPG 64-deep chunks (CPG a template parameter, so the group flush is placed at compile time).
 // Activation rows past M read row M - 1: their products land in output columns that are never stored.
 // Warps of a block split the split's groups batch by batch and add up through shared memory at the end.
@@ -490,10 +482,6 @@ __global__ void __launch_bounds__(32 * WK) w4a16_gemv(
 
 #pragma unroll
     for (int b = 0; b < S - 1; ++b) issue(b, b);
-    // Launched with programmatic stream serialization (Hopper), this kernel starts while the kernel before it
-    // (the one that writes x) is still finishing: the weight copies above are independent of it and are
-    // already in flight; everything below waits for that kernel's results.  Without it, a no-op.
-    grid_dependency_wait();
     GemvX<B> x0, x1;  // activations double-buffered in registers
     load_x(x0, 0);
     int stage = 0, next_stage = S - 1;
