@@ -145,6 +145,25 @@ __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_gr
 
 __device__ __forceinline__ u32 smem_addr(const void* p) { return (u32)__cvta_generic_to_shared(p); }
 
+// Warps 1.. of a block that split K between them hand their PER_WARP accumulators (``mine``, fully unrolled
+// indices: they stay in registers) to warp 0 through shared memory ``red`` (the finished cp.async ring);
+// returns whether the calling warp now holds the block's sums (warp 0).
+template <int WK, int PER_WARP>
+__device__ __forceinline__ bool sum_into_warp0(float* mine, float* red, int warp, int lane) {
+    if (WK == 1) return true;
+    __syncthreads();  // every warp is done with the ring
+    if (warp > 0) {
+#pragma unroll
+        for (int j = 0; j < PER_WARP / 32; ++j) red[((warp - 1) * PER_WARP / 32 + j) * 32 + lane] = mine[j];
+    }
+    __syncthreads();
+    if (warp > 0) return false;
+    for (int w2 = 0; w2 < WK - 1; ++w2)
+#pragma unroll
+        for (int j = 0; j < PER_WARP / 32; ++j) mine[j] += red[(w2 * PER_WARP / 32 + j) * 32 + lane];
+    return true;
+}
+
 // out[split, m, n] = sum over this split's K chunks of x[m, k] * W[n, k].
 // MT: 8-row activation tiles (M <= 8 MT); TN: 16-row weight tiles per warp; WK: warps per block, which
 // split the block's chunks between them and add up in shared memory at the end; U: chunks per batch;
@@ -309,21 +328,7 @@ __global__ void __launch_bounds__(32 * WK) w4a16_mma(
     }
     cp_async_wait<0>();
 
-    // warps 1.. hand their sums to warp 0 through shared memory (reusing the ring)
-    if (!XS && WK > 1) {
-        float* red = reinterpret_cast<float*>(smem);  // [warp - 1][accumulator][lane]
-        float* mine = &acc[0][0][0];                  // fully unrolled indices: stays in registers
-        __syncthreads();
-        if (warp > 0) {
-#pragma unroll
-            for (int j = 0; j < PER_WARP / 32; ++j) red[((warp - 1) * PER_WARP / 32 + j) * 32 + lane] = mine[j];
-        }
-        __syncthreads();
-        if (warp > 0) return;
-        for (int w2 = 0; w2 < WK - 1; ++w2)
-#pragma unroll
-            for (int j = 0; j < PER_WARP / 32; ++j) mine[j] += red[(w2 * PER_WARP / 32 + j) * 32 + lane];
-    }
+    if (!XS && !sum_into_warp0<WK, PER_WARP>(&acc[0][0][0], reinterpret_cast<float*>(smem), warp, lane)) return;
 #pragma unroll
     for (int tn = 0; tn < TN; ++tn) {
         if (nt0 + tn >= n_tiles) break;
@@ -501,20 +506,7 @@ __global__ void __launch_bounds__(32 * WK) w4a16_gemv(
     }
     cp_async_wait<0>();
 
-    if (WK > 1) {  // warps 1.. hand their sums to warp 0 through shared memory (reusing the ring)
-        float* red = reinterpret_cast<float*>(smem);
-        float* mine = &acc[0][0][0];
-        __syncthreads();
-        if (warp > 0) {
-#pragma unroll
-            for (int j = 0; j < PER_WARP / 32; ++j) red[((warp - 1) * PER_WARP / 32 + j) * 32 + lane] = mine[j];
-        }
-        __syncthreads();
-        if (warp > 0) return;
-        for (int w2 = 0; w2 < WK - 1; ++w2)
-#pragma unroll
-            for (int j = 0; j < PER_WARP / 32; ++j) mine[j] += red[(w2 * PER_WARP / 32 + j) * 32 + lane];
-    }
+    if (!sum_into_warp0<WK, PER_WARP>(&acc[0][0][0], reinterpret_cast<float*>(smem), warp, lane)) return;
 #pragma unroll
     for (int tn = 0; tn < TN; ++tn) {
         if (nt0 + tn >= n_tiles) break;
