@@ -174,8 +174,9 @@ __device__ __forceinline__ bool sum_into_warp0(float* mine, float* red, int warp
 // (for larger M, where every warp re-reading them from L2 costs more than the weights), the warps of a
 // block take different tiles over the same chunks and the block stages the activations in the same ring
 // (cp.async, block barrier).
-// At these sizes the kernel is bound by instruction issue, not DRAM (an H200 moves 4.8 TB/s; a warp
-// spends ~100 instructions per 512 bytes of weights), so the loop is written to keep that count down:
+// A warp spends ~100 instructions per 512 bytes of weights, so the loop is written to keep that count down
+// (though halving it, in w4a16_gemv below, gained only 6% at batch 1 on an H200: there a fixed ~3 us of
+// start-up and tail per launch and under one wave of blocks weigh more than instruction issue):
 // chunk -> group is a shift (group_shift = log2(group_size / 64)), addresses are base + constant offsets,
 // and for small M the scale is applied once per chunk to the fp32 MMA result (POST_SCALE) instead of to
 // every weight pair.
@@ -346,7 +347,7 @@ __global__ void __launch_bounds__(32 * WK) w4a16_mma(
 // are exact products accumulated in fp32; the subtraction loses a few fp32 ulps of the 128 x sum |x|
 // term, far below bf16's resolution of the result.)
 // Weights, scales and zero points stream through a private S-stage cp.async ring per warp, as in
-// w4a16_mma; the activations are loaded into registers one batch ahead.   A batch is U quantization
+// w4a16_mma; the activations are loaded into registers one batch ahead.  A batch is U quantization
 // groups of CPG 64-deep chunks (CPG a template parameter, so the group flush is placed at compile time).
 // Activation rows past M read row M - 1: their products land in output columns that are never stored.
 // Warps of a block split the split's groups batch by batch and add up through shared memory at the end.
