@@ -10,10 +10,9 @@ and memory do not depend on the values).  Modes:
   graph over weight copies that do not fit in L2; writes the fastest correct path per shape to
   ``--configs-out`` (the engine reads that JSON) after every linear.
 - ``mma``: the same timing for the tensor-core kernels of ``int4_mma`` (weights in the "mma" layout) over
-  their launch configs (``--mma-modes``: 0 and 1 the mma.sync kernels, 2 the Hopper wgmma kernel, 3 the batch <= 8 kernel
-  that folds the zero point out), against
-  bf16 cuBLAS and the Triton kernels; writes the fastest per shape to ``--configs-out`` (the engine reads
-  ``int4_mma_configs.json``).
+  their launch configs (``--mma-modes``: 0 and 1 the mma.sync kernels, 2 the Hopper wgmma kernel, 3 the
+  batch <= 8 kernel that folds the zero point out), against bf16 cuBLAS and the Triton kernels; writes the
+  fastest per shape to ``--configs-out`` (the engine reads ``int4_mma_configs.json``).
 - ``smoke``: the orchestrator's path without Ray on small checkpoints (``--smoke-dir`` with ``fp`` and
   ``rtn``): TorchBackend build -> load (KV cache from the profile options) -> profile_engine -> lm-eval.
 - ``attention``: per batch size, the decode-attention kernels over a grid of launch configs; writes the
@@ -424,8 +423,8 @@ def mma_candidates(m: int, modes: tuple[int, ...] = (0, 1, 2, 3)) -> list[tuple[
         grid += [(tn, wk, 1, st, sp, int4_mma.SHARED_X) for tn in (1, 2, 4) for wk in (2, 4, 8) for st in (2, 3)
                  for sp in (1, 2, 4)]
     if int4_mma.GEMV in modes and m <= int4_mma.GEMV_MAX_M:  # the zero-point-folding kernel, U groups per batch
-        # every split count up to 12 and TN 3: a grid that is a whole number of waves on the GPU's SMs
-        # matters more here than the per-warp details (each SM's last wave otherwise runs part-empty)
+        # split counts up to 16 and TN 3, for grids that fill the SMs in whole waves (on an H200, with the
+        # split-K sum timed, one split still won every M = 1 shape)
         grid += [(tn, wk, u, st, sp, int4_mma.GEMV) for tn in (1, 2, 3, 4) for wk in (1, 2, 4, 8) for u in (1, 2)
                  for st in (3, 4) for sp in (1, 2, 3, 4, 5, 6, 7, 8, 10, 11, 12, 16)]
     if int4_mma.WGMMA in modes and m > 8 and int4_mma.wgmma_available(torch.device("cuda")):
@@ -481,8 +480,7 @@ def mma_sweep(ms: list[int], out_dir: Path, configs_out: Path | None, modes: tup
                 if t < best[0]:
                     best = (t, cfg)
             row["mma_ms"], row["mma_config"] = best[0], json.dumps(best[1])
-            row["mma_kernel"] = {int4_mma.WGMMA: "wgmma", int4_mma.GEMV: "gemv"}.get(best[1][5] if best[1] else 0,
-                                                                                "mma.sync")
+            row["mma_kernel"] = int4_mma.KERNEL_NAMES[best[1][5]] if best[1] else ""
             row["mma_over_bf16"] = row["bf16_ms"] / best[0]
             row["mma_over_triton"] = row["triton_ms"] / best[0]
             row["weight_gb_s_mma"] = int4_bytes / (best[0] * 1e-3) / 1e9

@@ -142,6 +142,7 @@ SPLIT_K, SHARED_X, WGMMA, GEMV = 0, 1, 2, 3  # MODE: mma.sync, warps split K / s
 GEMV_MAX_M = 8  # one 8-row activation tile
 GEMV_GROUP_CHUNKS = (1, 2, 4)  # quantization groups of 64, 128 or 256 (compile-time group flush)
 GEMV_SPLIT_ALIGN = 4  # GEMV splits start on multiples of 4 chunks: whole groups for every GEMV_GROUP_CHUNKS
+KERNEL_NAMES = {SPLIT_K: "mma.sync", SHARED_X: "mma.sync", WGMMA: "wgmma", GEMV: "gemv"}  # by MODE
 
 
 def m_bucket(m: int) -> int:
@@ -208,8 +209,10 @@ def check_config(m: int, cfg: tuple[int, ...], group_chunks: int = 2) -> None:
     if len(cfg) != 6 or min(cfg[:5]) < 1 or cfg[3] < 2 or cfg[5] not in (SPLIT_K, SHARED_X, WGMMA, GEMV):
         raise ValueError(f"int4 mma config {cfg} must be (TN, WK, U, S, splits, MODE), all >= 1, S >= 2, "
                          f"MODE {SPLIT_K}, {SHARED_X}, {WGMMA} or {GEMV}")
-    if cfg[5] == GEMV and (m > GEMV_MAX_M or cfg[3] < 3):
-        raise ValueError(f"int4 gemv config {cfg} serves M <= {GEMV_MAX_M} (got M={m}) and needs S >= 3")
+    if cfg[5] == GEMV and (m > GEMV_MAX_M or cfg[3] < 3 or group_chunks not in GEMV_GROUP_CHUNKS):
+        raise ValueError(f"int4 gemv config {cfg} serves M <= {GEMV_MAX_M} (got M={m}) and groups of "
+                         f"{[c * CHUNK for c in GEMV_GROUP_CHUNKS]} weights (got {group_chunks * CHUNK}), "
+                         "and needs S >= 3")
     if cfg[5] == WGMMA and (cfg[1] not in (4, 8) or cfg[3] < 3):
         raise ValueError(f"int4 wgmma config {cfg} needs WK = 4 or 8 (one or two warpgroups) and S >= 3")
     limit = WGMMA_SMEM_LIMIT if cfg[5] == WGMMA else SMEM_LIMIT
@@ -242,9 +245,6 @@ def mma_split(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zero
     cfg = tuple(cfg or config(m, n, k, wgmma_available(x.device), group_chunks))
     check_config(m, cfg, group_chunks)
     tn, wk, u, stages, _, mode = cfg
-    if mode == GEMV and group_chunks not in GEMV_GROUP_CHUNKS:
-        raise ValueError(f"int4 gemv config {cfg} needs groups of {[c * CHUNK for c in GEMV_GROUP_CHUNKS]} "
-                         f"weights, got {group_chunks * CHUNK}")
     per, splits = chunk_splits(k, cfg)
     out = torch.empty(splits, m, n, dtype=torch.float32 if splits > 1 else torch.bfloat16, device=x.device)
     args = [x, qweight, scales, zeros, out, m, n, k, group_chunks.bit_length() - 1, per, int(splits > 1)]

@@ -357,7 +357,7 @@ struct GemvX { U4 v[B][2]; };  // one batch of activations: chunk, 16-byte half 
 template <int TN, int U, int WK, int S, int CPG>
 __global__ void __launch_bounds__(32 * WK) w4a16_gemv(
         const u16* __restrict__ x, const U4* __restrict__ qw, const u16* __restrict__ scales,
-        const u16* __restrict__ zeros, void* __restrict__ out, int M, int N, int K, int group_shift,
+        const u16* __restrict__ zeros, void* __restrict__ out, int M, int N, int K, int /* group_shift: CPG */,
         int chunks_per_split, int out_fp32) {
     constexpr int B = U * CPG;                 // chunks per batch
     constexpr int W_STAGE = B * TN * 32;       // U4 per stage per warp
