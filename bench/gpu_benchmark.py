@@ -48,6 +48,7 @@ from tasks.backends.torch.cuda import int4, int4_mma  # noqa: E402
 from tasks.backends.torch.cuda.generate import Generator  # noqa: E402
 from tasks.backends.torch.cuda.loader import random_llama  # noqa: E402
 from tasks.backends.torch.cuda.model import kv_bytes_per_token, llama2_7b_args  # noqa: E402
+from tasks.backends.torch.cuda.rope import rope_tables  # noqa: E402
 
 GIB = 1024**3
 RANDOM_NOTICE = "*** RANDOM WEIGHTS: Llama-2-7B-shaped model, no checkpoint; outputs are meaningless ***"
@@ -129,27 +130,31 @@ def numerical_check(batch_sizes: list[int], input_len: int, out_dir: Path) -> li
 def attention_check(batch_sizes: list[int], cache_len: int, out_dir: Path) -> list[dict]:
     """The decode-attention kernel vs the fp32 reference (and its cache write) for every batch size, at a
     few positions including the first and the last slot of the cache; fresh random caches each time."""
-    from tasks.backends.torch.cuda.attention import _cuda_decode_attention, decode_attention_reference
+    from tasks.backends.torch.cuda.attention import _cuda_decode_attention, decode_attention_reference, rope_at
 
     a = llama2_7b_args()
     rows = []
+    cos, sin = rope_tables(a.head_dim, a.rope_theta, cache_len, "cuda")
     for b in batch_sizes:
         for pos in (0, cache_len // 2 + 3, cache_len - 1):
             torch.manual_seed(b * 7919 + pos)
-            q = torch.randn(b, a.n_heads, a.head_dim, device="cuda", dtype=torch.bfloat16)
-            kn, vn = (torch.randn(b, a.n_kv_heads, a.head_dim, device="cuda", dtype=torch.bfloat16) for _ in "kv")
+            qkv = torch.randn(b, (a.n_heads + 2 * a.n_kv_heads) * a.head_dim, device="cuda", dtype=torch.bfloat16)
             kc = torch.randn(b, a.n_kv_heads, cache_len, a.head_dim, device="cuda", dtype=torch.bfloat16)
             vc = torch.randn_like(kc)
             kc_ref, vc_ref = kc.clone(), vc.clone()
             p = torch.tensor([pos], device="cuda")
-            out = _cuda_decode_attention(q, kn, vn, kc, vc, p)
+            q, kn, vn = rope_at(qkv, cos, sin, p, a.n_kv_heads, a.head_dim)
+            out = _cuda_decode_attention(qkv, cos, sin, kc, vc, p)
             ref = decode_attention_reference(q.float(), kn.float(), vn.float(), kc_ref.float(), vc_ref.float(), p)
             rel = ((out.float() - ref).norm() / ref.norm()).item()
+            key_err = (kc[:, :, pos].float() - kn.float()).abs().max().item()  # the kernel ropes k itself
+            kc[:, :, pos] = kn
             kc_ref[:, :, pos], vc_ref[:, :, pos] = kn, vn  # the one slot the kernel must have written
-            cache_ok = torch.equal(kc, kc_ref) and torch.equal(vc, vc_ref)
+            cache_ok = torch.equal(kc, kc_ref) and torch.equal(vc, vc_ref) and key_err <= 2 ** -7 * kn.abs().max()
             rows.append({"batch": b, "pos": pos, "cache_len": cache_len, "rel_err": rel, "cache_written": cache_ok,
+                         "new_key_max_abs_err": key_err,
                          "pass": bool(torch.isfinite(out).all()) and rel < 1e-2 and cache_ok})
-            del q, kn, vn, kc, vc, kc_ref, vc_ref
+            del qkv, kc, vc, kc_ref, vc_ref
     torch.cuda.empty_cache()
     _write(rows, out_dir / "attention_check")
     print(f"attention check: {sum(r['pass'] for r in rows)}/{len(rows)} cases pass (rel err < 1e-2, cache "
@@ -183,12 +188,13 @@ def attention_sweep(batch_sizes: list[int], cache_len: int, pos: int, out_dir: P
     for b in batch_sizes:
         cache_bytes = 2 * b * a.n_kv_heads * cache_len * a.head_dim * 2
         copies = max(2, -(-200_000_000 // cache_bytes))
-        q = torch.randn(b, a.n_heads, a.head_dim, device="cuda", dtype=torch.bfloat16)
-        kn, vn = (torch.randn(b, a.n_kv_heads, a.head_dim, device="cuda", dtype=torch.bfloat16) for _ in "kv")
+        qkv = torch.randn(b, (a.n_heads + 2 * a.n_kv_heads) * a.head_dim, device="cuda", dtype=torch.bfloat16)
+        cos, sin = rope_tables(a.head_dim, a.rope_theta, cache_len, "cuda")
         caches = [(torch.randn(b, a.n_kv_heads, cache_len, a.head_dim, device="cuda", dtype=torch.bfloat16),
                    torch.randn(b, a.n_kv_heads, cache_len, a.head_dim, device="cuda", dtype=torch.bfloat16))
                   for _ in range(copies)]
         p = torch.tensor([pos], device="cuda")
+        q, kn, vn = attn.rope_at(qkv, cos, sin, p, a.n_kv_heads, a.head_dim)
         ref = attn.decode_attention_reference(q.float(), kn.float(), vn.float(), caches[0][0].float(),
                                               caches[0][1].float(), p)
         bucket = int4.m_bucket(b)
@@ -197,9 +203,9 @@ def attention_sweep(batch_sizes: list[int], cache_len: int, pos: int, out_dir: P
         for cfg in grid:
             attn.TUNED[bucket] = cfg
             if not _candidate_is_correct(
-                    cfg, lambda: attn._cuda_decode_attention(q, kn, vn, caches[0][0], caches[0][1], p), ref):
+                    cfg, lambda: attn._cuda_decode_attention(qkv, cos, sin, caches[0][0], caches[0][1], p), ref):
                 continue
-            t = _bench_graph(lambda i: attn._cuda_decode_attention(q, kn, vn, caches[i][0], caches[i][1], p), copies)
+            t = _bench_graph(lambda i: attn._cuda_decode_attention(qkv, cos, sin, caches[i][0], caches[i][1], p), copies)
             rows.append({"batch": b, "config": json.dumps(cfg), "us": t * 1e3,
                          "kv_gb_s": b * a.n_kv_heads * (pos + 1) * a.head_dim * 4 / (t * 1e-3) / 1e9})
             if t < best[0]:
@@ -209,7 +215,7 @@ def attention_sweep(batch_sizes: list[int], cache_len: int, pos: int, out_dir: P
         chosen[bucket] = best[1]
         print(f"  attention B={b:3d}: best {best[0] * 1e3:7.1f} us {best[1]} "
               f"({b * a.n_kv_heads * (pos + 1) * a.head_dim * 4 / (best[0] * 1e-3) / 1e9:.0f} GB/s of KV)", flush=True)
-        del caches, q, kn, vn, ref
+        del caches, qkv, q, kn, vn, ref
         torch.cuda.empty_cache()
     _write(rows, out_dir / "attention_sweep")
     if configs_out is not None:

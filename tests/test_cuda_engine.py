@@ -250,24 +250,34 @@ def test_new_kernel_variants_match_reference(monkeypatch: pytest.MonkeyPatch, m:
 
 @gpu
 @needs_cuda
-@pytest.mark.parametrize("b,h,hkv,s,pos", [(1, 32, 32, 712, 0), (1, 32, 32, 712, 611), (3, 8, 2, 300, 299),
-                                           (64, 4, 4, 129, 77)])
-def test_decode_attention_kernel_matches_reference(b: int, h: int, hkv: int, s: int, pos: int) -> None:
-    """Flash-decoding over positions 0..pos (read from the device) == fp32 attention; the cache gets exactly
-    the new key/value at pos and nothing else."""
-    from tasks.backends.torch.cuda.attention import _cuda_decode_attention, decode_attention_reference
+@pytest.mark.parametrize("b,h,hkv,s,pos,hd", [(1, 32, 32, 712, 0, 128), (1, 32, 32, 712, 611, 128),
+                                              (3, 8, 2, 300, 299, 128), (64, 4, 4, 129, 77, 128),
+                                              (2, 9, 3, 5000, 4321, 64)])
+def test_decode_attention_kernel_matches_reference(b: int, h: int, hkv: int, s: int, pos: int, hd: int) -> None:
+    """Flash-decoding from the raw q/k/v projection (rope, cache write and merge in one kernel) == fp32
+    attention over HF-roped q/k, positions 0..pos read from the device.  The cache gets the new roped key
+    (to one bf16 rounding: the kernel may fuse the multiply-adds) and value at pos and nothing else.  Run
+    twice: the arrival counters must be left at zero for the next launch.  The last case has more chunks
+    than one merge block (5000 positions, GQA, head dim 64)."""
+    from tasks.backends.torch.cuda.attention import _cuda_decode_attention, decode_attention_reference, rope_at
+    from tasks.backends.torch.cuda.rope import rope_tables
 
-    q = torch.randn(b, h, 128, device="cuda", dtype=torch.bfloat16)
-    kn, vn = (torch.randn(b, hkv, 128, device="cuda", dtype=torch.bfloat16) for _ in "kv")
-    kc = torch.randn(b, hkv, s, 128, device="cuda", dtype=torch.bfloat16)
-    vc = torch.randn_like(kc)
-    kc_ref, vc_ref = kc.clone(), vc.clone()
+    qkv = torch.randn(b, (h + 2 * hkv) * hd, device="cuda", dtype=torch.bfloat16)
+    cos, sin = rope_tables(hd, 10000.0, s, "cuda")
+    k_cache = torch.randn(b, hkv, s, hd, device="cuda", dtype=torch.bfloat16)
+    v_cache = torch.randn_like(k_cache)
     p = torch.tensor([pos], device="cuda")
-    out = _cuda_decode_attention(q, kn, vn, kc, vc, p)
-    ref = decode_attention_reference(q.float(), kn.float(), vn.float(), kc_ref.float(), vc_ref.float(), p)
-    kc_ref[:, :, pos], vc_ref[:, :, pos] = kn, vn
-    assert torch.equal(kc, kc_ref) and torch.equal(vc, vc_ref)
-    assert ((out.float() - ref).norm() / ref.norm()).item() < 1e-2
+    q, k_new, v_new = rope_at(qkv, cos, sin, p, hkv, hd)
+    ref = decode_attention_reference(q.float(), k_new.float(), v_new.float(), k_cache.float(), v_cache.float(), p)
+    others = torch.arange(s, device="cuda") != pos
+    for _ in range(2):
+        kc, vc = k_cache.clone(), v_cache.clone()
+        out = _cuda_decode_attention(qkv, cos, sin, kc, vc, p)
+        assert torch.equal(kc[:, :, others], k_cache[:, :, others]) and torch.equal(vc[:, :, others],
+                                                                                       v_cache[:, :, others])
+        assert torch.equal(vc[:, :, pos], v_new)
+        torch.testing.assert_close(kc[:, :, pos].float(), k_new.float(), rtol=2 ** -7, atol=1e-6)
+        assert ((out.float() - ref).norm() / ref.norm()).item() < 1e-2
 
 
 def test_kv_cache_shape_prefers_profile_options_then_engine_shape() -> None:

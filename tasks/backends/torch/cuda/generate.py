@@ -1,7 +1,7 @@
 """Greedy generation over :class:`~.model.Transformer`: batched prefill, then one CUDA-graph replay per token.
 
-The decode step (embed -> 32 compiled blocks -> norm -> lm_head -> argmax -> feed the token back, advance
-the position) is captured once per (batch, cache length) shape, so a step costs one graph launch instead of
+The decode step (embed -> 32 compiled blocks -> compiled norm, lm_head and argmax -> feed the token back,
+advance the position) is captured once per (batch, cache length) shape, so a step costs one graph launch instead of
 hundreds of kernel launches from Python.  Timings synchronise the device after prefill and after every
 step, so each number is the device time of that step plus one host round trip.
 """
@@ -48,8 +48,7 @@ class Generator:
 
     def _decode_step(self) -> None:
         """tok [B, 1] at pos [1] -> next tok written back into tok; pos advanced (all on the device)."""
-        logits = self.model(self.tok, self.pos)  # [B, V]
-        self.tok.copy_(logits.argmax(dim=-1, keepdim=True))
+        self.tok.copy_(self.model.next_tokens(self.tok, self.pos))
         self.pos.add_(1)
 
     @torch.inference_mode()

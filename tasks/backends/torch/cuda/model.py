@@ -6,10 +6,10 @@ hd head dim, I MLP width, V vocab.  Every linear layer is either ``nn.Linear`` (
 
 Prefill (L > 1) always starts at position 0 and attends causally over its own keys (flash attention);
 decode (L == 1) runs each block as two (compiled) halves around
-:func:`~tasks.backends.torch.cuda.attention.decode_attention`, which writes the new key/value at the
-device-side position and reads only the positions written so far, so the step's shapes never change and it
-can be captured in a CUDA graph.  Rotary embedding follows Hugging Face's Llama (``rotate_half``), so HF
-checkpoints load without permuting q/k.
+:func:`~tasks.backends.torch.cuda.attention.decode_attention`, which ropes q/k, writes the new key/value at
+the device-side position and reads only the positions written so far, so the step's shapes never change and
+it can be captured in a CUDA graph.  Rotary embedding follows Hugging Face's Llama (``rotate_half``, in
+:mod:`~tasks.backends.torch.cuda.rope`), so HF checkpoints load without permuting q/k.
 """
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tasks.backends.torch.cuda.attention import decode_attention
+from tasks.backends.torch.cuda.rope import apply_rope, rope_tables
 
 
 @dataclass(frozen=True)
@@ -75,23 +76,6 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # as HF: normalise in fp32, cast, then scale
         x32 = x.float()
         return self.weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
-
-
-def rope_tables(args: ModelArgs, max_seq: int, device: Any) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin [max_seq, hd] in fp32 (HF's layout: the hd/2 frequencies repeated twice)."""
-    inv_freq = 1.0 / (args.rope_theta ** (torch.arange(0, args.head_dim, 2, dtype=torch.float32,
-                                                         device=device) / args.head_dim))
-    freqs = torch.outer(torch.arange(max_seq, dtype=torch.float32, device=device), inv_freq)
-    emb = torch.cat([freqs, freqs], dim=-1)
-    return emb.cos(), emb.sin()
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [B, L, h, hd]; cos/sin [L, hd] -> rotated x, computed in fp32."""
-    x32 = x.float()
-    half = x32.shape[-1] // 2
-    rotated = torch.cat([-x32[..., half:], x32[..., :half]], dim=-1)
-    return (x32 * cos[None, :, None] + rotated * sin[None, :, None]).to(x.dtype)
 
 
 class Attention(nn.Module):
@@ -149,20 +133,24 @@ class Block(nn.Module):
         h = x + self.attention(self.attention_norm(x), cos, sin, input_pos, k_cache, v_cache)
         return h + self.feed_forward(self.ffn_norm(h))
 
-    # A decode step is decode_pre -> decode_attention -> decode_post, so that torch.compile fuses everything
-    # around the attention kernel (norms, rope, residual adds, SiLU, the int4 kernels' split-K sums) and
-    # the kernel itself stays eager.
+    # A decode step is decode_pre -> decode_attention -> decode_post per block, so that torch.compile fuses
+    # everything between two attention kernels (norms, residual adds, SiLU, the int4 kernels' split-K sums)
+    # and the attention kernel stays eager.  A block's last residual add is left to the next block's
+    # decode_pre (or the final norm), where it fuses into the RMSNorm kernel that reads the sum anyway:
+    # one launch less per block, which shows at batch 1 where a step is ~10 launches per block.
 
-    def decode_pre(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
-                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """x [B, 1, D] -> q [B, H, hd], k and v [B, Hkv, hd] (roped)."""
-        q, k, v = self.attention.qkv(self.attention_norm(x), cos, sin)
-        return q[:, 0], k[:, 0], v[:, 0]
+    def decode_pre(self, x: torch.Tensor, mlp_out: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [B, 1, D] and the previous block's MLP output (None before the first block) -> the residual
+        stream x + mlp_out [B, 1, D] and this block's q/k/v projection [B, (H + 2 Hkv) hd], not yet roped."""
+        if mlp_out is not None:
+            x = x + mlp_out
+        return x, self.attention.wqkv(self.attention_norm(x))[:, 0]
 
-    def decode_post(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """x [B, 1, D], attention output y [B, H, hd] -> the block's output [B, 1, D]."""
+    def decode_post(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [B, 1, D], attention output y [B, H, hd] -> the residual stream after attention h [B, 1, D] and
+        the MLP output [B, 1, D]; the block's output is their sum (added by the next decode_pre)."""
         h = x + self.attention.wo(y.reshape(x.shape[0], 1, -1))
-        return h + self.feed_forward(self.ffn_norm(h))
+        return h, self.feed_forward(self.ffn_norm(h))
 
 
 class Transformer(nn.Module):
@@ -177,9 +165,10 @@ class Transformer(nn.Module):
         self.norm = RMSNorm(args.dim, args.rms_norm_eps, dtype, device)
         self.output = nn.Linear(args.dim, args.vocab_size, bias=False, dtype=dtype, device=device)  # kept dense
         self.tie_weights()
-        # (decode_pre, decode_post) per layer: the methods themselves, or their compiled wrappers
+        # (decode_pre, decode_post) per layer and the greedy head: the methods themselves, or compiled wrappers
         self.decode_halves: list[tuple[Callable[..., Any], Callable[..., Any]]] = [
             (layer.decode_pre, layer.decode_post) for layer in self.layers]
+        self.decode_head: Callable[..., torch.Tensor] = self.greedy_head
         self.caches: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.cache_shape: tuple[int, int] | None = None
         self.int4_kernels = "reference"  # which int4 kernels the loader selected (int4.select_kernels)
@@ -198,7 +187,7 @@ class Transformer(nn.Module):
         shape = (batch, a.n_kv_heads, max_seq, a.head_dim)
         self.caches = [(torch.zeros(shape, dtype=self.dtype, device=device),
                         torch.zeros(shape, dtype=self.dtype, device=device)) for _ in range(a.n_layers)]
-        self.cos, self.sin = rope_tables(a, max_seq, device)
+        self.cos, self.sin = rope_tables(a.head_dim, a.rope_theta, max_seq, device)
         self.cache_shape = (batch, max_seq)
 
     def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor, all_logits: bool = False) -> torch.Tensor:
@@ -206,27 +195,45 @@ class Transformer(nn.Module):
 
         L > 1 must be a prefill from position 0; L == 1 is a decode step.
         """
-        length = tokens.shape[1]
+        if tokens.shape[1] == 1:
+            x, mlp_out = self.decode_layers(tokens, input_pos)
+            logits = self.output(self.norm(x + mlp_out))  # [B, 1, V]
+            return (logits if all_logits else logits[:, -1]).float()
         x = self.tok_embeddings(tokens)  # [B, L, D]
         cos, sin = self.cos[input_pos], self.sin[input_pos]  # [L, hd]
-        for layer, (pre, post), (k_cache, v_cache) in zip(self.layers, self.decode_halves, self.caches):
-            if length > 1:
-                x = layer(x, cos, sin, input_pos, k_cache, v_cache)
-            else:
-                q, k, v = pre(x, cos, sin)
-                x = post(x, decode_attention(q, k, v, k_cache, v_cache, input_pos))
+        for layer, (k_cache, v_cache) in zip(self.layers, self.caches):
+            x = layer(x, cos, sin, input_pos, k_cache, v_cache)
         if not all_logits:
             x = x[:, -1]  # [B, D]: prefill needs only the last position's logits
         return self.output(self.norm(x)).float()
 
+    def decode_layers(self, tokens: torch.Tensor, input_pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """tokens [B, 1] at input_pos [1] -> the last block's residual stream and MLP output (see decode_pre)."""
+        x, mlp_out = self.tok_embeddings(tokens), None  # [B, 1, D]
+        for (pre, post), (k_cache, v_cache) in zip(self.decode_halves, self.caches):
+            x, qkv = pre(x, mlp_out)
+            x, mlp_out = post(x, decode_attention(qkv, self.cos, self.sin, k_cache, v_cache, input_pos))
+        return x, mlp_out
+
+    def greedy_head(self, x: torch.Tensor, mlp_out: torch.Tensor) -> torch.Tensor:
+        """The last block's add, the final norm, lm_head and argmax -> next tokens [B, 1] (bf16 logits: the
+        argmax of their fp32 copy is the same)."""
+        return self.output(self.norm(x + mlp_out)).argmax(dim=-1)
+
+    def next_tokens(self, tokens: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
+        """One greedy decode step: tokens [B, 1] at input_pos [1] -> the next tokens [B, 1]."""
+        return self.decode_head(*self.decode_layers(tokens, input_pos))
+
     def compile_decode(self, **compile_kwargs: Any) -> None:
-        """Compile the two halves of the decode block once; every layer reuses the compiled code.
+        """Compile the two halves of the decode block once (every layer reuses the compiled code) and the head.
 
         With dynamo's default ``inline_inbuilt_nn_modules`` the layers' weights are graph inputs, so the 32
-        layers share one compilation (per batch size, with static shapes) instead of compiling 32 times.
+        layers share one compilation (per batch size, with static shapes; the first block's decode_pre,
+        which has no MLP output to add, is a second one) instead of compiling 32 times.
         """
         self.decode_halves = [(torch.compile(layer.decode_pre, **compile_kwargs),
                                torch.compile(layer.decode_post, **compile_kwargs)) for layer in self.layers]
+        self.decode_head = torch.compile(self.greedy_head, **compile_kwargs)
 
     def weight_bytes(self) -> int:
         """Bytes of all parameters and buffers the model reads (tied weights counted once)."""
