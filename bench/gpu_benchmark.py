@@ -13,6 +13,9 @@ and memory do not depend on the values).  Modes:
   their launch configs (``--mma-modes``: 0 and 1 the mma.sync kernels, 2 the Hopper wgmma kernel, 3 the
   batch <= 8 kernel that folds the zero point out), against bf16 cuBLAS and the Triton kernels; writes the
   fastest per shape to ``--configs-out`` (the engine reads ``int4_mma_configs.json``).
+- ``dense``: the fp16 baseline's linears at M <= 8: cuBLAS vs the ``bf16_gemv`` kernel over its launch
+  configs; writes the shapes where the kernel wins to ``--configs-out`` (the engine reads
+  ``dense_configs.json``).
 - ``smoke``: the orchestrator's path without Ray on small checkpoints (``--smoke-dir`` with ``fp`` and
   ``rtn``): TorchBackend build -> load (KV cache from the profile options) -> profile_engine -> lm-eval.
 - ``attention``: per batch size, the decode-attention kernels over a grid of launch configs; writes the
@@ -44,7 +47,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from tasks.backends.torch.cuda import int4, int4_mma  # noqa: E402
+from tasks.backends.torch.cuda import dense, int4, int4_mma  # noqa: E402
 from tasks.backends.torch.cuda.generate import Generator  # noqa: E402
 from tasks.backends.torch.cuda.loader import random_llama  # noqa: E402
 from tasks.backends.torch.cuda.model import kv_bytes_per_token, llama2_7b_args  # noqa: E402
@@ -511,6 +514,53 @@ def mma_sweep(ms: list[int], out_dir: Path, configs_out: Path | None, modes: tup
     return rows
 
 
+def dense_sweep(ms: list[int], out_dir: Path, configs_out: Path | None) -> list[dict]:
+    """Per (linear, M <= 8): cuBLAS bf16 vs every ``bf16_gemv`` launch config (the fp16 baseline's kernel,
+    :mod:`tasks.backends.torch.cuda.dense`), timed like :func:`mma_sweep` (split-K sum included).  Only
+    shapes where the fastest correct config beats cuBLAS go to ``configs_out`` (the engine reads
+    ``dense_configs.json``); the others keep cuBLAS."""
+    rows, tuned = [], {}
+    for name, (k, n) in shapes_kn().items():
+        copies = max(2, -(-200_000_000 // (2 * n * k)))
+        weights = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(copies)]
+        for m in [m for m in ms if m <= dense.MAX_M]:
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+            ref = x.float() @ weights[0].float().t()
+            row = {"linear": name, "M": m, "K": k, "N": n,
+                   "cublas_ms": _bench_graph(lambda i: F.linear(x, weights[i]), copies)}
+            best = (float("inf"), None)
+            for tn, b in ((1, 1), (1, 2), (1, 4), (2, 1), (2, 2), (4, 1)):  # larger batches run out of registers
+                for wk in (1, 2, 4, 8):
+                    for sp in (1, 2, 3, 4, 6, 8):
+                        cfg = (tn, b, wk, sp)
+
+                        def op(i: int, cfg=cfg) -> torch.Tensor:  # the sum is timed: see mma_sweep
+                            return int4.reduce_splits(dense.gemv_split(x, weights[i], cfg), torch.bfloat16)
+
+                        if not _candidate_is_correct(cfg, lambda: op(0).float(), ref):
+                            continue
+                        t = _bench_graph(op, copies)
+                        if t < best[0]:
+                            best = (t, cfg)
+            row.update(gemv_ms=best[0], gemv_config=json.dumps(best[1]), gemv_over_cublas=row["cublas_ms"] / best[0],
+                       cublas_tb_s=2 * n * k / (row["cublas_ms"] * 1e-3) / 1e12,
+                       gemv_tb_s=2 * n * k / (best[0] * 1e-3) / 1e12)
+            row["engine_uses"] = "gemv" if best[0] < row["cublas_ms"] else "cublas"
+            if best[0] < row["cublas_ms"]:
+                tuned[(int4.m_bucket(m), n, k)] = best[1]
+            rows.append(row)
+            print(f"  {name:5s} M={m}: cuBLAS {row['cublas_ms'] * 1e3:6.1f} us ({row['cublas_tb_s']:.2f} TB/s)  gemv "
+                  f"{best[0] * 1e3:6.1f} us ({row['gemv_tb_s']:.2f} TB/s) {best[1]}", flush=True)
+        del weights
+        torch.cuda.empty_cache()
+    if configs_out is not None:
+        configs_out.write_text(json.dumps({"device": torch.cuda.get_device_name(), "configs": [
+            [mb, n_, k_, list(cfg)] for (mb, n_, k_), cfg in sorted(tuned.items())]}, indent=1))
+        print(f"wrote {configs_out}", flush=True)
+    _write(rows, out_dir / "dense_kernels")
+    return rows
+
+
 # ---------------------------------------------------------------------------------------------- e2e
 
 
@@ -733,7 +783,8 @@ def smoke(smoke_dir: Path, out_dir: Path) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--mode", choices=["all", "check", "kernels", "mma", "attention", "e2e", "method", "smoke"],
+    p.add_argument("--mode", choices=["all", "check", "kernels", "mma", "dense", "attention", "e2e", "method",
+                                      "smoke"],
                    default="all")
     p.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "bench_out")))
     p.add_argument("--methods", default="fp16,int4")
@@ -775,6 +826,8 @@ def main() -> None:
     if args.mode == "mma":
         mma_sweep([int(m) for m in args.kernel_ms.split(",")], args.out, args.configs_out,
                   tuple(int(v) for v in args.mma_modes.split(",") if v))
+    if args.mode == "dense":
+        dense_sweep([int(m) for m in args.kernel_ms.split(",")], args.out, args.configs_out)
     if args.mode == "attention":
         attention_sweep(batch_sizes, args.input_len + args.output_len, args.input_len + args.output_len // 2,
                         args.out, args.configs_out)

@@ -1,9 +1,12 @@
 """Greedy generation over :class:`~.model.Transformer`: batched prefill, then one CUDA-graph replay per token.
 
 The decode step (embed -> 32 compiled blocks -> compiled norm, lm_head and argmax -> feed the token back,
-advance the position) is captured once per (batch, cache length) shape, so a step costs one graph launch instead of
-hundreds of kernel launches from Python.  Timings synchronise the device after prefill and after every
-step, so each number is the device time of that step plus one host round trip.
+advance the position) is captured once per (batch, cache length) shape, so a step costs one graph launch
+instead of hundreds of kernel launches from Python.  The prefill is captured too, once per (batch, prompt
+length): eager, its ~1000 launches from Python (and, for int4, the de-quantization kernels' launches) cost
+milliseconds of host time at batch 1 and made the time to first token vary with whatever else held the
+host (a memory sampler thread, say).  Timings synchronise the device after prefill and after every step,
+so each number is the device time of that step plus one host round trip.
 """
 from __future__ import annotations
 
@@ -45,32 +48,58 @@ class Generator:
         self.compiled = compile and on_cuda
         self.graph: torch.cuda.CUDAGraph | None = None
         self.shape: tuple[int, int] | None = None
+        self.prefill_graph: torch.cuda.CUDAGraph | None = None  # for the prompt shape of self.prompt
+        self.prompt: torch.Tensor | None = None
 
     def _decode_step(self) -> None:
         """tok [B, 1] at pos [1] -> next tok written back into tok; pos advanced (all on the device)."""
         self.tok.copy_(self.model.next_tokens(self.tok, self.pos))
         self.pos.add_(1)
 
+    def _prefill(self) -> None:
+        """prompt [B, L] from position 0 -> the first new token written into tok, pos set to L."""
+        length = self.prompt.shape[1]
+        logits = self.model(self.prompt, self.prompt_pos)  # [B, V] of the last position
+        self.tok.copy_(logits.argmax(dim=-1, keepdim=True))
+        self.pos.fill_(length)
+
+    def _capture(self, step: Any, warmup: int) -> torch.cuda.CUDAGraph:
+        """Run ``step`` ``warmup`` times on a side stream (compile, autotune, allocate), then capture it."""
+        stream = torch.cuda.Stream(self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream):
+            for _ in range(warmup):
+                step()
+        torch.cuda.current_stream(self.device).wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            step()
+        return graph
+
     @torch.inference_mode()
     def setup(self, batch: int, max_seq: int) -> None:
         """Allocate the cache for this shape and capture the decode step (warm-up compiles it first)."""
         if self.shape == (batch, max_seq):
             return
-        self.graph = None  # release the previous graph's memory pool before the new cache is allocated
+        # release the previous graphs' memory pools before the new cache is allocated (and never replay a
+        # prefill graph that writes into a freed cache)
+        self.graph, self.prefill_graph, self.prompt = None, None, None
         self.model.setup_cache(batch, max_seq)
         self.tok = torch.zeros(batch, 1, dtype=torch.long, device=self.device)
         self.pos = torch.zeros(1, dtype=torch.long, device=self.device)
         if self.cuda_graph:
-            stream = torch.cuda.Stream(self.device)
-            stream.wait_stream(torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(stream):
-                for _ in range(3):  # compile, autotune, allocate outside the capture
-                    self._decode_step()
-            torch.cuda.current_stream(self.device).wait_stream(stream)
-            self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph):
-                self._decode_step()
+            self.graph = self._capture(self._decode_step, warmup=3)
         self.shape = (batch, max_seq)
+
+    def _load_prompt(self, ids: torch.Tensor) -> None:
+        """Copy the prompt into the static buffer the prefill graph reads, capturing it for a new shape."""
+        if self.prompt is None or self.prompt.shape != ids.shape:
+            self.prefill_graph = None
+            self.prompt = ids.clone()
+            self.prompt_pos = torch.arange(ids.shape[1], device=self.device)
+            if self.cuda_graph:
+                self.prefill_graph = self._capture(self._prefill, warmup=1)
+        self.prompt.copy_(ids)
 
     @torch.inference_mode()
     def generate(self, input_ids: torch.Tensor, output_len: int) -> GenerationTiming:
@@ -78,14 +107,14 @@ class Generator:
         batch, length = input_ids.shape
         if self.shape is None or self.shape[0] != batch or self.shape[1] < length + output_len:
             self.setup(batch, length + output_len)  # else reuse the cache (and graph) already set up
-        ids = input_ids.to(self.device)
-        positions = torch.arange(length, device=self.device)
+        self._load_prompt(input_ids.to(self.device))
         outputs = torch.empty(batch, output_len, dtype=torch.long, device=self.device)
         _sync(self.device)
         start = time.perf_counter()
-        logits = self.model(ids, positions)  # prefill: [B, V] of the last position
-        self.tok.copy_(logits.argmax(dim=-1, keepdim=True))
-        self.pos.fill_(length)
+        if self.prefill_graph is not None:
+            self.prefill_graph.replay()
+        else:
+            self._prefill()
         outputs[:, 0:1].copy_(self.tok)
         _sync(self.device)
         first = time.perf_counter() - start
@@ -103,7 +132,7 @@ class Generator:
         return GenerationTiming(batch, length, output_len, first, steps, total, outputs.cpu())
 
     def release(self) -> None:
-        self.graph = None
+        self.graph, self.prefill_graph, self.prompt = None, None, None
         self.model.caches = []
         self.model.cache_shape = None
         self.shape = None

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tasks.backends.torch.cuda.attention import decode_attention
+from tasks.backends.torch.cuda.dense import DenseLinear
 from tasks.backends.torch.cuda.rope import apply_rope, rope_tables
 
 
@@ -64,7 +65,7 @@ LinearFactory = Callable[[int, int], nn.Module]  # (in_features, out_features) -
 
 
 def dense_linear(dtype: torch.dtype = torch.bfloat16, device: torch.device | str | None = None) -> LinearFactory:
-    return lambda k, n: nn.Linear(k, n, bias=False, dtype=dtype, device=device)
+    return lambda k, n: DenseLinear(k, n, bias=False, dtype=dtype, device=device)
 
 
 class RMSNorm(nn.Module):

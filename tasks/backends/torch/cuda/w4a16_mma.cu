@@ -827,3 +827,103 @@ __global__ void __launch_bounds__(128 * WG) w4a16_wgmma(
 }
 
 #endif  // __CUDA_ARCH_FEAT_SM90_ALL
+
+
+// ------------------------------------------------------------------------------------------------------
+// bf16 weights (nn.Linear's row-major [N, K]) at batch <= 8, for the fp16 baseline: cuBLAS's GEMV reads
+// 4096 x 4096 at 2.6 TB/s and 4096 x 11008 at 3.4 TB/s on an H200 (the copy test moves 4.2), and the
+// baseline must itself run near the roofline or int4's speed-up is overstated.  Same tiling as
+// w4a16_gemv: a warp takes TN 16-row tiles, 64-deep chunks, one mma.m16n8k16 per 16-deep step with the
+// weights as A.  Within a chunk, lane (g, t) reads k = 8t .. 8t+7 and 32+8t .. 32+8t+7 of rows g and g + 8
+// (so each load instruction covers 64 contiguous bytes of 8 rows) and uses word s of each piece in K step
+// s; the activations are read in the same K order, which leaves the dot products unchanged.  Loads go
+// straight to registers, one batch of B chunks ahead; warps of a block split K.
+template <int TN, int B, int WK>
+__global__ void __launch_bounds__(32 * WK) bf16_gemv(
+        const u16* __restrict__ x, const u16* __restrict__ w, void* __restrict__ out, int M, int N, int K,
+        int chunks_per_split, int out_fp32) {
+    constexpr int PER_WARP = TN * 4 * 32;
+    __shared__ __align__(16) float red[WK > 1 ? (WK - 1) * PER_WARP : 1];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int g = lane >> 2, t = lane & 3;
+    const int n_chunks = K >> 6, n_tiles = N >> 4;
+    const int nt0 = blockIdx.x * TN;
+    const int c_begin = blockIdx.y * chunks_per_split;
+    const int c_end = imin(c_begin + chunks_per_split, n_chunks);
+    const int batches = (c_end - c_begin + B - 1) / B;
+    const int n_batches = batches > warp ? (batches - warp + WK - 1) / WK : 0;
+    const int first = c_begin + warp * B;  // this warp's first chunk; then every WK * B chunks
+
+    const U4* wsrc[TN][2];  // rows g and g + 8 of each tile, at this lane's first piece
+#pragma unroll
+    for (int tn = 0; tn < TN; ++tn) {
+        const int tile = imin(nt0 + tn, n_tiles - 1);  // tiles past N: computed, never stored
+#pragma unroll
+        for (int h = 0; h < 2; ++h)
+            wsrc[tn][h] = reinterpret_cast<const U4*>(w + (u64)(tile * 16 + g + 8 * h) * K + (u64)first * 64) + t;
+    }
+    const U4* xsrc = reinterpret_cast<const U4*>(x + (u64)imin(g, M - 1) * K + (u64)first * 64) + t;
+    const int step = WK * B * 8;  // U4 between a warp's consecutive batches
+
+    struct Batch { U4 w[B][TN][2][2]; U4 x[B][2]; };
+    auto load = [&](Batch& bt, int batch) {
+        if (batch >= n_batches) return;
+        const int c0 = first + batch * WK * B;
+#pragma unroll
+        for (int c = 0; c < B; ++c)
+            if (c0 + c < c_end) {
+#pragma unroll
+                for (int tn = 0; tn < TN; ++tn)
+#pragma unroll
+                    for (int h = 0; h < 2; ++h)
+#pragma unroll
+                        for (int j = 0; j < 2; ++j) bt.w[c][tn][h][j] = load_stream(wsrc[tn][h] + c * 8 + 4 * j);
+                bt.x[c][0] = load_cached(xsrc + c * 8);
+                bt.x[c][1] = load_cached(xsrc + c * 8 + 4);
+            }
+#pragma unroll
+        for (int tn = 0; tn < TN; ++tn) {
+            wsrc[tn][0] += step;
+            wsrc[tn][1] += step;
+        }
+        xsrc += step;
+    };
+
+    float acc[TN][1][4];
+#pragma unroll
+    for (int tn = 0; tn < TN; ++tn)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) acc[tn][0][i] = 0.f;
+    auto compute = [&](const Batch& bt, int batch) {
+        const int c0 = first + batch * WK * B;
+#pragma unroll
+        for (int c = 0; c < B; ++c) {
+            if (c0 + c >= c_end) break;
+#pragma unroll
+            for (int s = 0; s < 4; ++s) {
+                const u32 b0 = word_of(bt.x[c][0], s), b1 = word_of(bt.x[c][1], s);
+#pragma unroll
+                for (int tn = 0; tn < TN; ++tn)
+                    mma16816(acc[tn][0], word_of(bt.w[c][tn][0][0], s), word_of(bt.w[c][tn][1][0], s),
+                             word_of(bt.w[c][tn][0][1], s), word_of(bt.w[c][tn][1][1], s), b0, b1);
+            }
+        }
+    };
+
+    Batch b0, b1;
+    load(b0, 0);
+    for (int b = 0; b < n_batches; b += 2) {
+        load(b1, b + 1);
+        compute(b0, b);
+        if (b + 1 >= n_batches) break;
+        load(b0, b + 2);
+        compute(b1, b + 1);
+    }
+
+    if (!sum_into_warp0<WK, PER_WARP>(&acc[0][0][0], red, warp, lane)) return;
+#pragma unroll
+    for (int tn = 0; tn < TN; ++tn) {
+        if (nt0 + tn >= n_tiles) break;
+        store_tile<1>(acc[tn], out, blockIdx.y, M, N, nt0 + tn, g, t, out_fp32);
+    }
+}

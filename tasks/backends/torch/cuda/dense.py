@@ -1,0 +1,103 @@
+"""bf16 linear layers for the fp16 baseline: cuBLAS, except at decode batch <= 8 on shapes where the
+``bf16_gemv`` kernel of ``w4a16_mma.cu`` measured faster.
+
+Why: the fp16 baseline must itself run near the memory-bandwidth roofline, or int4's speed-up is
+overstated.  At batch 1 on an H200, cuBLAS reads Llama-2-7B's 4096 x 4096 (wo) weight at 2.6 TB/s and the
+4096 x 11008 (w2) one at 3.3 TB/s, while the GPU's copy test moves 4.2.  The kernel reads nn.Linear's own
+weight tensor (no second copy) with the int4 kernels' tiling and split-K partials, and
+``bench/gpu_benchmark.py --mode dense`` writes the shapes and launch configs where it wins (timed with the
+split-K sum, as the engine pays for it) to ``dense_configs.json``; every other shape, batch and device
+keeps ``F.linear``.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tasks.backends.torch.cuda import int4_mma
+
+CONFIG_FILE = Path(__file__).with_name("dense_configs.json")
+MAX_M = 8  # one 8-row activation tile
+
+
+def _load_tuned() -> dict[tuple[int, int, int], tuple[int, int, int, int]]:
+    if not CONFIG_FILE.exists():
+        return {}
+    return {(int(m), int(n), int(k)): tuple(cfg) for m, n, k, cfg in json.loads(CONFIG_FILE.read_text())["configs"]}
+
+
+#: {(M bucket, N, K): (TN, B, WK, splits)}: 16-row tiles per warp, 64-deep chunks per batch, warps per block,
+#: split-K slices; only shapes where the kernel beat cuBLAS on the sweep's GPU
+TUNED = _load_tuned()
+
+
+def check_config(cfg: tuple[int, ...]) -> None:
+    if len(cfg) != 4 or min(cfg) < 1 or cfg[2] not in (1, 2, 4, 8):
+        raise ValueError(f"bf16 gemv config {cfg} must be (TN, B, WK, splits), all >= 1, WK in 1, 2, 4, 8")
+
+
+def config(m: int, n: int, k: int) -> tuple[int, int, int, int] | None:
+    """The tuned launch config for this shape, or None: cuBLAS."""
+    if m > MAX_M or n % int4_mma.TILE or k % int4_mma.CHUNK:
+        return None
+    return TUNED.get((int4_mma.m_bucket(m), n, k)) or TUNED.get((MAX_M, n, k))
+
+
+def output_splits(k: int, cfg: tuple[int, ...]) -> int:
+    return int4_mma.split_k(k // int4_mma.CHUNK, cfg[3])[1]
+
+
+def gemv_split(x: torch.Tensor, weight: torch.Tensor, cfg: tuple[int, ...]) -> torch.Tensor:
+    """x [M, K] bf16 (M <= 8) @ weight [N, K]^T -> split-K partials [S, M, N] (fp32 when S > 1)."""
+    check_config(cfg)
+    m, k = x.shape
+    n = weight.shape[0]
+    tn, b, wk, _ = cfg
+    per, splits = int4_mma.split_k(k // int4_mma.CHUNK, cfg[3])
+    out = torch.empty(splits, m, n, dtype=torch.float32 if splits > 1 else torch.bfloat16, device=x.device)
+    int4_mma._kernel(f"bf16_gemv<{tn}, {b}, {wk}>")(
+        grid=(math.ceil(n / int4_mma.TILE / tn), splits, 1), block=(32 * wk, 1, 1),
+        args=[x, weight, out, m, n, k, per, int(splits > 1)])
+    return out
+
+
+def _config_for(x: torch.Tensor, weight: torch.Tensor) -> tuple[int, int, int, int] | None:
+    """The kernel's config where it applies (bf16, a tuned shape, NVRTC kernels on this GPU), else None."""
+    if not (x.is_cuda and x.dtype == torch.bfloat16 and weight.dtype == torch.bfloat16):
+        return None
+    cfg = config(int(x.shape[0]), int(weight.shape[0]), int(x.shape[1]))
+    return cfg if cfg is not None and int4_mma.available(x.device)[0] else None
+
+
+@torch.library.custom_op("quantsweep::bf16_mm_split", mutates_args=())
+def bf16_mm_split(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``x`` [M, K] @ ``weight``^T as [S, M, N] split-K partials: the kernel on tuned shapes, else cuBLAS
+    (S = 1).  Opaque to torch.compile (the choice is made here, outside tracing); recorded by CUDA graphs."""
+    cfg = _config_for(x, weight)
+    if cfg is None:
+        return F.linear(x, weight).unsqueeze(0)
+    return gemv_split(x.contiguous(), weight, cfg)
+
+
+@bf16_mm_split.register_fake
+def _(x, weight):
+    cfg = _config_for(x, weight)
+    splits = 1 if cfg is None else output_splits(int(x.shape[1]), cfg)
+    return x.new_empty(splits, x.shape[0], weight.shape[0], dtype=torch.float32 if splits > 1 else x.dtype)
+
+
+class DenseLinear(nn.Linear):
+    """``nn.Linear`` (same parameters and state dict) whose forward, for CUDA bf16 inputs of at most 8 rows,
+    goes through :func:`bf16_mm_split` (the tuned kernel where it won, cuBLAS elsewhere)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.bias is not None or not x.is_cuda or x.numel() // x.shape[-1] > MAX_M:
+            return F.linear(x, self.weight, self.bias)
+        parts = torch.ops.quantsweep.bf16_mm_split(x.reshape(-1, x.shape[-1]), self.weight)
+        y = parts[0] if parts.shape[0] == 1 else parts.sum(0)  # fused into the consumer when compiled
+        return y.to(x.dtype).view(*x.shape[:-1], self.out_features)
