@@ -153,7 +153,7 @@ def attention_check(batch_sizes: list[int], cache_len: int, out_dir: Path) -> li
             key_err = (kc[:, :, pos].float() - kn.float()).abs().max().item()  # the kernel ropes k itself
             kc[:, :, pos] = kn
             kc_ref[:, :, pos], vc_ref[:, :, pos] = kn, vn  # the one slot the kernel must have written
-            cache_ok = torch.equal(kc, kc_ref) and torch.equal(vc, vc_ref) and key_err <= 2 ** -7 * kn.abs().max()
+            cache_ok = torch.equal(kc, kc_ref) and torch.equal(vc, vc_ref) and key_err <= 2 ** -7 * float(kn.abs().max())
             rows.append({"batch": b, "pos": pos, "cache_len": cache_len, "rel_err": rel, "cache_written": cache_ok,
                          "new_key_max_abs_err": key_err,
                          "pass": bool(torch.isfinite(out).all()) and rel < 1e-2 and cache_ok})
