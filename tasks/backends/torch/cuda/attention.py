@@ -9,8 +9,9 @@ reads only the keys written so far, and the cache length is cut into chunks that
 (flash-decoding: one program per (sequence, KV head, chunk) for all query heads of that KV head, both
 products on tensor cores).
 
-Why everything in one kernel: at batch 1 a decode step is ~10 launches per layer of a few microseconds
-each, so each launch saved is worth as much as a few percent of a linear layer's bandwidth.  The kernel
+Why everything in one kernel: at small batch a decode step is a chain of short kernels, and each launch
+costs a microsecond or two of the chain (with the deferred residual add of :mod:`.model`, folding rope and
+the merge in cut an H200's decode step by 0.05 ms at batch 1 and 0.17 ms at batch 8).  The kernel
 therefore takes the raw q/k/v projection and rotates q and the new key itself (the same fp32 arithmetic as
 :func:`~.rope.apply_rope`); the program whose chunk holds ``pos`` writes the new key and value into the
 cache, and every program uses them from registers rather than from memory, so no program reads a cache slot

@@ -1,8 +1,10 @@
 """A gpt-fast-style Llama: fused projections, a static KV cache written at ``input_pos``, no framework.
 
 Shapes: B batch, L tokens in this call, S cache length (input + output), D model dim, H heads, Hkv KV heads,
-hd head dim, I MLP width, V vocab.  Every linear layer is either ``nn.Linear`` (bf16) or
-:class:`~tasks.backends.torch.cuda.int4.Int4Linear`; the model code does not know which.
+hd head dim, I MLP width, V vocab.  Every linear layer is either an ``nn.Linear`` (bf16:
+:class:`~tasks.backends.torch.cuda.dense.DenseLinear`, which uses a GEMV kernel at small batch where it
+measured faster than cuBLAS) or :class:`~tasks.backends.torch.cuda.int4.Int4Linear`; the model code does
+not know which.
 
 Prefill (L > 1) always starts at position 0 and attends causally over its own keys (flash attention);
 decode (L == 1) runs each block as two (compiled) halves around
@@ -138,7 +140,7 @@ class Block(nn.Module):
     # everything between two attention kernels (norms, residual adds, SiLU, the int4 kernels' split-K sums)
     # and the attention kernel stays eager.  A block's last residual add is left to the next block's
     # decode_pre (or the final norm), where it fuses into the RMSNorm kernel that reads the sum anyway:
-    # one launch less per block, which shows at batch 1 where a step is ~10 launches per block.
+    # one launch less per block.
 
     def decode_pre(self, x: torch.Tensor, mlp_out: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """x [B, 1, D] and the previous block's MLP output (None before the first block) -> the residual
