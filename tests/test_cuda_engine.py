@@ -302,3 +302,20 @@ def test_generator_reuses_a_larger_cache_of_the_same_batch(tmp_path: Path) -> No
     assert gen.shape == (3, 15)
     gen.release()
     assert torch.equal(gen.generate(ids, 5).output_token_ids, in_big_cache)  # same tokens in an exact cache
+
+
+def test_generator_follows_the_prompt_it_is_given(tmp_path: Path) -> None:
+    """The prompt goes through a static buffer (what the prefill graph reads): a new prompt of the same
+    shape must be copied in, and a new prompt length must replace the buffer, never reuse a stale one."""
+    hf = _hf_tiny(seed=4)
+    hf.save_pretrained(tmp_path)
+    model = load_llama(tmp_path, "cpu", dtype=torch.float32)
+    gen = Generator(model)
+    gen.setup(2, 40)
+    prompts = [torch.randint(0, TINY["vocab_size"], (2, length)) for length in (12, 12, 7)]
+    reused = [gen.generate(ids, 4).output_token_ids for ids in prompts]
+    assert gen.shape == (2, 40)
+    for ids, tokens in zip(prompts, reused):
+        fresh = Generator(model).generate(ids, 4).output_token_ids
+        assert torch.equal(tokens, fresh)
+    assert not torch.equal(reused[0], reused[1])  # different prompts of one shape: not the buffered one
