@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tasks.backends.torch.cuda import int4_mma
+from tasks.backends.torch.cuda import int4, int4_mma
 
 CONFIG_FILE = Path(__file__).with_name("dense_configs.json")
 MAX_M = 8  # one 8-row activation tile
@@ -99,5 +99,5 @@ class DenseLinear(nn.Linear):
         if self.bias is not None or not x.is_cuda or x.numel() // x.shape[-1] > MAX_M:
             return F.linear(x, self.weight, self.bias)
         parts = torch.ops.quantsweep.bf16_mm_split(x.reshape(-1, x.shape[-1]), self.weight)
-        y = parts[0] if parts.shape[0] == 1 else parts.sum(0)  # fused into the consumer when compiled
-        return y.to(x.dtype).view(*x.shape[:-1], self.out_features)
+        y = int4.reduce_splits(parts, x.dtype)  # fused into the consumer when compiled
+        return y.view(*x.shape[:-1], self.out_features)

@@ -1,9 +1,9 @@
 """The fast CUDA engine of the torch backend: :class:`CudaLlamaEngine` and :func:`load_cuda_engine`.
 
-Speed and memory come from this engine (static KV cache, CUDA-graph decode, torch.compile'd blocks, W4A16
-tensor-core kernels, :mod:`.int4_mma`, with the Triton kernels of :mod:`.int4` as the fallback).  Accuracy
-(lm-eval) runs through transformers on the same checkpoint: the int4 weights de-quantize to exactly the same
-values there, so MMLU scores do not depend on which engine computed them.
+Speed and memory come from this engine (static KV cache, CUDA-graph prefill and decode, torch.compile'd
+blocks, W4A16 tensor-core kernels, :mod:`.int4_mma`, with the Triton kernels of :mod:`.int4` as the
+fallback).  Accuracy (lm-eval) runs through transformers on the same checkpoint: the int4 weights
+de-quantize to exactly the same values there, so MMLU scores do not depend on which engine computed them.
 """
 from __future__ import annotations
 

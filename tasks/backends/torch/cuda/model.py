@@ -199,8 +199,7 @@ class Transformer(nn.Module):
         L > 1 must be a prefill from position 0; L == 1 is a decode step.
         """
         if tokens.shape[1] == 1:
-            x, mlp_out = self.decode_layers(tokens, input_pos)
-            logits = self.output(self.norm(x + mlp_out))  # [B, 1, V]
+            logits = self.decode_logits(*self.decode_layers(tokens, input_pos))  # [B, 1, V]
             return (logits if all_logits else logits[:, -1]).float()
         x = self.tok_embeddings(tokens)  # [B, L, D]
         cos, sin = self.cos[input_pos], self.sin[input_pos]  # [L, hd]
@@ -218,10 +217,14 @@ class Transformer(nn.Module):
             x, mlp_out = post(x, decode_attention(qkv, self.cos, self.sin, k_cache, v_cache, input_pos))
         return x, mlp_out
 
+    def decode_logits(self, x: torch.Tensor, mlp_out: torch.Tensor) -> torch.Tensor:
+        """The last block's add, the final norm and lm_head -> logits [B, 1, V] in the model's dtype."""
+        return self.output(self.norm(x + mlp_out))
+
     def greedy_head(self, x: torch.Tensor, mlp_out: torch.Tensor) -> torch.Tensor:
-        """The last block's add, the final norm, lm_head and argmax -> next tokens [B, 1] (bf16 logits: the
-        argmax of their fp32 copy is the same)."""
-        return self.output(self.norm(x + mlp_out)).argmax(dim=-1)
+        """decode_logits, then argmax -> next tokens [B, 1] (the argmax of bf16 logits is that of their fp32
+        copy)."""
+        return self.decode_logits(x, mlp_out).argmax(dim=-1)
 
     def next_tokens(self, tokens: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
         """One greedy decode step: tokens [B, 1] at input_pos [1] -> the next tokens [B, 1]."""

@@ -126,6 +126,28 @@ __device__ __forceinline__ void store_tile(const float (&acc)[MT][4], void* out,
         }
 }
 
+// A warp's accumulators: TN weight tiles x MT activation tiles x one C fragment each.
+template <int TN, int MT>
+__device__ __forceinline__ void zero_acc(float (&acc)[TN][MT][4]) {
+#pragma unroll
+    for (int tn = 0; tn < TN; ++tn)
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+            for (int i = 0; i < 4; ++i) acc[tn][mt][i] = 0.f;
+}
+
+// Store a warp's TN tiles (tile0, tile0 + stride, ...); tiles past N were computed but are never stored.
+template <int TN, int MT>
+__device__ __forceinline__ void store_tiles(const float (&acc)[TN][MT][4], void* out, int split, int M, int N,
+                                            int tile0, int stride, int n_tiles, int g, int t, int out_fp32) {
+#pragma unroll
+    for (int tn = 0; tn < TN; ++tn) {
+        if (tile0 + stride * tn >= n_tiles) break;
+        store_tile<MT>(acc[tn], out, split, M, N, tile0 + stride * tn, g, t, out_fp32);
+    }
+}
+
 __device__ __forceinline__ void cp_async16(u32 smem_addr, const void* src) {
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" :: "r"(smem_addr), "l"(src));
 }
@@ -226,12 +248,7 @@ __global__ void __launch_bounds__(32 * WK) w4a16_mma(
     for (int mt = 0; mt < MT; ++mt) xrow[mt] = x + (u64)imin(mt * 8 + g, M - 1) * K + 16 * t;
 
     float acc[TN][MT][4];
-#pragma unroll
-    for (int tn = 0; tn < TN; ++tn)
-#pragma unroll
-        for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-            for (int i = 0; i < 4; ++i) acc[tn][mt][i] = 0.f;
+    zero_acc(acc);
 
     constexpr int CSTRIDE = XS ? 1 : WK;  // chunks between u and u + 1 within a batch
     auto issue = [&](int batch, int stage) {  // always commits a group (empty past the end): waits count right
@@ -330,11 +347,7 @@ __global__ void __launch_bounds__(32 * WK) w4a16_mma(
     cp_async_wait<0>();
 
     if (!XS && !sum_into_warp0<WK, PER_WARP>(&acc[0][0][0], reinterpret_cast<float*>(smem), warp, lane)) return;
-#pragma unroll
-    for (int tn = 0; tn < TN; ++tn) {
-        if (nt0 + tn >= n_tiles) break;
-        store_tile<MT>(acc[tn], out, split, M, N, nt0 + tn, g, t, out_fp32);
-    }
+    store_tiles(acc, out, split, M, N, nt0, 1, n_tiles, g, t, out_fp32);
 }
 
 // Batch 1..8 (decode at small batch): the same fragments and MMA, with the zero point folded out of the
@@ -433,10 +446,7 @@ __global__ void __launch_bounds__(32 * WK) w4a16_gemv(
     };
 
     float acc[TN][1][4];
-#pragma unroll
-    for (int tn = 0; tn < TN; ++tn)
-#pragma unroll
-        for (int i = 0; i < 4; ++i) acc[tn][0][i] = 0.f;
+    zero_acc(acc);
 
     auto compute = [&](const GemvX<B>& xb, int batch, int stage) {
         const int g0 = first + batch * WK * U;
@@ -508,11 +518,7 @@ __global__ void __launch_bounds__(32 * WK) w4a16_gemv(
     cp_async_wait<0>();
 
     if (!sum_into_warp0<WK, PER_WARP>(&acc[0][0][0], reinterpret_cast<float*>(smem), warp, lane)) return;
-#pragma unroll
-    for (int tn = 0; tn < TN; ++tn) {
-        if (nt0 + tn >= n_tiles) break;
-        store_tile<1>(acc[tn], out, blockIdx.y, M, N, nt0 + tn, g, t, out_fp32);
-    }
+    store_tiles(acc, out, blockIdx.y, M, N, nt0, 1, n_tiles, g, t, out_fp32);
 }
 
 // W [N, K] bf16 = (q - zero) * scale from the mma layout, for prefill (the product then goes to cuBLAS).
@@ -758,12 +764,7 @@ __global__ void __launch_bounds__(128 * WG) w4a16_wgmma(
     };
 
     float acc[TN][MT][4];
-#pragma unroll
-    for (int tn = 0; tn < TN; ++tn)
-#pragma unroll
-        for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-            for (int i = 0; i < 4; ++i) acc[tn][mt][i] = 0.f;
+    zero_acc(acc);
 
     // descriptor: start address >> 4 (bits 0-13), LBO >> 4 (16-29), SBO >> 4 (32-45), no swizzle
     const u64 desc0 = ((u64)(SBO >> 4) << 32) | ((u64)(LBO >> 4) << 16);
@@ -819,11 +820,7 @@ __global__ void __launch_bounds__(128 * WG) w4a16_wgmma(
         for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
             for (int i = 0; i < 4; ++i) pin(acc[tn][mt][i]);
-#pragma unroll
-    for (int tn = 0; tn < TN; ++tn) {
-        if (tile0 + 4 * tn >= n_tiles) break;
-        store_tile<MT>(acc[tn], out, blockIdx.y, M, N, tile0 + 4 * tn, g, t, out_fp32);
-    }
+    store_tiles(acc, out, blockIdx.y, M, N, tile0, 4, n_tiles, g, t, out_fp32);
 }
 
 #endif  // __CUDA_ARCH_FEAT_SM90_ALL
@@ -890,10 +887,7 @@ __global__ void __launch_bounds__(32 * WK) bf16_gemv(
     };
 
     float acc[TN][1][4];
-#pragma unroll
-    for (int tn = 0; tn < TN; ++tn)
-#pragma unroll
-        for (int i = 0; i < 4; ++i) acc[tn][0][i] = 0.f;
+    zero_acc(acc);
     auto compute = [&](const Batch& bt, int batch) {
         const int c0 = first + batch * WK * B;
 #pragma unroll
@@ -921,9 +915,5 @@ __global__ void __launch_bounds__(32 * WK) bf16_gemv(
     }
 
     if (!sum_into_warp0<WK, PER_WARP>(&acc[0][0][0], red, warp, lane)) return;
-#pragma unroll
-    for (int tn = 0; tn < TN; ++tn) {
-        if (nt0 + tn >= n_tiles) break;
-        store_tile<1>(acc[tn], out, blockIdx.y, M, N, nt0 + tn, g, t, out_fp32);
-    }
+    store_tiles(acc, out, blockIdx.y, M, N, nt0, 1, n_tiles, g, t, out_fp32);
 }
