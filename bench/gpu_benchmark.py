@@ -608,8 +608,10 @@ def run_method(method: str, batch_sizes: list[int], input_len: int, output_len: 
     print(RANDOM_NOTICE)
     args = llama2_7b_args()
     t0 = time.perf_counter()
-    model = random_llama(args, "bfloat16" if method == "fp16" else "int4", "cuda", group_size=128,
-                         int4_kernels="triton" if method == "int4-triton" else "auto")
+    base = method.removesuffix("-nofuse")  # "-nofuse": the same engine without the GEMV fusions (A/B)
+    model = random_llama(args, "bfloat16" if base == "fp16" else "int4", "cuda", group_size=128,
+                         int4_kernels="triton" if base == "int4-triton" else "auto",
+                         gemv_fusion=not method.endswith("-nofuse"))
     gen = Generator(model, compile=compile_blocks, cuda_graph=True)
     print(f"[{method}] built in {time.perf_counter() - t0:.1f} s; weights {model.weight_bytes() / GIB:.2f} GiB")
     rows = []
@@ -656,7 +658,8 @@ def run_method(method: str, batch_sizes: list[int], input_len: int, output_len: 
             "setup_s": setup_s, "repeats": repeats, "warmup": warmup,
             "weights_gib": model.weight_bytes() / GIB,
             "gpu": torch.cuda.get_device_name(),
-            "int4_kernels": model.int4_kernels if method != "fp16" else "",
+            "int4_kernels": model.int4_kernels if base != "fp16" else "",
+            "gemv_fusion": any(layer.fuse_gemv for layer in model.layers),
         }
         if breakdown:
             try:

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tasks.backends.torch.cuda import int4, int4_mma
+from tasks.backends.torch.cuda import fused, int4, int4_mma
 
 CONFIG_FILE = Path(__file__).with_name("dense_configs.json")
 MAX_M = 8  # one 8-row activation tile
@@ -60,9 +60,24 @@ def gemv_split(x: torch.Tensor, weight: torch.Tensor, cfg: tuple[int, ...]) -> t
     tn, b, wk, _ = cfg
     per, splits = int4_mma.split_k(k // int4_mma.CHUNK, cfg[3])
     out = torch.empty(splits, m, n, dtype=torch.float32 if splits > 1 else torch.bfloat16, device=x.device)
-    int4_mma._kernel(f"bf16_gemv<{tn}, {b}, {wk}>")(
+    int4_mma._kernel(f"bf16_gemv<{tn}, {b}, {wk}, 0, 0>")(
         grid=(math.ceil(n / int4_mma.TILE / tn), splits, 1), block=(32 * wk, 1, 1),
-        args=[x, weight, out, m, n, k, per, int(splits > 1)])
+        args=[x, weight, out, m, n, k, per, int(splits > 1), x, x, 0])
+    return out
+
+
+def gemv_fused(x: torch.Tensor, weight: torch.Tensor, gamma: torch.Tensor | None, resid: torch.Tensor | None,
+               eps: float, epilogue: int, cfg: tuple[int, ...]) -> torch.Tensor:
+    """The kernel with the decode-step fusions (see :func:`.int4_mma.gemv_fused`), one split."""
+    check_config(cfg)
+    m, k = x.shape
+    n = weight.shape[0]
+    tn, b, wk, _ = cfg
+    out = torch.empty(m, n // 2 if epilogue == 2 else n, dtype=torch.bfloat16, device=x.device)
+    int4_mma._kernel(f"bf16_gemv<{tn}, {b}, {wk}, {int(gamma is not None)}, {epilogue}>")(
+        grid=(math.ceil(n / int4_mma.TILE / tn), 1, 1), block=(32 * wk, 1, 1),
+        args=[x, weight, out, m, n, k, k // int4_mma.CHUNK, 0, x if gamma is None else gamma,
+              x if resid is None else resid, int4_mma.float_bits(eps)])
     return out
 
 
@@ -91,13 +106,59 @@ def _(x, weight):
     return x.new_empty(splits, x.shape[0], weight.shape[0], dtype=torch.float32 if splits > 1 else x.dtype)
 
 
-class DenseLinear(nn.Linear):
-    """``nn.Linear`` (same parameters and state dict) whose forward, for CUDA bf16 inputs of at most 8 rows,
-    goes through :func:`bf16_mm_split` (the tuned kernel where it won, cuBLAS elsewhere)."""
+@torch.library.custom_op("quantsweep::bf16_gemv_fused", mutates_args=())
+def bf16_gemv_fused(x: torch.Tensor, weight: torch.Tensor, gamma: torch.Tensor | None, resid: torch.Tensor | None,
+                    eps: float, epilogue: int) -> torch.Tensor:
+    """:func:`gemv_fused` as an op (opaque to torch.compile, recorded by CUDA graphs); only where
+    :meth:`DenseLinear.fused_gemv` found a one-split config."""
+    cfg = _config_for(x, weight)
+    if cfg is None or output_splits(int(x.shape[1]), cfg) != 1:
+        raise ValueError(f"no one-split bf16 GEMV config for M={x.shape[0]}, N={weight.shape[0]}, K={x.shape[1]}")
+    return gemv_fused(x.contiguous(), weight, gamma, resid, eps, epilogue, cfg)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+
+@bf16_gemv_fused.register_fake
+def _(x, weight, gamma, resid, eps, epilogue):
+    return x.new_empty(x.shape[0], weight.shape[0] // 2 if epilogue == fused.EPI_SILU else weight.shape[0])
+
+
+class DenseLinear(nn.Linear):
+    """``nn.Linear`` (same parameters) whose forward, for CUDA bf16 inputs of at most 8 rows, goes through
+    :func:`bf16_mm_split` (the tuned kernel where it won, cuBLAS elsewhere).  After
+    :meth:`interleave_gate_up` its weight rows are stored interleaved (so is its state dict) while
+    ``forward`` still returns the original order."""
+
+    gate_up_interleaved = False
+
+    def interleave_gate_up(self) -> None:
+        """Interleave the rows of this [gate | up] projection by 8 for the fused SiLU epilogue (:mod:`.fused`)."""
+        if self.gate_up_interleaved:
+            return
+        if self.bias is not None:
+            raise ValueError("interleave_gate_up: a gate/up projection has no bias here")
+        with torch.no_grad():
+            self.weight.data = self.weight.data[fused.gate_up_permutation(self.out_features, self.weight.device)]
+        self.gate_up_interleaved = True
+
+    def raw_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The product in storage order."""
         if self.bias is not None or not x.is_cuda or x.numel() // x.shape[-1] > MAX_M:
             return F.linear(x, self.weight, self.bias)
         parts = torch.ops.quantsweep.bf16_mm_split(x.reshape(-1, x.shape[-1]), self.weight)
         y = int4.reduce_splits(parts, x.dtype)  # fused into the consumer when compiled
         return y.view(*x.shape[:-1], self.out_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.raw_forward(x)
+        return fused.deinterleave(y) if self.gate_up_interleaved else y
+
+    def fused_gemv(self, x: torch.Tensor, gamma: torch.Tensor | None, eps: float, resid: torch.Tensor | None,
+                   epilogue: int) -> torch.Tensor | None:
+        """x [M, K] through the kernel with the decode-step fusions (:mod:`.fused`), or None where it does not
+        run (CPU, M > 8, cuBLAS's shapes, a config with more than one split)."""
+        if self.bias is not None:
+            return None
+        cfg = _config_for(x, self.weight)
+        if cfg is None or output_splits(int(x.shape[1]), cfg) != 1:
+            return None
+        return torch.ops.quantsweep.bf16_gemv_fused(x, self.weight, gamma, resid, float(eps), int(epilogue))

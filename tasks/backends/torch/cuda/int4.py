@@ -45,7 +45,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from tasks.backends.torch.cuda import int4_mma
+from tasks.backends.torch.cuda import fused, int4_mma
 from tasks.backends.torch.cuda.int4_mma import m_bucket
 
 try:  # Triton ships with CUDA builds of torch only
@@ -528,6 +528,21 @@ def _(x, qweight, scales, zeros, in_features):
     return x.new_empty(splits, m, n, dtype=torch.float32 if splits > 1 else x.dtype)
 
 
+@torch.library.custom_op("quantsweep::w4a16_gemv_fused", mutates_args=())
+def w4a16_gemv_fused(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                     gamma: torch.Tensor | None, resid: torch.Tensor | None, eps: float, epilogue: int
+                     ) -> torch.Tensor:
+    """:func:`.int4_mma.gemv_fused` (the GEMV with the decode-step fusions of :mod:`.fused`) as an op that
+    torch.compile leaves opaque and CUDA graphs record."""
+    return int4_mma.gemv_fused(x.contiguous(), qweight, scales, zeros, gamma, resid, eps, epilogue)
+
+
+@w4a16_gemv_fused.register_fake
+def _(x, qweight, scales, zeros, gamma, resid, eps, epilogue):
+    n = qweight.shape[0] * int4_mma.TILE
+    return x.new_empty(x.shape[0], n // 2 if epilogue == fused.EPI_SILU else n)
+
+
 def w4a16_mm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
              in_features: int) -> torch.Tensor:
     """``x`` [M, K] @ de-quantized W^T -> [M, N] in x's dtype (CUDA kernels on GPUs, reference elsewhere)."""
@@ -549,6 +564,7 @@ class Int4Linear(nn.Module):
         self.register_buffer("qweight", torch.zeros(words, out_features, dtype=torch.int32, device=device))
         self.register_buffer("scales", torch.ones(groups, out_features, dtype=torch.bfloat16, device=device))
         self.register_buffer("zeros", torch.full((groups, out_features), 8.0, dtype=torch.bfloat16, device=device))
+        self.gate_up_interleaved = False  # see interleave_gate_up
 
     @classmethod
     def from_quantized(cls, q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> "Int4Linear":
@@ -574,9 +590,38 @@ class Int4Linear(nn.Module):
         self.qweight = int4_mma.pack_mma(unpack_int4(self.qweight, self.in_features))
         return True
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def interleave_gate_up(self) -> None:
+        """Store the rows of this [gate | up] projection interleaved by 8 (:func:`.fused.gate_up_permutation`)
+        for the fused SiLU epilogue; :meth:`forward` keeps returning [gate | up].  Triton layout only (before
+        :func:`select_kernels`): the permutation moves whole output columns there."""
+        if self.gate_up_interleaved:
+            return
+        if self.layout != "triton":
+            raise RuntimeError("interleave_gate_up must run before the weights move to the mma layout")
+        perm = fused.gate_up_permutation(self.out_features, self.qweight.device)
+        self.qweight, self.scales, self.zeros = (t[:, perm].contiguous() for t in (self.qweight, self.scales, self.zeros))
+        self.gate_up_interleaved = True
+
+    def raw_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The product in storage order (interleaved gate/up rows where :meth:`interleave_gate_up` ran)."""
         y = w4a16_mm(x.reshape(-1, self.in_features), self.qweight, self.scales, self.zeros, self.in_features)
         return y.view(*x.shape[:-1], self.out_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.raw_forward(x)
+        return fused.deinterleave(y) if self.gate_up_interleaved else y
+
+    def fused_gemv(self, x: torch.Tensor, gamma: torch.Tensor | None, eps: float, resid: torch.Tensor | None,
+                   epilogue: int) -> torch.Tensor | None:
+        """x [M, K] through the GEMV kernel with the decode-step fusions (:mod:`.fused`), or None where it
+        does not run (CPU, the Triton layout, M > 8, a shape whose config is not a one-split GEMV)."""
+        if not (x.is_cuda and self.layout == "mma" and x.dtype == torch.bfloat16):
+            return None
+        if int4_mma.fused_config(int(x.shape[0]), self.out_features, self.in_features, x.device,
+                                 self.group_size) is None:
+            return None
+        return torch.ops.quantsweep.w4a16_gemv_fused(x, self.qweight, self.scales, self.zeros, gamma, resid,
+                                                     float(eps), int(epilogue))
 
     def weight_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.qweight, self.scales, self.zeros))

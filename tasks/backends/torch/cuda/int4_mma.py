@@ -24,6 +24,7 @@ from __future__ import annotations
 import functools
 import json
 import math
+import struct
 from pathlib import Path
 
 import torch
@@ -249,8 +250,8 @@ def mma_split(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zero
     out = torch.empty(splits, m, n, dtype=torch.float32 if splits > 1 else torch.bfloat16, device=x.device)
     args = [x, qweight, scales, zeros, out, m, n, k, group_chunks.bit_length() - 1, per, int(splits > 1)]
     if mode == GEMV:
-        _kernel(f"w4a16_gemv<{tn}, {u}, {wk}, {stages}, {group_chunks}>")(
-            grid=(math.ceil(n / TILE / tn), splits, 1), block=(32 * wk, 1, 1), args=args)
+        _kernel(f"w4a16_gemv<{tn}, {u}, {wk}, {stages}, {group_chunks}, 0, 0>")(
+            grid=(math.ceil(n / TILE / tn), splits, 1), block=(32 * wk, 1, 1), args=args + [x, x, 0])
         return out
     if mode == WGMMA:
         smem = smem_bytes(m, cfg)
@@ -260,6 +261,42 @@ def mma_split(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zero
     launch = _kernel(f"w4a16_mma<{m_tiles(m)}, {tn}, {wk}, {u}, {stages}, {'true' if mode == SHARED_X else 'false'}>")
     launch(grid=(math.ceil(n / TILE / tn / (wk if mode == SHARED_X else 1)), splits, 1), block=(32 * wk, 1, 1),
            args=args)
+    return out
+
+
+def fused_config(m: int, n: int, k: int, device: torch.device, group_size: int
+                 ) -> tuple[int, int, int, int, int, int] | None:
+    """The GEMV config of this shape if it runs in one split (what the decode-step fusions need), else None."""
+    if m > GEMV_MAX_M or group_size // CHUNK not in GEMV_GROUP_CHUNKS or not supported(n, k, group_size):
+        return None
+    cfg = config(m, n, k, wgmma_available(device), group_size // CHUNK)
+    return cfg if cfg[5] == GEMV and chunk_splits(k, cfg)[1] == 1 else None
+
+
+def float_bits(value: float) -> int:
+    """An fp32's bits as a C int (kernel arguments pass ints unchanged; floats would go as doubles)."""
+    return struct.unpack("<i", struct.pack("<f", value))[0]
+
+
+def gemv_fused(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+               gamma: torch.Tensor | None, resid: torch.Tensor | None, eps: float, epilogue: int) -> torch.Tensor:
+    """The GEMV kernel with the decode-step fusions of ``w4a16_mma.cu``: x [M, K] bf16 (M <= 8) is first
+    RMS-normalised with ``gamma`` (if given); the product is returned as bf16 [M, N] (epilogue 0), plus
+    ``resid`` [M, N] (1), or as silu(gate) * up [M, N / 2] of gate/up rows interleaved by 8 (2).
+    Only for shapes :func:`fused_config` accepts."""
+    m, k = x.shape
+    n = qweight.shape[0] * TILE
+    group_chunks = k // scales.shape[0] // CHUNK
+    cfg = fused_config(m, n, k, x.device, group_chunks * CHUNK)
+    if cfg is None:
+        raise ValueError(f"no one-split GEMV config for M={m}, N={n}, K={k}: the fused kernel does not apply")
+    tn, wk, u, stages, _, _ = cfg
+    out = torch.empty(m, n // 2 if epilogue == 2 else n, dtype=torch.bfloat16, device=x.device)
+    pro = int(gamma is not None)
+    _kernel(f"w4a16_gemv<{tn}, {u}, {wk}, {stages}, {group_chunks}, {pro}, {epilogue}>")(
+        grid=(math.ceil(n / TILE / tn), 1, 1), block=(32 * wk, 1, 1),
+        args=[x, qweight, scales, zeros, out, m, n, k, group_chunks.bit_length() - 1, k // CHUNK, 0,
+              x if gamma is None else gamma, x if resid is None else resid, float_bits(eps)])
     return out
 
 

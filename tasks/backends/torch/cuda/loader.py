@@ -110,10 +110,11 @@ class _Tensors:
 
 
 def load_llama(checkpoint_dir: Path, device: str | torch.device, dtype: torch.dtype = torch.bfloat16,
-               int4_kernels: str = "auto") -> Transformer:
+               int4_kernels: str = "auto", gemv_fusion: bool = True) -> Transformer:
     """A :class:`Transformer` on ``device`` from a HF Llama folder (dense or compressed-tensors int4).
 
     ``int4_kernels`` picks the int4 kernels on CUDA (:func:`~.int4.select_kernels`); CPU runs the reference.
+    ``gemv_fusion`` (CUDA only) decodes through the fused GEMV kernels (:mod:`.fused`).
     """
     config = read_config(checkpoint_dir)
     args = ModelArgs.from_hf_config(config)
@@ -145,6 +146,7 @@ def load_llama(checkpoint_dir: Path, device: str | torch.device, dtype: torch.dt
                 else:
                     _load_int4(module, theirs, tensors, device)
     model.requires_grad_(False)  # inference only: no autograd graphs in compiled code
+    _prepare_decode(model, device, gemv_fusion)
     model.int4_kernels = select_kernels(model, int4_kernels)
     model.setup_cache(1, 16)  # rope tables and a small cache so the model runs at once; engines resize it
     return model.eval()
@@ -166,8 +168,14 @@ def _load_int4(module: nn.Module, theirs: list[str], tensors: _Tensors, device: 
     module.zeros.copy_(torch.cat([p[2] for p in parts], dim=1))
 
 
+def _prepare_decode(model: Transformer, device: str | torch.device, gemv_fusion: bool) -> None:
+    """The decode fusions on CUDA (before select_kernels: w13's rows are interleaved in the Triton layout)."""
+    if gemv_fusion and torch.device(device).type == "cuda":
+        model.fuse_decode()
+
+
 def random_llama(args: ModelArgs, weight_format: str, device: str | torch.device, group_size: int = 128,
-                 seed: int = 0, int4_kernels: str = "auto") -> Transformer:
+                 seed: int = 0, int4_kernels: str = "auto", gemv_fusion: bool = True) -> Transformer:
     """A model of ``args``' shape with RANDOM weights, built directly on ``device`` (no checkpoint).
 
     ``weight_format``: "bfloat16" (dense) or "int4" (uniform random nibbles, asymmetric zero points,
@@ -193,6 +201,7 @@ def random_llama(args: ModelArgs, weight_format: str, device: str | torch.device
             elif t.is_floating_point():
                 t.copy_(0.02 * torch.randn(t.shape, generator=gen, device=device, dtype=torch.float32))
     model.requires_grad_(False)
+    _prepare_decode(model, device, gemv_fusion)
     model.int4_kernels = select_kernels(model, int4_kernels)
     model.setup_cache(1, 16)
     return model.eval()

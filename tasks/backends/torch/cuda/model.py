@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tasks.backends.torch.cuda.attention import decode_attention
+from tasks.backends.torch.cuda import fused
 from tasks.backends.torch.cuda.dense import DenseLinear
 from tasks.backends.torch.cuda.rope import apply_rope, rope_tables
 
@@ -119,8 +120,7 @@ class FeedForward(nn.Module):
         self.w2 = linear(args.intermediate_size, args.dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.w13(x).split([self.intermediate, self.intermediate], dim=-1)  # [B, L, I] each
-        return self.w2(F.silu(gate) * up)
+        return self.w2(fused.silu_mul(self.w13, x))  # w13 may store gate/up interleaved (see fused)
 
 
 class Block(nn.Module):
@@ -130,6 +130,7 @@ class Block(nn.Module):
         self.feed_forward = FeedForward(args, linear)
         self.attention_norm = RMSNorm(args.dim, args.rms_norm_eps, dtype, device)
         self.ffn_norm = RMSNorm(args.dim, args.rms_norm_eps, dtype, device)
+        self.fuse_gemv = False  # decode through the fused GEMV kernels where they apply (Transformer.fuse_decode)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, input_pos: torch.Tensor,
                 k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
@@ -138,22 +139,28 @@ class Block(nn.Module):
 
     # A decode step is decode_pre -> decode_attention -> decode_post per block, so that torch.compile fuses
     # everything between two attention kernels (norms, residual adds, SiLU, the int4 kernels' split-K sums)
-    # and the attention kernel stays eager.  A block's last residual add is left to the next block's
-    # decode_pre (or the final norm), where it fuses into the RMSNorm kernel that reads the sum anyway:
-    # one launch less per block.
+    # and the attention kernel stays eager.  Where the fused GEMV kernels apply (fuse_gemv, see fused.py)
+    # the norms, adds and SiLU run inside the linears' kernels instead.  Otherwise a block's last residual
+    # add is left to the next block's decode_pre (or the final norm), where it fuses into the RMSNorm
+    # kernel that reads the sum anyway: one launch less per block.
 
     def decode_pre(self, x: torch.Tensor, mlp_out: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """x [B, 1, D] and the previous block's MLP output (None before the first block) -> the residual
-        stream x + mlp_out [B, 1, D] and this block's q/k/v projection [B, (H + 2 Hkv) hd], not yet roped."""
+        """x [B, 1, D] and the previous block's MLP output (None before the first block, or when that block
+        added it itself) -> the residual stream x + mlp_out [B, 1, D] and this block's q/k/v projection
+        [B, (H + 2 Hkv) hd], not yet roped."""
         if mlp_out is not None:
             x = x + mlp_out
-        return x, self.attention.wqkv(self.attention_norm(x))[:, 0]
+        return x, fused.norm_linear(self.attention.wqkv, self.attention_norm, x, self.fuse_gemv)[:, 0]
 
-    def decode_post(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """x [B, 1, D], attention output y [B, H, hd] -> the residual stream after attention h [B, 1, D] and
-        the MLP output [B, 1, D]; the block's output is their sum (added by the next decode_pre)."""
-        h = x + self.attention.wo(y.reshape(x.shape[0], 1, -1))
-        return h, self.feed_forward(self.ffn_norm(h))
+    def decode_post(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """x [B, 1, D], attention output y [B, H, hd] -> (the block's output, None) where w2's kernel adds the
+        residual, else (the residual stream after attention h [B, 1, D], the MLP output [B, 1, D]), whose
+        sum is the block's output (added by the next decode_pre)."""
+        ff = self.feed_forward
+        h = fused.linear_residual(self.attention.wo, y.reshape(x.shape[0], 1, -1), x, self.fuse_gemv)
+        act = fused.norm_silu_mul(ff.w13, self.ffn_norm, h, self.fuse_gemv)
+        out = fused.fused_residual(ff.w2, act, h, self.fuse_gemv)
+        return (out, None) if out is not None else (h, ff.w2(act))
 
 
 class Transformer(nn.Module):
@@ -209,7 +216,17 @@ class Transformer(nn.Module):
             x = x[:, -1]  # [B, D]: prefill needs only the last position's logits
         return self.output(self.norm(x)).float()
 
-    def decode_layers(self, tokens: torch.Tensor, input_pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def fuse_decode(self, enable: bool = True) -> None:
+        """Decode through the fused GEMV kernels (:mod:`.fused`) where they apply; call before compiling.
+        Interleaves every block's gate/up projection (once; forward's results are unchanged)."""
+        for layer in self.layers:
+            w13 = layer.feed_forward.w13
+            if enable and hasattr(w13, "interleave_gate_up"):
+                w13.interleave_gate_up()
+            layer.fuse_gemv = enable
+
+    def decode_layers(self, tokens: torch.Tensor, input_pos: torch.Tensor
+                      ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """tokens [B, 1] at input_pos [1] -> the last block's residual stream and MLP output (see decode_pre)."""
         x, mlp_out = self.tok_embeddings(tokens), None  # [B, 1, D]
         for (pre, post), (k_cache, v_cache) in zip(self.decode_halves, self.caches):
@@ -217,11 +234,12 @@ class Transformer(nn.Module):
             x, mlp_out = post(x, decode_attention(qkv, self.cos, self.sin, k_cache, v_cache, input_pos))
         return x, mlp_out
 
-    def decode_logits(self, x: torch.Tensor, mlp_out: torch.Tensor) -> torch.Tensor:
-        """The last block's add, the final norm and lm_head -> logits [B, 1, V] in the model's dtype."""
-        return self.output(self.norm(x + mlp_out))
+    def decode_logits(self, x: torch.Tensor, mlp_out: torch.Tensor | None) -> torch.Tensor:
+        """The last block's add (unless done), the final norm and lm_head -> logits [B, 1, V] in the model's
+        dtype."""
+        return self.output(self.norm(x if mlp_out is None else x + mlp_out))
 
-    def greedy_head(self, x: torch.Tensor, mlp_out: torch.Tensor) -> torch.Tensor:
+    def greedy_head(self, x: torch.Tensor, mlp_out: torch.Tensor | None) -> torch.Tensor:
         """decode_logits, then argmax -> next tokens [B, 1] (the argmax of bf16 logits is that of their fp32
         copy)."""
         return self.decode_logits(x, mlp_out).argmax(dim=-1)

@@ -148,6 +148,127 @@ __device__ __forceinline__ void store_tiles(const float (&acc)[TN][MT][4], void*
     }
 }
 
+// ---- decode-step fusions around the batch <= 8 GEMV kernels (w4a16_gemv, bf16_gemv) ----------------------
+// A decode step at batch 1 is 8 kernels per layer of a few microseconds each, and each pays a fixed cost
+// of launch, ramp-up and tail; the two RMSNorms, the residual adds and SiLU * up are therefore folded into
+// the GEMVs around them (5 kernels per layer instead of 8):
+//   PRO_NORM      the GEMV multiplies rmsnorm(x) * gamma.  The product is linear in x, so each lane
+//                 multiplies the activations it loads by gamma (bf16(x * gamma), one rounding) and sums
+//                 their squares on the way; the block adds up the sums at the end and scales its fp32
+//                 results by rstd = 1 / sqrt(mean(x^2) + eps).  No pass over x before the weights stream
+//                 (a first version computed rstd up front, HF's rounding exactly, and was slower than the
+//                 unfused kernels on an H200).  Rounding differs from HF's bf16(gamma * bf16(x * rstd)) by
+//                 one bf16 rounding of the activations, like any reordering.
+//   EPI_RESIDUAL  out = bf16(resid + bf16(product)), PyTorch's rounding: the residual add after wo and w2
+//                 (warp 0 loads its resid values before the main loop, off the tail).
+//   EPI_SILU      w13's rows are interleaved by 8 (tile i = gate rows 8i..8i+7, then up rows 8i..8i+7), so
+//                 a lane holds gate and up of the same output: out = bf16(bf16(silu(gate)) * up), N / 2 wide.
+// Prologue and epilogues need the whole K in one block: they are only used with one split.
+#define PRO_NONE 0
+#define PRO_NORM 1
+#define EPI_SPLITS 0
+#define EPI_RESIDUAL 1
+#define EPI_SILU 2
+
+__device__ __forceinline__ float lo_of(u32 w) { return __uint_as_float(w << 16); }
+__device__ __forceinline__ float hi_of(u32 w) { return __uint_as_float(w & 0xFFFF0000u); }
+
+// v = bf16(v * gamma) pairwise (the product of two bf16 is exact in fp32: fma2 with -0 rounds it once),
+// and ss += the squares of the original v.
+__device__ __forceinline__ void gamma_u4(U4& v, const U4& gamma, float& ss) {
+    u32* w = &v.x;
+    const u32* gw = &gamma.x;
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        ss = __fmaf_rn(lo_of(w[i]), lo_of(w[i]), ss);
+        ss = __fmaf_rn(hi_of(w[i]), hi_of(w[i]), ss);
+        w[i] = fma2(w[i], gw[i], BF16X2_NEG_ZERO);
+    }
+}
+
+// PRO_NORM's end: ss is each lane's sum of squares of row g over the K it loaded (lanes of the same g
+// split k by t, warps split the chunks); the block's rstd of rows m = 2t, 2t + 1 scales warp 0's results.
+// red: 8 * WK floats of shared memory; every warp calls it, before sum_into_warp0 (whose barrier publishes
+// red) or, with one warp, alone.
+__device__ __forceinline__ void publish_sumsq(float ss, float* red, int warp, int lane) {
+    ss += __shfl_xor_sync(0xFFFFFFFFu, ss, 1);
+    ss += __shfl_xor_sync(0xFFFFFFFFu, ss, 2);
+    if ((lane & 3) == 0) red[warp * 8 + (lane >> 2)] = ss;
+}
+
+template <int WK, int TN>
+__device__ __forceinline__ void scale_by_rstd(float (&acc)[TN][1][4], const float* red, int K, float eps, int M,
+                                              int t) {
+    if (WK == 1) __syncwarp();
+#pragma unroll
+    for (int j = 0; j < 2; ++j) {
+        const int m = imin(2 * t + j, M - 1);
+        float s = 0.f;
+        for (int w = 0; w < WK; ++w) s += red[w * 8 + m];
+        const float rstd = rsqrtf(s / (float)K + eps);
+#pragma unroll
+        for (int tn = 0; tn < TN; ++tn) {
+            acc[tn][0][j] *= rstd;
+            acc[tn][0][2 + j] *= rstd;
+        }
+    }
+}
+
+// EPI_RESIDUAL's resid values of this lane's outputs (rows g, g + 8 of each tile; m = 2t, 2t + 1).
+template <int TN>
+__device__ __forceinline__ void load_resid(const u16* __restrict__ resid, int M, int N, int tile0, int n_tiles,
+                                           int g, int t, u16 (&rv)[TN][2][2]) {
+#pragma unroll
+    for (int tn = 0; tn < TN; ++tn)
+#pragma unroll
+        for (int h = 0; h < 2; ++h)
+#pragma unroll
+            for (int j = 0; j < 2; ++j) {
+                const int m = 2 * t + j;
+                rv[tn][h][j] = (tile0 + tn < n_tiles && m < M) ? resid[(u64)m * N + (tile0 + tn) * 16 + g + 8 * h] : 0;
+            }
+}
+
+__device__ __forceinline__ u16 add_bf16(u16 a, float b) {  // bf16(a + bf16(b)), as PyTorch adds two bf16
+    return float_to_bf16(bf16_to_float(a) + bf16_to_float(float_to_bf16(b)));
+}
+
+__device__ __forceinline__ u16 silu_mul(float gate, float up) {  // bf16(bf16(silu(g)) * u), g, u rounded first
+    const float g = bf16_to_float(float_to_bf16(gate));
+    const float s = bf16_to_float(float_to_bf16(g / (1.f + expf(-g))));
+    return float_to_bf16(s * bf16_to_float(float_to_bf16(up)));
+}
+
+// The GEMV kernels' store: split-K partials (EPI_SPLITS), or, with one split, the fused epilogues above
+// into bf16 out [M, N] (EPI_RESIDUAL, with load_resid's values) or [M, N / 2] (EPI_SILU).
+template <int EPI, int TN>
+__device__ __forceinline__ void store_gemv(const float (&acc)[TN][1][4], void* out, const u16 (&rv)[TN][2][2],
+                                           int split, int M, int N, int tile0, int n_tiles, int g, int t,
+                                           int out_fp32) {
+    if (EPI == EPI_SPLITS) {
+        store_tiles(acc, out, split, M, N, tile0, 1, n_tiles, g, t, out_fp32);
+        return;
+    }
+    u16* o = reinterpret_cast<u16*>(out);
+#pragma unroll
+    for (int tn = 0; tn < TN; ++tn) {
+        const int tile = tile0 + tn;
+        if (tile >= n_tiles) break;
+#pragma unroll
+        for (int j = 0; j < 2; ++j) {
+            const int m = 2 * t + j;
+            if (m >= M) continue;
+            if (EPI == EPI_RESIDUAL) {
+#pragma unroll
+                for (int h = 0; h < 2; ++h)
+                    o[(u64)m * N + tile * 16 + g + 8 * h] = add_bf16(rv[tn][h][j], acc[tn][0][2 * h + j]);
+            } else {
+                o[(u64)m * (N / 2) + tile * 8 + g] = silu_mul(acc[tn][0][j], acc[tn][0][2 + j]);
+            }
+        }
+    }
+}
+
 __device__ __forceinline__ void cp_async16(u32 smem_addr, const void* src) {
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" :: "r"(smem_addr), "l"(src));
 }
@@ -367,11 +488,13 @@ __global__ void __launch_bounds__(32 * WK) w4a16_mma(
 template <int B>
 struct GemvX { U4 v[B][2]; };  // one batch of activations: chunk, 16-byte half of the lane's 16 k
 
-template <int TN, int U, int WK, int S, int CPG>
+// PRO and EPI: the decode-step fusions above (gamma, resid and eps_bits, the fp32 eps's bits, serve them).
+template <int TN, int U, int WK, int S, int CPG, int PRO, int EPI>
 __global__ void __launch_bounds__(32 * WK) w4a16_gemv(
         const u16* __restrict__ x, const U4* __restrict__ qw, const u16* __restrict__ scales,
         const u16* __restrict__ zeros, void* __restrict__ out, int M, int N, int K, int /* group_shift: CPG */,
-        int chunks_per_split, int out_fp32) {
+        int chunks_per_split, int out_fp32, const u16* __restrict__ gamma, const u16* __restrict__ resid,
+        int eps_bits) {
     constexpr int B = U * CPG;                 // chunks per batch
     constexpr int W_STAGE = B * TN * 32;       // U4 per stage per warp
     constexpr int P_STAGE = U * TN * 16;       // u32 per stage per warp: 16 scales, then 16 zero points
@@ -379,6 +502,7 @@ __global__ void __launch_bounds__(32 * WK) w4a16_gemv(
     constexpr int PER_WARP = TN * 4 * 32;      // accumulators per warp, for the final reduction
     constexpr int RED = (WK - 1) * PER_WARP * 4;
     __shared__ __align__(16) unsigned char smem[RING > RED ? RING : RED];
+    __shared__ float sumsq_smem[PRO == PRO_NORM ? 8 * WK : 1];  // rows' sums of squares per warp
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int g = lane >> 2, t = lane & 3;
     const int n_chunks = K >> 6, n_tiles = N >> 4;
@@ -398,6 +522,10 @@ __global__ void __launch_bounds__(32 * WK) w4a16_gemv(
         psrc[tn] = (lane < 8 ? scales : zeros) + (u64)first * N + tile * 16 + 2 * (lane & 7);  // lanes 0-15
     }
     const u16* xsrc = x + (u64)imin(g, M - 1) * K + (u64)first * CPG * 64 + 16 * t;
+    const u16* gsrc = gamma + (u64)first * CPG * 64 + 16 * t;  // PRO_NORM: gamma at the same k
+    float ss = 0.f;  // PRO_NORM: sum of squares of row g over the activations this lane loads
+    u16 rv[TN][2][2];  // EPI_RESIDUAL: warp 0's resid values, loaded now, used at the store
+    if (EPI == EPI_RESIDUAL && warp == 0) load_resid(resid, M, N, nt0, n_tiles, g, t, rv);
     const u64 w_step = (u64)WK * B * 32, p_step = (u64)WK * U * N, x_step = (u64)WK * B * 64;
     U4* ring_w = reinterpret_cast<U4*>(smem) + warp * S * W_STAGE;
     u32* ring_p = reinterpret_cast<u32*>(smem + WK * S * W_STAGE * 16) + warp * S * P_STAGE;
@@ -439,10 +567,16 @@ __global__ void __launch_bounds__(32 * WK) w4a16_gemv(
                     const U4* src = reinterpret_cast<const U4*>(xsrc + (u * CPG + cc) * 64);
                     xb.v[u * CPG + cc][0] = load_cached(src);
                     xb.v[u * CPG + cc][1] = load_cached(src + 1);
+                    if (PRO == PRO_NORM) {
+                        const U4* gs = reinterpret_cast<const U4*>(gsrc + (u * CPG + cc) * 64);
+                        gamma_u4(xb.v[u * CPG + cc][0], load_cached(gs), ss);
+                        gamma_u4(xb.v[u * CPG + cc][1], load_cached(gs + 1), ss);
+                    }
                 }
             }
         }
         xsrc += x_step;
+        gsrc += x_step;
     };
 
     float acc[TN][1][4];
@@ -517,8 +651,10 @@ __global__ void __launch_bounds__(32 * WK) w4a16_gemv(
     }
     cp_async_wait<0>();
 
+    if (PRO == PRO_NORM) publish_sumsq(ss, sumsq_smem, warp, lane);
     if (!sum_into_warp0<WK, PER_WARP>(&acc[0][0][0], reinterpret_cast<float*>(smem), warp, lane)) return;
-    store_tiles(acc, out, blockIdx.y, M, N, nt0, 1, n_tiles, g, t, out_fp32);
+    if (PRO == PRO_NORM) scale_by_rstd<WK>(acc, sumsq_smem, K, __int_as_float(eps_bits), M, t);
+    store_gemv<EPI>(acc, out, rv, blockIdx.y, M, N, nt0, n_tiles, g, t, out_fp32);
 }
 
 // W [N, K] bf16 = (q - zero) * scale from the mma layout, for prefill (the product then goes to cuBLAS).
@@ -835,12 +971,15 @@ __global__ void __launch_bounds__(128 * WG) w4a16_wgmma(
 // (so each load instruction covers 64 contiguous bytes of 8 rows) and uses word s of each piece in K step
 // s; the activations are read in the same K order, which leaves the dot products unchanged.  Loads go
 // straight to registers, one batch of B chunks ahead; warps of a block split K.
-template <int TN, int B, int WK>
+// PRO and EPI: the decode-step fusions, as in w4a16_gemv.
+template <int TN, int B, int WK, int PRO, int EPI>
 __global__ void __launch_bounds__(32 * WK) bf16_gemv(
         const u16* __restrict__ x, const u16* __restrict__ w, void* __restrict__ out, int M, int N, int K,
-        int chunks_per_split, int out_fp32) {
+        int chunks_per_split, int out_fp32, const u16* __restrict__ gamma, const u16* __restrict__ resid,
+        int eps_bits) {
     constexpr int PER_WARP = TN * 4 * 32;
     __shared__ __align__(16) float red[WK > 1 ? (WK - 1) * PER_WARP : 1];
+    __shared__ float sumsq_smem[PRO == PRO_NORM ? 8 * WK : 1];  // rows' sums of squares per warp
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int g = lane >> 2, t = lane & 3;
     const int n_chunks = K >> 6, n_tiles = N >> 4;
@@ -860,9 +999,13 @@ __global__ void __launch_bounds__(32 * WK) bf16_gemv(
             wsrc[tn][h] = reinterpret_cast<const U4*>(w + (u64)(tile * 16 + g + 8 * h) * K + (u64)first * 64) + t;
     }
     const U4* xsrc = reinterpret_cast<const U4*>(x + (u64)imin(g, M - 1) * K + (u64)first * 64) + t;
+    const U4* gsrc = reinterpret_cast<const U4*>(gamma + (u64)first * 64) + t;  // PRO_NORM: same k
     const int step = WK * B * 8;  // U4 between a warp's consecutive batches
+    float ss = 0.f;  // PRO_NORM: sum of squares of row g over the activations this lane loads
+    u16 rv[TN][2][2];  // EPI_RESIDUAL: warp 0's resid values, loaded now, used at the store
+    if (EPI == EPI_RESIDUAL && warp == 0) load_resid(resid, M, N, nt0, n_tiles, g, t, rv);
 
-    struct Batch { U4 w[B][TN][2][2]; U4 x[B][2]; };
+    struct Batch { U4 w[B][TN][2][2]; U4 x[B][2]; U4 gm[B][2]; };  // gm: gamma (PRO_NORM)
     auto load = [&](Batch& bt, int batch) {
         if (batch >= n_batches) return;
         const int c0 = first + batch * WK * B;
@@ -877,6 +1020,10 @@ __global__ void __launch_bounds__(32 * WK) bf16_gemv(
                         for (int j = 0; j < 2; ++j) bt.w[c][tn][h][j] = load_stream(wsrc[tn][h] + c * 8 + 4 * j);
                 bt.x[c][0] = load_cached(xsrc + c * 8);
                 bt.x[c][1] = load_cached(xsrc + c * 8 + 4);
+                if (PRO == PRO_NORM) {  // applied in compute, once the loads have landed
+                    bt.gm[c][0] = load_cached(gsrc + c * 8);
+                    bt.gm[c][1] = load_cached(gsrc + c * 8 + 4);
+                }
             }
 #pragma unroll
         for (int tn = 0; tn < TN; ++tn) {
@@ -884,6 +1031,7 @@ __global__ void __launch_bounds__(32 * WK) bf16_gemv(
             wsrc[tn][1] += step;
         }
         xsrc += step;
+        gsrc += step;
     };
 
     float acc[TN][1][4];
@@ -893,9 +1041,14 @@ __global__ void __launch_bounds__(32 * WK) bf16_gemv(
 #pragma unroll
         for (int c = 0; c < B; ++c) {
             if (c0 + c >= c_end) break;
+            U4 xv[2] = {bt.x[c][0], bt.x[c][1]};
+            if (PRO == PRO_NORM) {
+                gamma_u4(xv[0], bt.gm[c][0], ss);
+                gamma_u4(xv[1], bt.gm[c][1], ss);
+            }
 #pragma unroll
             for (int s = 0; s < 4; ++s) {
-                const u32 b0 = word_of(bt.x[c][0], s), b1 = word_of(bt.x[c][1], s);
+                const u32 b0 = word_of(xv[0], s), b1 = word_of(xv[1], s);
 #pragma unroll
                 for (int tn = 0; tn < TN; ++tn)
                     mma16816(acc[tn][0], word_of(bt.w[c][tn][0][0], s), word_of(bt.w[c][tn][1][0], s),
@@ -914,6 +1067,8 @@ __global__ void __launch_bounds__(32 * WK) bf16_gemv(
         compute(b1, b + 1);
     }
 
+    if (PRO == PRO_NORM) publish_sumsq(ss, sumsq_smem, warp, lane);
     if (!sum_into_warp0<WK, PER_WARP>(&acc[0][0][0], red, warp, lane)) return;
-    store_tiles(acc, out, blockIdx.y, M, N, nt0, 1, n_tiles, g, t, out_fp32);
+    if (PRO == PRO_NORM) scale_by_rstd<WK>(acc, sumsq_smem, K, __int_as_float(eps_bits), M, t);
+    store_gemv<EPI>(acc, out, rv, blockIdx.y, M, N, nt0, n_tiles, g, t, out_fp32);
 }
