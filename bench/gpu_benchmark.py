@@ -47,7 +47,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from tasks.backends.torch.cuda import dense, int4, int4_mma  # noqa: E402
+from tasks.backends.torch.cuda import dense, fused, int4, int4_mma  # noqa: E402
 from tasks.backends.torch.cuda.generate import Generator  # noqa: E402
 from tasks.backends.torch.cuda.loader import random_llama  # noqa: E402
 from tasks.backends.torch.cuda.model import kv_bytes_per_token, llama2_7b_args  # noqa: E402
@@ -119,15 +119,48 @@ def numerical_check(batch_sizes: list[int], input_len: int, out_dir: Path) -> li
                 rows.append({"linear": name, "layout": layout, "M": m, "K": k, "N": n, "rel_err_int4": rel,
                              "rel_err_bf16_dense": rel_dense, "pass": ok})
                 del out, words
+            if "mma" in layouts and int4_mma.fused_config(m, n, k, x.device, 128) is not None:
+                rows.append(_check_fused(name, x, q, scales, zeros, w))
             del x, w, ref, dense
     torch.cuda.empty_cache()
     _write(rows, out_dir / "numerical_check")
-    for layout in layouts:
+    for layout in layouts + (["mma-fused"] if any(r["layout"] == "mma-fused" for r in rows) else []):
         mine = [r for r in rows if r["layout"] == layout]
+        dense_err = "" if layout == "mma-fused" else \
+            f"; bf16 dense on the same weights: {max(r['rel_err_bf16_dense'] for r in mine):.2e}"
         print(f"numerical check [{layout}]: {sum(r['pass'] for r in mine)}/{len(mine)} shapes pass (rel err < 1e-2); "
-              f"worst int4 rel err {max(r['rel_err_int4'] for r in mine):.2e}; bf16 dense on the same weights: "
-              f"{max(r['rel_err_bf16_dense'] for r in mine):.2e}")
+              f"worst int4 rel err {max(r['rel_err_int4'] for r in mine):.2e}{dense_err}")
     return rows
+
+
+def _check_fused(name: str, x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                 w: torch.Tensor) -> dict:
+    """The fused GEMV the engine runs for this linear at this M (fused.py) vs fp32 arithmetic: wqkv with the
+    RMSNorm prologue, wo and w2 with the residual epilogue, w13 with the prologue and SiLU * up (rows
+    interleaved as the engine stores them)."""
+    m, k = x.shape
+    n = w.shape[0]
+    gamma = (1 + 0.2 * torch.randn(k, device="cuda")).to(torch.bfloat16)
+    resid = torch.randn(m, n, device="cuda", dtype=torch.bfloat16)
+    xf = x.float()
+    normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-5) * gamma.float()
+    if name == "w13":
+        perm = fused.gate_up_permutation(n, "cuda")
+        args, (gamma_arg, resid_arg, epi) = (int4_mma.pack_mma(q[perm]), scales[:, perm], zeros[:, perm]), \
+            (gamma, None, fused.EPI_SILU)
+        gate, up = (normed @ w.t()).chunk(2, dim=-1)
+        ref = F.silu(gate) * up
+    elif name == "wqkv":
+        args, (gamma_arg, resid_arg, epi) = (int4_mma.pack_mma(q), scales, zeros), (gamma, None, fused.EPI_SPLITS)
+        ref = normed @ w.t()
+    else:
+        args, (gamma_arg, resid_arg, epi) = (int4_mma.pack_mma(q), scales, zeros), (None, resid, fused.EPI_RESIDUAL)
+        ref = resid.float() + xf @ w.t()
+    out = int4_mma.gemv_fused(x, *args, gamma_arg, resid_arg, 1e-5, epi)
+    rel = ((out.float() - ref).norm() / ref.norm()).item()
+    return {"linear": name, "layout": "mma-fused", "M": m, "K": k, "N": n, "rel_err_int4": rel,
+            "rel_err_bf16_dense": float("nan"), "pass": bool(torch.isfinite(out).all()) and rel < 1e-2,
+            "fusion": {fused.EPI_SILU: "norm + SiLU * up", fused.EPI_SPLITS: "norm"}.get(epi, "residual add")}
 
 
 def attention_check(batch_sizes: list[int], cache_len: int, out_dir: Path) -> list[dict]:
