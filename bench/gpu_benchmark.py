@@ -641,10 +641,12 @@ def run_method(method: str, batch_sizes: list[int], input_len: int, output_len: 
     print(RANDOM_NOTICE)
     args = llama2_7b_args()
     t0 = time.perf_counter()
-    base = method.removesuffix("-nofuse")  # "-nofuse": the same engine without the GEMV fusions (A/B)
+    # suffixes for A/B runs: "-nofuse" (gemv_fusion off), "-silu" (gemv_fusion all); else the default
+    base, _, suffix = method.partition("-")
+    base = method if base == "int4" and suffix == "triton" else base
+    fusion = {"nofuse": "off", "silu": "all"}.get(suffix, "norm")
     model = random_llama(args, "bfloat16" if base == "fp16" else "int4", "cuda", group_size=128,
-                         int4_kernels="triton" if base == "int4-triton" else "auto",
-                         gemv_fusion=not method.endswith("-nofuse"))
+                         int4_kernels="triton" if base == "int4-triton" else "auto", gemv_fusion=fusion)
     gen = Generator(model, compile=compile_blocks, cuda_graph=True)
     print(f"[{method}] built in {time.perf_counter() - t0:.1f} s; weights {model.weight_bytes() / GIB:.2f} GiB")
     rows = []
@@ -692,7 +694,7 @@ def run_method(method: str, batch_sizes: list[int], input_len: int, output_len: 
             "weights_gib": model.weight_bytes() / GIB,
             "gpu": torch.cuda.get_device_name(),
             "int4_kernels": model.int4_kernels if base != "fp16" else "",
-            "gemv_fusion": any(layer.fuse_gemv for layer in model.layers),
+            "gemv_fusion": model.gemv_fusion,
         }
         if breakdown:
             try:

@@ -53,7 +53,9 @@ def test_fused_decode_on_cpu_changes_nothing(fmt: str) -> None:
         return model(tokens, torch.arange(5)), model(tokens[:, :1], torch.tensor([5]))
 
     before = run()
-    model.fuse_decode()
+    with pytest.raises(ValueError, match="gemv_fusion must be one of off, norm, all"):
+        model.fuse_decode("silu")
+    model.fuse_decode("all")
     w13 = model.layers[0].feed_forward.w13
     assert w13.gate_up_interleaved and all(layer.fuse_gemv for layer in model.layers)
     after = run()
@@ -197,16 +199,18 @@ def _tune_small_model(monkeypatch) -> None:
 @gpu
 @needs_kernels
 @pytest.mark.parametrize("fmt", ["bfloat16", "int4"])
-def test_fused_decode_matches_the_unfused_engine(monkeypatch, fmt: str) -> None:
+@pytest.mark.parametrize("mode", ["norm", "all"])
+def test_fused_decode_matches_the_unfused_engine(monkeypatch, fmt: str, mode: str) -> None:
     """The same random model with and without the fusions: decode logits agree to bf16 rounding, and the
     compiled, graph-captured fused engine generates what it does eagerly."""
     _tune_small_model(monkeypatch)
     models = {}
     for fuse in (True, False):
-        model = random_llama(SMALL, fmt, "cuda", group_size=128, gemv_fusion=fuse)
+        model = random_llama(SMALL, fmt, "cuda", group_size=128, gemv_fusion=mode if fuse else "off")
         _random_norms(model)
         models[fuse] = model
     assert models[True].layers[0].fuse_gemv and not models[False].layers[0].fuse_gemv
+    assert models[True].layers[0].feed_forward.w13.gate_up_interleaved == (mode == "all")
     for batch in (1, 3):
         ids = torch.randint(0, SMALL.vocab_size, (batch, 16), device="cuda")
         logits = {}

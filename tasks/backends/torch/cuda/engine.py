@@ -103,15 +103,16 @@ def kv_cache_shape(options: dict[str, Any]) -> tuple[tuple[int, int] | None, str
 def load_cuda_engine(checkpoint_dir: Path, device: str, options: dict[str, Any]) -> Engine:
     """What :class:`~tasks.backends.torch.backend.TorchBackend` calls for ``cuda`` devices.
 
-    options: ``compile`` (default True), ``cuda_graph`` (default True) and ``gemv_fusion`` (default True:
-    norms, residual adds and SiLU inside the batch <= 8 GEMV kernels) switch the speed-ups off for
-    debugging; ``int4_kernels`` (auto | mma | triton, default auto) picks the int4 kernels;
+    options: ``compile`` (default True) and ``cuda_graph`` (default True) switch the two speed-ups off
+    for debugging; ``gemv_fusion`` (off | norm | all, default norm: the norms and residual adds inside
+    the batch <= 8 GEMV kernels, see :meth:`~.model.Transformer.fuse_decode`); ``int4_kernels`` (auto |
+    mma | triton, default auto) picks the int4 kernels;
     ``kv_cache_*`` and ``shape`` size the static KV cache (:func:`kv_cache_shape`); other keys are ignored.
     """
     if device.startswith("cuda"):
         torch.cuda.set_device(torch.device(device))
     scheme = int4_scheme(read_config(checkpoint_dir))
     model = load_llama(Path(checkpoint_dir), device, int4_kernels=str(options.get("int4_kernels", "auto")),
-                       gemv_fusion=bool(options.get("gemv_fusion", True)))
+                       gemv_fusion=str(options.get("gemv_fusion", "norm")))
     return CudaLlamaEngine(model, device, Path(checkpoint_dir), options,
                            symmetric=None if scheme is None else scheme["symmetric"])

@@ -110,11 +110,12 @@ class _Tensors:
 
 
 def load_llama(checkpoint_dir: Path, device: str | torch.device, dtype: torch.dtype = torch.bfloat16,
-               int4_kernels: str = "auto", gemv_fusion: bool = True) -> Transformer:
+               int4_kernels: str = "auto", gemv_fusion: str = "norm") -> Transformer:
     """A :class:`Transformer` on ``device`` from a HF Llama folder (dense or compressed-tensors int4).
 
     ``int4_kernels`` picks the int4 kernels on CUDA (:func:`~.int4.select_kernels`); CPU runs the reference.
-    ``gemv_fusion`` (CUDA only) decodes through the fused GEMV kernels (:mod:`.fused`).
+    ``gemv_fusion`` (off | norm | all; CUDA only) decodes through the fused GEMV kernels
+    (:meth:`~.model.Transformer.fuse_decode`).
     """
     config = read_config(checkpoint_dir)
     args = ModelArgs.from_hf_config(config)
@@ -168,14 +169,14 @@ def _load_int4(module: nn.Module, theirs: list[str], tensors: _Tensors, device: 
     module.zeros.copy_(torch.cat([p[2] for p in parts], dim=1))
 
 
-def _prepare_decode(model: Transformer, device: str | torch.device, gemv_fusion: bool) -> None:
-    """The decode fusions on CUDA (before select_kernels: w13's rows are interleaved in the Triton layout)."""
-    if gemv_fusion and torch.device(device).type == "cuda":
-        model.fuse_decode()
+def _prepare_decode(model: Transformer, device: str | torch.device, gemv_fusion: str) -> None:
+    """The decode fusions on CUDA (before select_kernels: "all" interleaves w13 in the Triton layout)."""
+    if torch.device(device).type == "cuda":
+        model.fuse_decode(gemv_fusion)
 
 
 def random_llama(args: ModelArgs, weight_format: str, device: str | torch.device, group_size: int = 128,
-                 seed: int = 0, int4_kernels: str = "auto", gemv_fusion: bool = True) -> Transformer:
+                 seed: int = 0, int4_kernels: str = "auto", gemv_fusion: str = "norm") -> Transformer:
     """A model of ``args``' shape with RANDOM weights, built directly on ``device`` (no checkpoint).
 
     ``weight_format``: "bfloat16" (dense) or "int4" (uniform random nibbles, asymmetric zero points,
