@@ -41,6 +41,7 @@ def test_study_experiment_is_one_override_away(tmp_path: Path, mmlu_dir: Path) -
     (["methods.awq.algorithm=magic", "sweep.methods=[awq]"], "methods.awq.algorithm", "gptq"),
     (["model=llama2_7b_chat", "model.path=/definitely/not/here"], "model.path", "config.json"),
     (["+backend.options.int4_kernels=marlin"], "backend.options.int4_kernels", "allowed: auto, mma, triton"),
+    (["+backend.options.gemv_fusion=silu"], "backend.options.gemv_fusion", "allowed: off, norm, all"),
     (["+backend.options.engine=vllm"], "backend.options.engine", "allowed: fast, hf"),
 ])
 def test_bad_input_names_field_and_allowed_values(tmp_path: Path, mmlu_dir: Path, overrides, field, allowed) -> None:
