@@ -4,7 +4,8 @@ No Ray, no checkpoint: the model is built on the GPU with random weights (its te
 and memory do not depend on the values).  Modes:
 
 - ``check``: int4 kernel output vs the de-quantized reference (fp32 on the GPU) on fresh random inputs
-  for every (M, K, N) the model runs: decode M = batch sizes, prefill M = batch x input_len.
+  for every (M, K, N) the model runs: decode M = batch sizes, prefill M = batch x input_len; and, at M <= 8,
+  the fused GEMV each linear runs with the decode fusions (layout "mma-fused").
 - ``kernels``: per-shape timing of bf16 cuBLAS, torch's tinygemm int4 op, the engine's current int4
   choice and a grid of candidates (old and new Triton kernels, de-quantize + cuBLAS), each inside a CUDA
   graph over weight copies that do not fit in L2; writes the fastest correct path per shape to
@@ -20,7 +21,8 @@ and memory do not depend on the values).  Modes:
   ``rtn``): TorchBackend build -> load (KV cache from the profile options) -> profile_engine -> lm-eval.
 - ``attention``: per batch size, the decode-attention kernels over a grid of launch configs; writes the
   fastest to ``--configs-out`` (the engine reads ``attention_configs.json``).
-- ``e2e``: method (fp16; int4 with the default kernels; int4-triton) x batch -> output tok/s (batch x
+- ``e2e``: method (fp16; int4 with the default kernels; int4-triton; a suffix -nofuse or -silu runs fp16 or
+  int4 with the engine option gemv_fusion=off or all instead of the default norm) x batch -> output tok/s (batch x
   output_len / end-to-end, prefill included), decode tok/s, TTFT, inter-token latency, peak memory, and % of
   the bandwidth roofline (bytes a decode step must read / the device-to-device copy bandwidth measured here).
   Each method runs in its own process, so one method's memory never shows in the other's peak.

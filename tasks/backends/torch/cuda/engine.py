@@ -50,7 +50,8 @@ class CudaLlamaEngine(Engine):
             "weights_bytes": model.weight_bytes(),
             "kv_bytes_per_token": kv_bytes_per_token(model.args),
             "engine": "quantsweep CUDA engine (gpt-fast style): static KV cache, CUDA-graph decode step, "
-                      f"torch.compile'd blocks={self.generator.compiled}, cuda_graph={self.generator.cuda_graph}",
+                      f"torch.compile'd blocks={self.generator.compiled}, cuda_graph={self.generator.cuda_graph}, "
+                      f"gemv_fusion={model.gemv_fusion}",
         }
 
     @torch.inference_mode()
