@@ -4,17 +4,20 @@ described in ``w4a16_mma.cu``).
 
 Why: at batch 1 a decode step is 8 kernels per layer, each of a few microseconds, and every kernel pays a
 fixed ~2-3 us of launch, ramp-up and tail (measured on an H200); the two norms and SiLU are three of the
-eight.  With the fusions a layer is wqkv (normalising) -> attention -> wo (+ residual) -> w13 (normalising,
-SiLU * up) -> w2 (+ residual).
+eight.  With the fusions (``Transformer.fuse_decode``: "norm", the default, or "all") a layer is wqkv
+(normalising) -> attention -> wo (+ residual) -> w13 (normalising; "all": and SiLU * up) [-> SiLU * up]
+-> w2 (+ residual).  H200, random Llama-2-7B weights, batch 1: int4 2.20 -> 2.13 ("norm") or 2.06 ms
+("all") per step; ``docs/bench/h200_gemv_fusions.md``.
 
 The helpers below take a linear layer and return the fused result when the layer's ``fused_gemv`` can
 compute it (:class:`~.int4.Int4Linear` and :class:`~.dense.DenseLinear` on CUDA, at most 8 rows, a GEMV
 launch config with one split), and the same thing through the unfused modules otherwise, so the model
 reads the same either way and CPU runs stay the reference.
 
-SiLU * up needs gate and up of the same output in one lane, so a fused model stores its gate/up projection
-(w13) with the rows interleaved by 8 (:func:`gate_up_permutation`); such a layer's ``forward`` still
-returns [gate | up], and :func:`silu_mul` reads its raw output without reordering it.
+SiLU * up needs gate and up of the same output in one lane, so "all" stores the gate/up projection (w13)
+with the rows interleaved by 8 (:func:`gate_up_permutation`); such a layer's ``forward`` still returns
+[gate | up], and :func:`silu_mul` reads its raw output without reordering it (slower past batch 8, where
+the compiled SiLU reads the interleaved product: why "all" is not the default).
 """
 from __future__ import annotations
 

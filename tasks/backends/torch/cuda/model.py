@@ -10,7 +10,9 @@ Prefill (L > 1) always starts at position 0 and attends causally over its own ke
 decode (L == 1) runs each block as two (compiled) halves around
 :func:`~tasks.backends.torch.cuda.attention.decode_attention`, which ropes q/k, writes the new key/value at
 the device-side position and reads only the positions written so far, so the step's shapes never change and
-it can be captured in a CUDA graph.  Rotary embedding follows Hugging Face's Llama (``rotate_half``, in
+it can be captured in a CUDA graph.  At batch <= 8 the norms, residual adds (and optionally SiLU) of a
+decode block run inside the linears' GEMV kernels (:meth:`Transformer.fuse_decode`, :mod:`.fused`).
+Rotary embedding follows Hugging Face's Llama (``rotate_half``, in
 :mod:`~tasks.backends.torch.cuda.rope`), so HF checkpoints load without permuting q/k.
 """
 from __future__ import annotations
@@ -22,8 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tasks.backends.torch.cuda.attention import decode_attention
 from tasks.backends.torch.cuda import fused
+from tasks.backends.torch.cuda.attention import decode_attention
 from tasks.backends.torch.cuda.dense import DenseLinear
 from tasks.backends.torch.cuda.rope import apply_rope, rope_tables
 
@@ -116,7 +118,6 @@ class Attention(nn.Module):
 class FeedForward(nn.Module):
     def __init__(self, args: ModelArgs, linear: LinearFactory):
         super().__init__()
-        self.intermediate = args.intermediate_size
         self.w13 = linear(args.dim, 2 * args.intermediate_size)  # [gate | up]
         self.w2 = linear(args.intermediate_size, args.dim)
 
