@@ -73,7 +73,7 @@ def gemv_fused(x: torch.Tensor, weight: torch.Tensor, gamma: torch.Tensor | None
     m, k = x.shape
     n = weight.shape[0]
     tn, b, wk, _ = cfg
-    out = torch.empty(m, n // 2 if epilogue == 2 else n, dtype=torch.bfloat16, device=x.device)
+    out = torch.empty(m, n // 2 if epilogue == fused.EPI_SILU else n, dtype=torch.bfloat16, device=x.device)
     int4_mma._kernel(f"bf16_gemv<{tn}, {b}, {wk}, {int(gamma is not None)}, {epilogue}>")(
         grid=(math.ceil(n / int4_mma.TILE / tn), 1, 1), block=(32 * wk, 1, 1),
         args=[x, weight, out, m, n, k, k // int4_mma.CHUNK, 0, x if gamma is None else gamma,
@@ -87,6 +87,12 @@ def _config_for(x: torch.Tensor, weight: torch.Tensor) -> tuple[int, int, int, i
         return None
     cfg = config(int(x.shape[0]), int(weight.shape[0]), int(x.shape[1]))
     return cfg if cfg is not None and int4_mma.available(x.device)[0] else None
+
+
+def _fused_config_for(x: torch.Tensor, weight: torch.Tensor) -> tuple[int, int, int, int] | None:
+    """:func:`_config_for` if it runs in one split (what the decode-step fusions need), else None."""
+    cfg = _config_for(x, weight)
+    return cfg if cfg is not None and output_splits(int(x.shape[1]), cfg) == 1 else None
 
 
 @torch.library.custom_op("quantsweep::bf16_mm_split", mutates_args=())
@@ -111,8 +117,8 @@ def bf16_gemv_fused(x: torch.Tensor, weight: torch.Tensor, gamma: torch.Tensor |
                     eps: float, epilogue: int) -> torch.Tensor:
     """:func:`gemv_fused` as an op (opaque to torch.compile, recorded by CUDA graphs); only where
     :meth:`DenseLinear.fused_gemv` found a one-split config."""
-    cfg = _config_for(x, weight)
-    if cfg is None or output_splits(int(x.shape[1]), cfg) != 1:
+    cfg = _fused_config_for(x, weight)
+    if cfg is None:
         raise ValueError(f"no one-split bf16 GEMV config for M={x.shape[0]}, N={weight.shape[0]}, K={x.shape[1]}")
     return gemv_fused(x.contiguous(), weight, gamma, resid, eps, epilogue, cfg)
 
@@ -122,23 +128,17 @@ def _(x, weight, gamma, resid, eps, epilogue):
     return x.new_empty(x.shape[0], weight.shape[0] // 2 if epilogue == fused.EPI_SILU else weight.shape[0])
 
 
-class DenseLinear(nn.Linear):
+class DenseLinear(fused.GateUpRows, nn.Linear):
     """``nn.Linear`` (same parameters) whose forward, for CUDA bf16 inputs of at most 8 rows, goes through
     :func:`bf16_mm_split` (the tuned kernel where it won, cuBLAS elsewhere).  After
     :meth:`interleave_gate_up` its weight rows are stored interleaved (so is its state dict) while
     ``forward`` still returns the original order."""
 
-    gate_up_interleaved = False
-
-    def interleave_gate_up(self) -> None:
-        """Interleave the rows of this [gate | up] projection by 8 for the fused SiLU epilogue (:mod:`.fused`)."""
-        if self.gate_up_interleaved:
-            return
+    def _permute_out_rows(self, perm: torch.Tensor) -> None:
+        """For :meth:`~.fused.GateUpRows.interleave_gate_up`."""
         if self.bias is not None:
             raise ValueError("interleave_gate_up: a gate/up projection has no bias here")
-        with torch.no_grad():
-            self.weight.data = self.weight.data[fused.gate_up_permutation(self.out_features, self.weight.device)]
-        self.gate_up_interleaved = True
+        self.weight.data = self.weight.data[perm.to(self.weight.device)]
 
     def raw_forward(self, x: torch.Tensor) -> torch.Tensor:
         """The product in storage order."""
@@ -148,17 +148,10 @@ class DenseLinear(nn.Linear):
         y = int4.reduce_splits(parts, x.dtype)  # fused into the consumer when compiled
         return y.view(*x.shape[:-1], self.out_features)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.raw_forward(x)
-        return fused.deinterleave(y) if self.gate_up_interleaved else y
-
     def fused_gemv(self, x: torch.Tensor, gamma: torch.Tensor | None, eps: float, resid: torch.Tensor | None,
                    epilogue: int) -> torch.Tensor | None:
         """x [M, K] through the kernel with the decode-step fusions (:mod:`.fused`), or None where it does not
         run (CPU, M > 8, cuBLAS's shapes, a config with more than one split)."""
-        if self.bias is not None:
-            return None
-        cfg = _config_for(x, self.weight)
-        if cfg is None or output_splits(int(x.shape[1]), cfg) != 1:
+        if self.bias is not None or _fused_config_for(x, self.weight) is None:
             return None
         return torch.ops.quantsweep.bf16_gemv_fused(x, self.weight, gamma, resid, float(eps), int(epilogue))

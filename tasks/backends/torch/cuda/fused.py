@@ -51,6 +51,30 @@ def deinterleave(y: torch.Tensor) -> torch.Tensor:
     return _tiles(y).transpose(-3, -2).reshape(y.shape)
 
 
+class GateUpRows:
+    """Mixin for the linear layers (``Int4Linear``, ``DenseLinear``): :meth:`interleave_gate_up` reorders a
+    [gate | up] projection's output rows for the SiLU epilogue; ``forward`` keeps returning [gate | up].
+    The layer provides ``raw_forward`` (the product in storage order) and ``_permute_out_rows``."""
+
+    gate_up_interleaved = False
+
+    def raw_forward(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _permute_out_rows(self, perm: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    def interleave_gate_up(self) -> None:
+        """Store the rows interleaved by 8 (:func:`gate_up_permutation`), once."""
+        if not self.gate_up_interleaved:
+            self._permute_out_rows(gate_up_permutation(self.out_features))
+            self.gate_up_interleaved = True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.raw_forward(x)
+        return deinterleave(y) if self.gate_up_interleaved else y
+
+
 def silu_mul(linear: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """silu(gate) * up of a gate/up projection (interleaved or not), unfused."""
     if not getattr(linear, "gate_up_interleaved", False):
@@ -76,15 +100,15 @@ def norm_linear(linear: nn.Module, norm: nn.Module, x: torch.Tensor, fuse: bool)
     return linear(norm(x)) if y is None else y
 
 
+def fused_residual(linear: nn.Module, x: torch.Tensor, resid: torch.Tensor, fuse: bool) -> torch.Tensor | None:
+    """resid + linear(x) if the fused kernel computes it, else None (the caller may defer the add)."""
+    return _fused(linear, x, resid=resid, epilogue=EPI_RESIDUAL) if fuse else None
+
+
 def linear_residual(linear: nn.Module, x: torch.Tensor, resid: torch.Tensor, fuse: bool) -> torch.Tensor:
     """resid + linear(x)."""
-    y = _fused(linear, x, resid=resid, epilogue=EPI_RESIDUAL) if fuse else None
+    y = fused_residual(linear, x, resid, fuse)
     return resid + linear(x) if y is None else y
-
-
-def fused_residual(linear: nn.Module, x: torch.Tensor, resid: torch.Tensor, fuse: bool) -> torch.Tensor | None:
-    """resid + linear(x) if the fused kernel computes it, else None (the caller defers the add)."""
-    return _fused(linear, x, resid=resid, epilogue=EPI_RESIDUAL) if fuse else None
 
 
 def norm_silu_mul(linear: nn.Module, norm: nn.Module, x: torch.Tensor, fuse: bool) -> torch.Tensor:

@@ -550,7 +550,7 @@ def w4a16_mm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros
     return reduce_splits(y, x.dtype)
 
 
-class Int4Linear(nn.Module):
+class Int4Linear(fused.GateUpRows, nn.Module):
     """A bias-free linear layer with int4 weights in the layout above; drop-in for ``nn.Linear``."""
 
     def __init__(self, in_features: int, out_features: int, group_size: int,
@@ -564,7 +564,6 @@ class Int4Linear(nn.Module):
         self.register_buffer("qweight", torch.zeros(words, out_features, dtype=torch.int32, device=device))
         self.register_buffer("scales", torch.ones(groups, out_features, dtype=torch.bfloat16, device=device))
         self.register_buffer("zeros", torch.full((groups, out_features), 8.0, dtype=torch.bfloat16, device=device))
-        self.gate_up_interleaved = False  # see interleave_gate_up
 
     @classmethod
     def from_quantized(cls, q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> "Int4Linear":
@@ -590,26 +589,18 @@ class Int4Linear(nn.Module):
         self.qweight = int4_mma.pack_mma(unpack_int4(self.qweight, self.in_features))
         return True
 
-    def interleave_gate_up(self) -> None:
-        """Store the rows of this [gate | up] projection interleaved by 8 (:func:`.fused.gate_up_permutation`)
-        for the fused SiLU epilogue; :meth:`forward` keeps returning [gate | up].  Triton layout only (before
+    def _permute_out_rows(self, perm: torch.Tensor) -> None:
+        """For :meth:`~.fused.GateUpRows.interleave_gate_up`.  Triton layout only (before
         :func:`select_kernels`): the permutation moves whole output columns there."""
-        if self.gate_up_interleaved:
-            return
         if self.layout != "triton":
             raise RuntimeError("interleave_gate_up must run before the weights move to the mma layout")
-        perm = fused.gate_up_permutation(self.out_features, self.qweight.device)
+        perm = perm.to(self.qweight.device)
         self.qweight, self.scales, self.zeros = (t[:, perm].contiguous() for t in (self.qweight, self.scales, self.zeros))
-        self.gate_up_interleaved = True
 
     def raw_forward(self, x: torch.Tensor) -> torch.Tensor:
         """The product in storage order (interleaved gate/up rows where :meth:`interleave_gate_up` ran)."""
         y = w4a16_mm(x.reshape(-1, self.in_features), self.qweight, self.scales, self.zeros, self.in_features)
         return y.view(*x.shape[:-1], self.out_features)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.raw_forward(x)
-        return fused.deinterleave(y) if self.gate_up_interleaved else y
 
     def fused_gemv(self, x: torch.Tensor, gamma: torch.Tensor | None, eps: float, resid: torch.Tensor | None,
                    epilogue: int) -> torch.Tensor | None:

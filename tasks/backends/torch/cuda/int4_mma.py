@@ -29,6 +29,8 @@ from pathlib import Path
 
 import torch
 
+from tasks.backends.torch.cuda import fused
+
 SOURCE_FILE = Path(__file__).with_name("w4a16_mma.cu")
 CONFIG_FILE = Path(__file__).with_name("int4_mma_configs.json")  # bench/gpu_benchmark.py --mode mma
 CHUNK = 64  # K per 16-byte lane vector
@@ -291,7 +293,7 @@ def gemv_fused(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zer
     if cfg is None:
         raise ValueError(f"no one-split GEMV config for M={m}, N={n}, K={k}: the fused kernel does not apply")
     tn, wk, u, stages, _, _ = cfg
-    out = torch.empty(m, n // 2 if epilogue == 2 else n, dtype=torch.bfloat16, device=x.device)
+    out = torch.empty(m, n // 2 if epilogue == fused.EPI_SILU else n, dtype=torch.bfloat16, device=x.device)
     pro = int(gamma is not None)
     _kernel(f"w4a16_gemv<{tn}, {u}, {wk}, {stages}, {group_chunks}, {pro}, {epilogue}>")(
         grid=(math.ceil(n / TILE / tn), 1, 1), block=(32 * wk, 1, 1),
