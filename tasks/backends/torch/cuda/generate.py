@@ -99,7 +99,8 @@ class Generator:
             self.prompt_pos = torch.arange(ids.shape[1], device=self.device)
             if self.cuda_graph:
                 self.prefill_graph = self._capture(self._prefill, warmup=1)
-        self.prompt.copy_(ids)
+        else:
+            self.prompt.copy_(ids)
 
     @torch.inference_mode()
     def generate(self, input_ids: torch.Tensor, output_len: int) -> GenerationTiming:
