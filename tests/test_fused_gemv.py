@@ -227,3 +227,60 @@ def test_fused_decode_matches_the_unfused_engine(monkeypatch, fmt: str, mode: st
         fast = Generator(models[True], compile=True, cuda_graph=True).generate(ids, 8)
         slow = Generator(models[True], compile=False, cuda_graph=False).generate(ids, 8)
         assert (fast.output_token_ids == slow.output_token_ids).float().mean() > 0.9, batch
+
+
+def _stand_in_kernels(model: torch.nn.Module, calls: list) -> None:
+    """Give every linear a fused_gemv that computes what the kernel would with the unfused modules (so the
+    model's fused code path runs on CPU; at most 8 rows, like the kernels) and records (block, linear,
+    epilogue, whether the norm ran in the kernel)."""
+    for b, layer in enumerate(model.layers):
+        for name, linear in [("wqkv", layer.attention.wqkv), ("wo", layer.attention.wo),
+                             ("w13", layer.feed_forward.w13), ("w2", layer.feed_forward.w2)]:
+            def fused_gemv(x, gamma, eps, resid, epilogue, linear=linear, tag=(b, name)):
+                if x.shape[0] > 8:
+                    return None
+                calls.append((*tag, epilogue, gamma is not None))
+                if gamma is not None:
+                    norm = RMSNorm(x.shape[-1], eps, x.dtype)
+                    norm.weight.data = gamma
+                    x = norm(x)
+                y = linear.raw_forward(x)
+                if epilogue == fused.EPI_RESIDUAL:
+                    return resid + y
+                if epilogue == fused.EPI_SILU:
+                    v = fused._tiles(y)
+                    return (F.silu(v[..., 0, :]) * v[..., 1, :]).reshape(x.shape[0], -1)
+                return y
+
+            linear.fused_gemv = fused_gemv
+
+
+@pytest.mark.parametrize("mode", ["norm", "all"])
+def test_both_norms_run_inside_the_gemvs_in_either_mode(mode: str) -> None:
+    """Every linear of a decode step goes through its fused kernel, both RMSNorms inside wqkv and w13 in
+    "norm" as in "all" (a version of norm_silu_mul left w13 unfused in "norm"), and the stand-in kernels give
+    the unfused model's logits."""
+    args = ModelArgs(vocab_size=128, dim=64, n_layers=3, n_heads=4, n_kv_heads=2, intermediate_size=96, head_dim=16)
+    model = random_llama(args, "bfloat16", "cpu")
+    _random_norms(model)
+    tokens = torch.randint(0, args.vocab_size, (2, 5))
+    model.setup_cache(2, 16)
+    model(tokens, torch.arange(5))
+    with torch.inference_mode():
+        ref = model.decode_logits(*model.decode_layers(tokens[:, :1], torch.tensor([5])))
+    model.fuse_decode(mode)
+    calls: list = []
+    _stand_in_kernels(model, calls)
+    with torch.inference_mode():
+        x, mlp_out = model.decode_layers(tokens[:, :1], torch.tensor([5]))
+        out = model.decode_logits(x, mlp_out)
+    assert mlp_out is None and _rel(out, ref) < 2e-2
+    w13_epilogue = fused.EPI_SILU if mode == "all" else fused.EPI_SPLITS
+    assert calls == [call for b in range(args.n_layers) for call in [
+        (b, "wqkv", fused.EPI_SPLITS, True), (b, "wo", fused.EPI_RESIDUAL, False),
+        (b, "w13", w13_epilogue, True), (b, "w2", fused.EPI_RESIDUAL, False)]]
+    calls.clear()  # past 8 rows nothing fuses
+    model.setup_cache(9, 16)
+    with torch.inference_mode():
+        model.decode_layers(torch.randint(0, args.vocab_size, (9, 1)), torch.tensor([5]))
+    assert calls == []

@@ -6,8 +6,9 @@ Why: at batch 1 a decode step is 8 kernels per layer, each of a few microseconds
 fixed ~2-3 us of launch, ramp-up and tail (measured on an H200); the two norms and SiLU are three of the
 eight.  With the fusions (``Transformer.fuse_decode``: "norm", the default, or "all") a layer is wqkv
 (normalising) -> attention -> wo (+ residual) -> w13 (normalising; "all": and SiLU * up) [-> SiLU * up]
--> w2 (+ residual).  H200, random Llama-2-7B weights, batch 1: int4 2.20 -> 2.13 ("norm") or 2.06 ms
-("all") per step; ``docs/bench/h200_gemv_fusions.md``.
+-> w2 (+ residual): 6 kernels per layer ("norm") or 5 ("all").  H200, random Llama-2-7B weights, batch 1:
+int4 2.21 -> 2.10 ("norm") or 2.06 ms ("all") per step, fp16 4.05 either way;
+``docs/bench/h200_gemv_fusions.md``.
 
 The helpers below take a linear layer and return the fused result when the layer's ``fused_gemv`` can
 compute it (:class:`~.int4.Int4Linear` and :class:`~.dense.DenseLinear` on CUDA, at most 8 rows, a GEMV
@@ -112,6 +113,13 @@ def linear_residual(linear: nn.Module, x: torch.Tensor, resid: torch.Tensor, fus
 
 
 def norm_silu_mul(linear: nn.Module, norm: nn.Module, x: torch.Tensor, fuse: bool) -> torch.Tensor:
-    """silu(gate) * up of the gate/up projection ``linear`` of norm(x)."""
-    y = _fused(linear, x, norm.weight, norm.eps, epilogue=EPI_SILU) if fuse else None
-    return silu_mul(linear, norm(x)) if y is None else y
+    """silu(gate) * up of the gate/up projection ``linear`` of norm(x): the norm always in the kernel where it
+    runs, SiLU * up too if the rows are interleaved ("all"), else after it ("norm")."""
+    epilogue = EPI_SILU if getattr(linear, "gate_up_interleaved", False) else EPI_SPLITS
+    y = _fused(linear, x, norm.weight, norm.eps, epilogue=epilogue) if fuse else None
+    if y is None:
+        return silu_mul(linear, norm(x))
+    if epilogue == EPI_SILU:
+        return y
+    gate, up = y.chunk(2, dim=-1)
+    return F.silu(gate) * up
