@@ -52,7 +52,7 @@ import torch.nn.functional as F  # noqa: E402
 from tasks.backends.torch.cuda import dense, fused, int4, int4_mma  # noqa: E402
 from tasks.backends.torch.cuda.generate import Generator  # noqa: E402
 from tasks.backends.torch.cuda.loader import random_llama  # noqa: E402
-from tasks.backends.torch.cuda.model import kv_bytes_per_token, llama2_7b_args  # noqa: E402
+from tasks.backends.torch.cuda.model import DEFAULT_GEMV_FUSION, kv_bytes_per_token, llama2_7b_args  # noqa: E402
 from tasks.backends.torch.cuda.rope import rope_tables  # noqa: E402
 
 GIB = 1024**3
@@ -123,6 +123,8 @@ def numerical_check(batch_sizes: list[int], input_len: int, out_dir: Path) -> li
                 del out, words
             if "mma" in layouts and int4_mma.fused_config(m, n, k, x.device, 128) is not None:
                 rows.append(_check_fused(name, x, q, scales, zeros, w))
+                if name == "w13":  # gemv_fusion=all: also SiLU * up, on rows interleaved as the engine stores them
+                    rows.append(_check_fused(name, x, q, scales, zeros, w, silu=True))
             del x, w, ref, dense
     torch.cuda.empty_cache()
     _write(rows, out_dir / "numerical_check")
@@ -136,22 +138,22 @@ def numerical_check(batch_sizes: list[int], input_len: int, out_dir: Path) -> li
 
 
 def _check_fused(name: str, x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
-                 w: torch.Tensor) -> dict:
-    """The fused GEMV the engine runs for this linear at this M (fused.py) vs fp32 arithmetic: wqkv with the
-    RMSNorm prologue, wo and w2 with the residual epilogue, w13 with the prologue and SiLU * up (rows
-    interleaved as the engine stores them)."""
+                 w: torch.Tensor, silu: bool = False) -> dict:
+    """A fused GEMV the engine runs for this linear at this M (fused.py) vs fp32 arithmetic: wqkv and w13 with
+    the RMSNorm prologue, wo and w2 with the residual epilogue; with ``silu`` (w13 under gemv_fusion=all) also
+    SiLU * up, on rows interleaved as the engine stores them."""
     m, k = x.shape
     n = w.shape[0]
     gamma = (1 + 0.2 * torch.randn(k, device="cuda")).to(torch.bfloat16)
     resid = torch.randn(m, n, device="cuda", dtype=torch.bfloat16)
     xf = x.float()
     normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-5) * gamma.float()
-    if name == "w13":  # rows interleaved as the engine stores them for the SiLU epilogue
+    if silu:
         perm = fused.gate_up_permutation(n, "cuda")
         q, scales, zeros = q[perm], scales[:, perm], zeros[:, perm]
         gate, up = (normed @ w.t()).chunk(2, dim=-1)
         ref, gamma_arg, resid_arg, epi, fusion = F.silu(gate) * up, gamma, None, fused.EPI_SILU, "norm + SiLU * up"
-    elif name == "wqkv":
+    elif name in ("wqkv", "w13"):
         ref, gamma_arg, resid_arg, epi, fusion = normed @ w.t(), gamma, None, fused.EPI_SPLITS, "norm"
     else:
         ref, gamma_arg, resid_arg, epi, fusion = resid.float() + xf @ w.t(), None, resid, fused.EPI_RESIDUAL, \
@@ -644,7 +646,7 @@ def run_method(method: str, batch_sizes: list[int], input_len: int, output_len: 
     # suffixes for A/B runs: "-nofuse" (gemv_fusion off), "-silu" (gemv_fusion all); else the default
     base, _, suffix = method.partition("-")
     base = method if base == "int4" and suffix == "triton" else base
-    fusion = {"nofuse": "off", "silu": "all"}.get(suffix, "norm")
+    fusion = {"nofuse": "off", "silu": "all"}.get(suffix, DEFAULT_GEMV_FUSION)
     model = random_llama(args, "bfloat16" if base == "fp16" else "int4", "cuda", group_size=128,
                          int4_kernels="triton" if base == "int4-triton" else "auto", gemv_fusion=fusion)
     gen = Generator(model, compile=compile_blocks, cuda_graph=True)

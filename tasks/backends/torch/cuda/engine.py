@@ -16,7 +16,7 @@ from tasks.backends.base import Engine, GenerationTiming
 from tasks.backends.torch.cuda.generate import Generator
 from tasks.backends.torch.cuda.int4 import Int4Linear
 from tasks.backends.torch.cuda.loader import int4_scheme, load_llama, read_config
-from tasks.backends.torch.cuda.model import Transformer, kv_bytes_per_token
+from tasks.backends.torch.cuda.model import DEFAULT_GEMV_FUSION, Transformer, kv_bytes_per_token
 
 
 def describe_weights(model: Transformer, symmetric: bool | None = None) -> str:
@@ -114,6 +114,6 @@ def load_cuda_engine(checkpoint_dir: Path, device: str, options: dict[str, Any])
         torch.cuda.set_device(torch.device(device))
     scheme = int4_scheme(read_config(checkpoint_dir))
     model = load_llama(Path(checkpoint_dir), device, int4_kernels=str(options.get("int4_kernels", "auto")),
-                       gemv_fusion=str(options.get("gemv_fusion", "norm")))
+                       gemv_fusion=str(options.get("gemv_fusion", DEFAULT_GEMV_FUSION)))
     return CudaLlamaEngine(model, device, Path(checkpoint_dir), options,
                            symmetric=None if scheme is None else scheme["symmetric"])

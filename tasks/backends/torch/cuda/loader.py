@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from tasks.backends.torch.cuda.int4 import Int4Linear, PACK_BLOCK, pack_int4, select_kernels
-from tasks.backends.torch.cuda.model import LinearFactory, ModelArgs, Transformer, dense_linear
+from tasks.backends.torch.cuda.model import DEFAULT_GEMV_FUSION, LinearFactory, ModelArgs, Transformer, dense_linear
 
 
 def read_config(checkpoint_dir: Path) -> dict[str, Any]:
@@ -110,7 +110,7 @@ class _Tensors:
 
 
 def load_llama(checkpoint_dir: Path, device: str | torch.device, dtype: torch.dtype = torch.bfloat16,
-               int4_kernels: str = "auto", gemv_fusion: str = "norm") -> Transformer:
+               int4_kernels: str = "auto", gemv_fusion: str = DEFAULT_GEMV_FUSION) -> Transformer:
     """A :class:`Transformer` on ``device`` from a HF Llama folder (dense or compressed-tensors int4).
 
     ``int4_kernels`` picks the int4 kernels on CUDA (:func:`~.int4.select_kernels`); CPU runs the reference.
@@ -176,7 +176,7 @@ def _prepare_decode(model: Transformer, device: str | torch.device, gemv_fusion:
 
 
 def random_llama(args: ModelArgs, weight_format: str, device: str | torch.device, group_size: int = 128,
-                 seed: int = 0, int4_kernels: str = "auto", gemv_fusion: str = "norm") -> Transformer:
+                 seed: int = 0, int4_kernels: str = "auto", gemv_fusion: str = DEFAULT_GEMV_FUSION) -> Transformer:
     """A model of ``args``' shape with RANDOM weights, built directly on ``device`` (no checkpoint).
 
     ``weight_format``: "bfloat16" (dense) or "int4" (uniform random nibbles, asymmetric zero points,

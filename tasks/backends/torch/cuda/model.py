@@ -67,6 +67,7 @@ def llama2_7b_args() -> ModelArgs:
 
 
 GEMV_FUSION_MODES = ("off", "norm", "all")  # Transformer.fuse_decode
+DEFAULT_GEMV_FUSION = "norm"  # engine option gemv_fusion; why not "all": Transformer.fuse_decode
 LinearFactory = Callable[[int, int], nn.Module]  # (in_features, out_features) -> module
 
 
@@ -219,7 +220,7 @@ class Transformer(nn.Module):
             x = x[:, -1]  # [B, D]: prefill needs only the last position's logits
         return self.output(self.norm(x)).float()
 
-    def fuse_decode(self, mode: str = "norm") -> None:
+    def fuse_decode(self, mode: str = DEFAULT_GEMV_FUSION) -> None:
         """Decode through the fused GEMV kernels (:mod:`.fused`) where they apply; call before compiling.
 
         ``mode``: "off"; "norm" (RMSNorm prologues and residual-add epilogues); "all" (also SiLU * up in

@@ -151,7 +151,7 @@ __device__ __forceinline__ void store_tiles(const float (&acc)[TN][MT][4], void*
 // ---- decode-step fusions around the batch <= 8 GEMV kernels (w4a16_gemv, bf16_gemv) ----------------------
 // A decode step at batch 1 is 8 kernels per layer of a few microseconds each, and each pays a fixed cost
 // of launch, ramp-up and tail; the two RMSNorms, the residual adds and SiLU * up are therefore folded into
-// the GEMVs around them (5 kernels per layer instead of 8):
+// the GEMVs around them (6 kernels per layer instead of 8 with gemv_fusion=norm, 5 with all, fused.py):
 //   PRO_NORM      the GEMV multiplies rmsnorm(x) * gamma.  The product is linear in x, so each lane
 //                 multiplies the activations it loads by gamma (bf16(x * gamma), one rounding) and sums
 //                 their squares on the way; the block adds up the sums at the end and scales its fp32
