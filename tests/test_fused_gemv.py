@@ -64,6 +64,14 @@ def test_fused_decode_on_cpu_changes_nothing(fmt: str) -> None:
     assert w13.fused_gemv(x.to(torch.bfloat16), None, 0.0, None, fused.EPI_SPLITS) is None  # CPU: unfused
 
 
+def test_config_validation_allows_exactly_the_models_fusion_modes() -> None:
+    """orchestrator/validate.py keeps its own copy of the modes (it must not import torch)."""
+    from orchestrator.validate import TORCH_OPTION_VALUES
+    from tasks.backends.torch.cuda.model import DEFAULT_GEMV_FUSION, GEMV_FUSION_MODES
+
+    assert TORCH_OPTION_VALUES["gemv_fusion"] == GEMV_FUSION_MODES and DEFAULT_GEMV_FUSION in GEMV_FUSION_MODES
+
+
 def test_int4_interleave_needs_the_triton_layout() -> None:
     layer = Int4Linear(64, 32, 64)
     assert layer.to_mma_layout()
