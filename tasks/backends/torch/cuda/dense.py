@@ -86,7 +86,7 @@ def _config_for(x: torch.Tensor, weight: torch.Tensor) -> tuple[int, int, int, i
     if not (x.is_cuda and x.dtype == torch.bfloat16 and weight.dtype == torch.bfloat16):
         return None
     cfg = config(int(x.shape[0]), int(weight.shape[0]), int(x.shape[1]))
-    return cfg if cfg is not None and int4_mma.available(x.device)[0] else None
+    return cfg if cfg is not None and int4_mma.kernels_available(x.device) else None
 
 
 def _fused_config_for(x: torch.Tensor, weight: torch.Tensor) -> tuple[int, int, int, int] | None:

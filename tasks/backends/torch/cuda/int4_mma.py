@@ -101,9 +101,22 @@ def _wgmma_kernel(mt: int, tn: int, u: int, stages: int, warpgroups: int, smem: 
     return kernel
 
 
-@functools.lru_cache(maxsize=None)
+@torch.compiler.assume_constant_result
 def wgmma_available(device: torch.device) -> bool:
-    """Whether the Hopper wgmma kernels run on ``device`` (compute capability 9.0 and NVRTC can build them)."""
+    """Whether the Hopper wgmma kernels run on ``device`` (compute capability 9.0 and NVRTC can build them).
+    torch.compile takes the answer as a constant: the check builds a kernel with NVRTC, which Dynamo would
+    otherwise try to trace (a graph break in every compiled decode block that asks, at trace time)."""
+    return _wgmma_builds(device)
+
+
+@torch.compiler.assume_constant_result
+def kernels_available(device: torch.device) -> bool:
+    """``available(device)[0]``, which torch.compile takes as a constant (see :func:`wgmma_available`)."""
+    return available(device)[0]
+
+
+@functools.lru_cache(maxsize=None)
+def _wgmma_builds(device: torch.device) -> bool:
     if not available(device)[0] or torch.cuda.get_device_capability(device) != (9, 0):
         return False
     try:
