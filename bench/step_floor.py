@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +31,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from tasks.backends.torch.cuda.model import ModelArgs, llama2_7b_args  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from gpu_benchmark import _bench_graph, copy_bandwidth  # noqa: E402  (CUDA-graph timing, copy test)
 
 ALIGN = 256  # bytes: every segment starts on a 16-byte vector (and a DRAM burst) boundary
 TINY = 8192  # bytes read by a launch that moves almost nothing (norm, argmax, position update)
@@ -147,31 +149,6 @@ def _offsets(segments: list[Segment]) -> list[int]:
     return out
 
 
-def _time_graph(launch, replays: int = 15) -> float:
-    """Median ms of one replay of a CUDA graph holding ``launch()``."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        launch()  # compile and warm outside the capture
-    torch.cuda.current_stream().wait_stream(stream)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        launch()
-    for _ in range(3):
-        graph.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(replays):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
-
-
 class Floor:
     """The read kernels over one arena holding a step's segments, each in its own place (the 32 layers'
     launches of one kind read 32 different buffers, so none is served from L2)."""
@@ -200,22 +177,18 @@ class Floor:
                                                 args=[base, n_vec, self.sink])
 
     def per_launch_ms(self, configs: dict[str, tuple[int, int, int]]) -> float:
-        def step() -> None:
+        def step(_: int) -> None:
             for i, seg in enumerate(self.segments):
                 self.launch_one(i, configs[seg.kind])
-        return _time_graph(step)
+        return _bench_graph(step, copies=1, reps=1)
 
     def kind_us(self, kind: str, cfg: tuple[int, int, int], min_launches: int = 32) -> float:
         """µs per launch of one kind, over its launches in the step (different buffers, all cold), repeated to
         at least ``min_launches`` so that a graph replay's own fixed cost (several µs) is spread thin; a kind
         launched once per step re-reads its buffer, which only L2 could shorten (lm_head's 262 MB it cannot)."""
         idx = [i for i, s in enumerate(self.segments) if s.kind == kind]
-        idx = idx * -(-min_launches // len(idx))
-
-        def launches() -> None:
-            for i in idx:
-                self.launch_one(i, cfg)
-        return _time_graph(launches) * 1e3 / len(idx)
+        return 1e3 * _bench_graph(lambda j: self.launch_one(idx[j], cfg), copies=len(idx),
+                                  reps=-(-min_launches // len(idx)))
 
     def one_kernel_ms(self, barrier: bool, cfg: tuple[int, int]) -> float:
         """All segments in one co-resident grid, in order; with ``barrier``, a grid barrier between each two."""
@@ -226,11 +199,11 @@ class Floor:
             offsets = offsets[[0, -1]]
         kernel = self.kernel(f"read_segments<{unroll}, {'true' if barrier else 'false'}>")
 
-        def step() -> None:
+        def step(_: int) -> None:
             self.counter.zero_()
             kernel(grid=(self.sms * per_sm, 1, 1), block=(threads, 1, 1),
                    args=[self.arena, offsets, offsets.numel() - 1, self.counter, self.sink])
-        ms = _time_graph(step)
+        ms = _bench_graph(step, copies=1, reps=1)
         if self.counter[1].item():
             raise RuntimeError(f"grid barrier timed out: {self.sms * per_sm} blocks of {threads} not co-resident")
         return ms
@@ -243,7 +216,7 @@ ONE_KERNEL_CONFIGS = [(t, u) for t in (256, 512) for u in (4, 8)]
 def measure(weights: str, args: ModelArgs, context: int) -> dict:
     segments = step_segments(args, weights, context)
     floor = Floor(segments)
-    kinds = sorted({s.kind for s in segments}, key=[s.kind for s in segments].index)
+    kinds = list(dict.fromkeys(s.kind for s in segments))  # in step order
     best: dict[str, tuple[int, int, int]] = {}
     per_kind = []
     for kind in kinds:
@@ -266,24 +239,6 @@ def measure(weights: str, args: ModelArgs, context: int) -> dict:
     del floor
     torch.cuda.empty_cache()
     return result
-
-
-def copy_bandwidth(nbytes: int = 2 * 1024**3, repeats: int = 20) -> float:
-    """Device-to-device copy bandwidth in bytes/s, bytes read plus written (median)."""
-    src = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
-    dst = torch.empty_like(src)
-    times = []
-    for i in range(repeats + 3):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        dst.copy_(src)
-        end.record()
-        end.synchronize()
-        if i >= 3:
-            times.append(start.elapsed_time(end) / 1e3)
-    del src, dst
-    torch.cuda.empty_cache()
-    return 2 * nbytes / statistics.median(times)
 
 
 def main() -> None:

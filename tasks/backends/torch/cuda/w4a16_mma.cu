@@ -591,7 +591,7 @@ __global__ void __launch_bounds__(32 * WK) w4a16_gemv(
             if (g0 + u >= g_end) break;
             // With one tile per warp its MMAs form one chain of dependent accumulations (plus the all-ones one), and
             // the warp waits on it: two accumulators per chain (even / odd K step) halve its depth (H200, M = 1: wo
-            // 6.43 -> 6.26 us, w2 12.49 -> 11.83); with more tiles the chains already interleave (wqkv got slower).
+            // 6.43 -> 6.23 us, w2 12.49 -> 11.71); with more tiles the chains already interleave (wqkv got slower).
             constexpr int NACC = TN == 1 ? 2 : 1;
             float part[TN][NACC][4], xs2[NACC][4];
 #pragma unroll
