@@ -22,6 +22,12 @@ register_configs()
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
 
+def config_error_exit(err: Exception) -> int:
+    """The one way a bad configuration ends: one stderr line naming the field, exit code 2."""
+    print(f"quantsweep: invalid configuration: {err}", file=sys.stderr)
+    return 2
+
+
 def run(cfg: Config | DictConfig) -> int:
     """Validate, plan, schedule and summarise one sweep; returns a process exit code."""
     from orchestrator.plan import plan_sweep
@@ -34,8 +40,7 @@ def run(cfg: Config | DictConfig) -> int:
         # run_sweep also raises ConfigError when the cluster cannot run the plan, before submitting anything
         outcome = run_sweep(plan_sweep(resolved), resolved)
     except ConfigError as err:
-        print(f"quantsweep: invalid configuration: {err}", file=sys.stderr)
-        return 2
+        return config_error_exit(err)
     print_summary(outcome, resolved)
     # 3: the sweep finished but some cells failed (their rows say why); 2: invalid configuration.
     return 0 if outcome.all_ok else 3
@@ -50,8 +55,68 @@ def _hydra_main(cfg: DictConfig) -> int:
     return code
 
 
+def _override_sets(overrides: list[str]) -> list[list[str]]:
+    """The override lists a (multi)run will compose: each value of each discrete sweep (``a=1,2``) once,
+    the other sweeps at their first value.  Non-discrete sweeps (glob) are left to Hydra."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import OverrideParseException
+
+    from orchestrator.validate import ConfigError
+
+    parser, parsed = OverridesParser.create(), []
+    for line in overrides:  # one at a time, so a malformed one is named
+        try:
+            parsed += parser.parse_overrides([line])
+        except OverrideParseException as err:
+            raise ConfigError(line.split("=", 1)[0].lstrip("+~"),
+                              f"cannot parse {line!r}: {str(err).splitlines()[0]}") from err
+    values = [[o.input_line] if not o.is_sweep_override() else
+              [f"{o.get_key_element()}={v}" for v in o.sweep_string_iterator()] if o.is_discrete_sweep() else []
+              for o in parsed]
+    base = [v[0] for v in values if v]
+    sets = [base]
+    for i, choices in enumerate(values):
+        for choice in choices[1:]:
+            sets.append([choice if j == i else v[0] for j, v in enumerate(values) if v])
+    return sets
+
+
+def check_overrides(argv: list[str]) -> None:
+    """Compose the config every run of this command line will get, and raise ``ConfigError`` if Hydra or
+    OmegaConf reject it.
+
+    Hydra composes inside ``hydra.main`` and answers a type error (``sweep.batch_sizes=[a]``) or an unknown
+    key with a traceback and exit code 1; composing first here lets those errors take the same path as
+    every other bad value (exit 2, the field named).  Command lines Hydra's own parser rejects, or that
+    pick another config, are left to Hydra.
+    """
+    from hydra import compose, initialize_config_dir
+    from hydra._internal.utils import get_args_parser
+
+    from orchestrator.validate import hydra_config_error
+
+    try:
+        args = get_args_parser().parse_args(argv)
+    except SystemExit:
+        return
+    if args.config_name or args.config_path or args.config_dir or args.help or args.hydra_help:
+        return
+    for overrides in _override_sets(args.overrides):
+        try:
+            with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+                compose(config_name="config", overrides=overrides)
+        except Exception as err:  # noqa: BLE001 - translated; anything unknown is re-raised by hydra_config_error
+            raise hydra_config_error(err) from err
+
+
 def main() -> None:
+    from orchestrator.validate import ConfigError
+
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        check_overrides(sys.argv[1:])
+    except ConfigError as err:
+        sys.exit(config_error_exit(err))
     _hydra_main()
 
 

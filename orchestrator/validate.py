@@ -112,6 +112,7 @@ def _check_sweep(cfg: dict[str, Any]) -> list[str]:
     _require(sweep["repeats"] >= 1, "sweep.repeats", f"must be >= 1, got {sweep['repeats']}")
     _require(sweep["warmup"] >= 0, "sweep.warmup", f"must be >= 0, got {sweep['warmup']}")
     _require(sweep["rerun"] in RERUN, "sweep.rerun", f"unknown {sweep['rerun']!r}", RERUN)
+    _require(len(sweep["stages"]) > 0, "sweep.stages", "is empty: nothing would be measured", STAGES)
     for stage in sweep["stages"]:
         _require(stage in STAGES, "sweep.stages", f"unknown stage {stage!r}", STAGES)
     subjects = list(SUBJECTS) if list(sweep["subjects"]) == ["all"] else list(sweep["subjects"])
@@ -196,6 +197,78 @@ def _check_store(cfg: dict[str, Any]) -> None:
     store_cfg["artifacts_dir"] = str(artifacts_path)
 
 
+def _check_sequence_fits(cfg: dict[str, Any]) -> None:
+    """``input_len + output_len`` within the model's positions (known without weights; skipped when not).
+
+    Beyond them a profile cell still "runs" (rotary positions extrapolate) and stores an ok row measured
+    outside the model's context, after minutes of work; here it costs a second.
+    """
+    from tasks.models import model_max_positions
+
+    sweep = cfg["sweep"]
+    positions = model_max_positions(cfg["model"])
+    total = sweep["input_len"] + sweep["output_len"]
+    _require(positions is None or total <= positions, "sweep.input_len",
+             f"sweep.input_len {sweep['input_len']} + sweep.output_len {sweep['output_len']} = {total} tokens "
+             f"exceed the {positions} positions of model {cfg['model']['name']!r}",
+             (f"input_len + output_len <= {positions}",))
+
+
+def _check_group_sizes(cfg: dict[str, Any]) -> None:
+    """Each int4 method's group size divides every linear it quantizes, checked by the quantize task's own
+    rule (:func:`tasks.quantize.validate_group_size`) on the model's config, before anything runs.
+
+    The config comes without weights (:func:`tasks.models.model_config`); a hub id offline gives none,
+    and the quantize cell checks again.
+    """
+    import tempfile
+
+    methods = [n for n in cfg["sweep"]["methods"] if cfg["methods"][n]["algorithm"] in ("rtn", "awq", "gptq")]
+    if not methods:
+        return
+    from tasks.models import model_config
+    from tasks.quantize import validate_group_size
+
+    config = model_config(cfg["model"])
+    if config is None:
+        return
+    with tempfile.TemporaryDirectory() as folder:
+        config.save_pretrained(folder)  # validate_group_size reads a checkpoint folder's config.json
+        for name in methods:
+            method = cfg["methods"][name]
+            try:
+                validate_group_size(Path(folder), method["group_size"], method["ignore"])
+            except ValueError as err:
+                raise ConfigError(f"methods.{name}.group_size", str(err)) from err
+
+
+def hydra_config_error(err: Exception) -> ConfigError:
+    """A Hydra/OmegaConf composition error as a :class:`ConfigError` naming the field (one error path).
+
+    Type errors (``sweep.batch_sizes=[a]``) and unknown keys carry OmegaConf's ``full_key``; an unknown
+    group option (``model=nope``) lists the options; other composition errors name the override's key.
+    Anything else is re-raised: it is not a configuration problem.
+    """
+    import re
+
+    from hydra.errors import ConfigCompositionException, MissingConfigException
+    from omegaconf.errors import OmegaConfBaseException
+
+    cause = err.__cause__ if isinstance(err, ConfigCompositionException) and err.__cause__ else err
+    if isinstance(cause, OmegaConfBaseException) and getattr(cause, "full_key", None):
+        field = re.sub(r"(\[\d+\])+$", "", str(cause.full_key))
+        return ConfigError(field, str(cause).splitlines()[0] + f" (at {cause.full_key})")
+    if isinstance(err, MissingConfigException):
+        group = (err.missing_cfg_file or "?").split("/")[0]
+        options = [o for o in (err.options or []) if not o.endswith("_schema")]
+        return ConfigError(group, str(err).splitlines()[0].strip(), options or None)
+    if isinstance(err, ConfigCompositionException):
+        text = " ".join(line.strip() for line in str(err).splitlines() if line.strip())
+        match = re.search(r"override '?([+~]*[\w.@/\[\]]+?)'?[ =.]", text) or re.search(r"'([\w.]+)'", text)
+        return ConfigError(match.group(1).lstrip("+~") if match else "overrides", text)
+    raise err
+
+
 def validate(cfg: DictConfig | dict[str, Any]) -> dict[str, Any]:
     """Return the resolved config as a plain dict, or raise :class:`ConfigError`."""
     resolved: dict[str, Any] = (OmegaConf.to_container(cfg, resolve=True)  # type: ignore[assignment]
@@ -204,6 +277,8 @@ def validate(cfg: DictConfig | dict[str, Any]) -> dict[str, Any]:
     resolved["subjects_resolved"] = _check_sweep(resolved)
     _check_backend(resolved)
     _check_model(resolved["model"])
+    _check_sequence_fits(resolved)
+    _check_group_sizes(resolved)
     _check_store(resolved)
     _check_eval(resolved)
     return resolved

@@ -67,6 +67,30 @@ def model_max_positions(model: dict[str, Any]) -> int | None:
     raise ValueError(f"model.source: unknown {source!r} (allowed: hf, gguf_package, gguf_file, random)")
 
 
+def model_config(model: dict[str, Any]) -> Any | None:
+    """The model's transformers config, built WITHOUT loading weights; None where it cannot be known.
+
+    Pre-flight checks (does a group size divide every quantized linear?) build a meta-device model from
+    it: ``random`` builds it from ``model.random`` (what :func:`prepare_model` will build), a local
+    ``hf`` folder reads ``config.json``, GGUF sources parse the header the way transformers' converter
+    does (the same config the model node will write). Hub ids give None (offline, no download).
+    """
+    from transformers import AutoConfig
+
+    source = model["source"]
+    if source == "random":
+        return random_llama_config(model["random"])
+    if source == "hf":
+        folder = Path(model["path"]).expanduser()
+        return AutoConfig.from_pretrained(folder) if (folder / "config.json").is_file() else None
+    if source in ("gguf_package", "gguf_file"):
+        from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
+        values = dict(load_gguf_checkpoint(str(gguf_path(model)), return_tensors=False)["config"])
+        return AutoConfig.for_model(values.pop("model_type"), **values)
+    raise ValueError(f"model.source: unknown {source!r} (allowed: hf, gguf_package, gguf_file, random)")
+
+
 def _convert_gguf(path: Path, out_dir: Path, dtype: torch.dtype) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -105,16 +129,26 @@ def train_tokenizer(vocab_size: int) -> Any:
                                    unk_token="<unk>", pad_token="<pad>")
 
 
+def random_llama_config(shape: dict[str, Any], tokenizer: Any | None = None) -> Any:
+    """The LlamaConfig of a random-weight model of ``shape`` (``model.random``); with the trained
+    ``tokenizer``, its special token ids and a vocabulary at least as large as the tokenizer's."""
+    from transformers import LlamaConfig
+
+    tokens = {} if tokenizer is None else {
+        "vocab_size": max(shape["vocab_size"], len(tokenizer)), "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id}
+    return LlamaConfig(**{
+        "vocab_size": shape["vocab_size"], "hidden_size": shape["hidden_size"],
+        "intermediate_size": shape["intermediate_size"], "num_hidden_layers": shape["num_hidden_layers"],
+        "num_attention_heads": shape["num_attention_heads"], "num_key_value_heads": shape["num_key_value_heads"],
+        "max_position_embeddings": shape["max_position_embeddings"], "tie_word_embeddings": False, **tokens})
+
+
 def _random_llama(shape: dict[str, Any], out_dir: Path, dtype: torch.dtype) -> None:
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
     tokenizer = train_tokenizer(min(shape["vocab_size"], 4096))
-    config = LlamaConfig(
-        vocab_size=max(shape["vocab_size"], len(tokenizer)), hidden_size=shape["hidden_size"],
-        intermediate_size=shape["intermediate_size"], num_hidden_layers=shape["num_hidden_layers"],
-        num_attention_heads=shape["num_attention_heads"], num_key_value_heads=shape["num_key_value_heads"],
-        max_position_embeddings=shape["max_position_embeddings"], bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False)
+    config = random_llama_config(shape, tokenizer)
     torch.manual_seed(shape["seed"])
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)  # build in the target dtype: a 7B shape in fp32 first would need 27 GB

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from sweep_helpers import compose_config
+from tests.sweep_helpers import compose_config
 from tasks.models import model_max_positions
 
 
