@@ -86,6 +86,11 @@ class ClusterConfig:
     #: extra custom resources each GPU task requires, e.g. {"l40_node": 1}.
     resources: dict[str, float] = field(default_factory=dict)
     max_retries: int = 2  # retries for transient failures (a dead worker or node)
+    #: memory (GiB) each task reserves on its node (Ray's ``memory`` resource); None: no reservation.
+    memory_per_task_gb: Optional[float] = None
+    #: end the sweep when nothing started or finished for this long and nothing runs on a live node
+    #: (a lost node, resources taken by others); unfinished cells become failed/skipped rows, exit 3.
+    stall_timeout_s: float = 600.0
     include_dashboard: bool = False
     #: stream every task's stdout/stderr to the driver (errors are always stored in the runs rows).
     show_task_logs: bool = False
@@ -97,8 +102,13 @@ class StoreConfig:
     #: local folder or any pyarrow filesystem URI (s3://bucket/prefix, gs://...).
     uri: str = "outputs/store"
     #: where quantized checkpoints and engines go; must be a path every worker can read (a shared
-    #: filesystem on multi-node clusters).  None: ``<uri>/artifacts`` for local stores.
+    #: filesystem on multi-node clusters).  None: ``<uri>/artifacts`` for local stores (required when
+    #: ``uri`` is an object store).
     artifacts_dir: Optional[str] = None
+    #: the filesystem's non-secret connection settings, e.g. for S3 ``{endpoint_override: "host:9000",
+    #: scheme: http, region: us-east-1}`` (pyarrow's URI query parameters); credentials come from the
+    #: environment (AWS_ACCESS_KEY_ID, ...), which is forwarded to every task and never stored.
+    options: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -112,6 +122,17 @@ class EvalConfig:
 
 
 @dataclass
+class FidelityConfig:
+    """The ``fidelity`` stage: each method's next-token distributions against the baseline's (tasks/fidelity.py)."""
+
+    #: "pydoc_topics_heldout": the held-out half of the default calibration text (never calibrated on);
+    #: or a path to a local .txt / .jsonl ({"text": ...}) file.
+    text: str = "pydoc_topics_heldout"
+    seq_len: int = 512  # tokens per window, the first a BOS/EOS prefix; seq_len - 1 scored
+    num_sequences: int = 64
+
+
+@dataclass
 class SweepConfig:
     name: str = "default"
     methods: list[str] = field(default_factory=lambda: ["fp16", "awq", "gptq"])
@@ -122,7 +143,9 @@ class SweepConfig:
     repeats: int = 3
     subjects: list[str] = field(default_factory=lambda: ["all"])
     num_shards: int = 4
-    stages: list[str] = field(default_factory=lambda: ["evaluate", "profile"])
+    stages: list[str] = field(default_factory=lambda: ["evaluate", "fidelity", "profile"])
+    #: the method every other one is compared with (fidelity's KL, MMLU answer flips, speed-ups)
+    baseline: str = "fp16"
     rerun: str = "failed"  # failed | all | none
     seed: int = 0
 
@@ -135,6 +158,7 @@ class Config:
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     store: StoreConfig = field(default_factory=StoreConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    fidelity: FidelityConfig = field(default_factory=FidelityConfig)
     sweep: SweepConfig = field(default_factory=SweepConfig)
     experiment: str = ""  # free text naming the study, shown in the report
 

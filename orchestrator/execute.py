@@ -48,6 +48,13 @@ def is_out_of_memory(err: BaseException) -> bool:
     return any(s in text for s in ("out of memory", "can't allocate memory", "not enough memory"))
 
 
+def _unsupported(err: BaseException) -> bool:
+    """The engine cannot do what the cell asks (a ``skipped`` row saying why, not a failure)."""
+    from tasks.backends.base import Unsupported
+
+    return isinstance(err, Unsupported)
+
+
 def task_device(cfg: dict[str, Any], node: Node) -> str:
     """The device a node computes on: its Ray-assigned GPU (always cuda:0 inside the task) or the CPU."""
     import torch
@@ -108,8 +115,9 @@ def _run_quantize(node: Node, upstream: list[dict], cfg: dict, device: str) -> t
     from tasks.quantize import quantize
 
     method = node.config["method"]
-    if method["algorithm"] == "fp8":
-        # FP8 is quantized by the TensorRT-LLM backend (ModelOpt) at build time, from the fp checkpoint.
+    if method["algorithm"] == "fp8" and cfg["backend"]["name"] == "tensorrt_llm":
+        # There FP8 is quantized by ModelOpt at build time, from the fp checkpoint; the torch backend runs
+        # llm-compressor's FP8_DYNAMIC checkpoint (tasks.quantize).
         method = {**method, "algorithm": "none", "bits": 16}
     with _artifact(cfg, "quantize", node.key) as artifact:
         result = quantize(Path(upstream[0]["artifact_uri"]), artifact.tmp, method, seed=node.config["seed"])
@@ -159,6 +167,41 @@ def _run_evaluate(node: Node, upstream: list[dict], cfg: dict, device: str) -> t
     return summary, None, {"mmlu_predictions": rows}
 
 
+def _run_fidelity(node: Node, upstream: list[dict], cfg: dict, device: str) -> tuple[dict, str, dict]:
+    """The method's engine (upstream[0]) against the baseline's (upstream[1]) on the same windows and device.
+
+    Both engines load in this one process, so logits stream window by window and none is stored; on CUDA
+    they are the engines the profile cells time (the int4 kernels, not a de-quantized copy), loaded without
+    compilation or CUDA graphs, which a one-pass forward does not use.
+    """
+    from tasks.fidelity import KL_HOW, measure, prepare_text
+    from tasks.fidelity_stats import summarize
+
+    fid, baseline = node.config["fidelity"], node.config["baseline"]
+    options = {"purpose": "fidelity", "compile": False, "cuda_graph": False, "kv_cache_batch_size": 1,
+               "kv_cache_input_len": fid["seq_len"], "kv_cache_output_len": 0}
+    method_engine = _load_engine(node, upstream[:1], cfg, device, options)
+    try:
+        baseline_engine = _load_engine(node, upstream[1:], cfg, device, options)
+        try:
+            text = prepare_text(baseline_engine.tokenizer, fid["text"], fid["seq_len"], fid["num_sequences"],
+                                seed=node.config["seed"])
+            provenance = {
+                **_labels(node), "baseline": baseline, "text_source": text.source,
+                "text_fingerprint": text.fingerprint, "seq_len": text.seq_len, "device": device,
+                "dtype": method_engine.dtype, "weight_format": method_engine.weight_format,
+                "baseline_weight_format": baseline_engine.weight_format,
+                "engine": method_engine.details.get("engine"), "method_note": KL_HOW}
+            rows = [{**provenance, **row} for row in measure(method_engine, baseline_engine, text)]
+        finally:
+            baseline_engine.close()
+    finally:
+        method_engine.close()
+    summary = summarize(rows).iloc[0].to_dict()
+    return ({k: summary[k] for k in ("baseline", "sequences", "tokens", "perplexity", "kl_mean", "kl_p99",
+                                     "top1_agreement")}, None, {"fidelity": rows})
+
+
 def _run_profile(node: Node, upstream: list[dict], cfg: dict, device: str) -> tuple[dict, str, dict]:
     from tasks.profile import profile_engine
 
@@ -183,13 +226,13 @@ def _run_profile(node: Node, upstream: list[dict], cfg: dict, device: str) -> tu
 
 RUNNERS: dict[str, Callable[[Node, list[dict], dict, str], tuple[dict, str | None, dict]]] = {
     "model": _run_model, "quantize": _run_quantize, "build": _run_build,
-    "evaluate": _run_evaluate, "profile": _run_profile,
+    "evaluate": _run_evaluate, "fidelity": _run_fidelity, "profile": _run_profile,
 }
 
 
 def _where() -> dict[str, Any]:
     """Which host / Ray node / GPU this task runs on (GPU ids as Ray assigned them)."""
-    where: dict[str, Any] = {"hostname": socket.gethostname(), "ray_node_id": None, "gpu_ids": []}
+    where: dict[str, Any] = {"hostname": socket.gethostname(), "ray_node_id": None, "gpu_ids": [], "node_ip": None}
     try:
         import ray
 
@@ -197,6 +240,7 @@ def _where() -> dict[str, Any]:
             context = ray.get_runtime_context()
             where["ray_node_id"] = context.get_node_id()
             where["gpu_ids"] = [str(g) for g in ray.get_gpu_ids()]
+            where["node_ip"] = ray.util.get_node_ip_address()
     except ImportError:
         pass
     return where
@@ -212,12 +256,12 @@ def node_run_row(node: Node, cfg: dict, status: str, error: str | None) -> dict[
 
 
 def execute_node(node: Node, upstream: list[dict], cfg: dict, attempt: int = 1,
-                 on_start: Callable[[], None] | None = None) -> dict[str, Any]:
+                 on_start: Callable[[], int | None] | None = None) -> dict[str, Any]:
     """Run ``node`` (unless an upstream node did not succeed), commit its rows, return its summary."""
-    store = ResultStore(cfg["store"]["uri"])
+    store = ResultStore.from_config(cfg["store"])
     started = datetime.now(timezone.utc)
-    if on_start:
-        on_start()
+    if on_start:  # the scheduler's count of starts: Ray's retries of this cell show as attempt 2, 3, ...
+        attempt = on_start() or attempt
     where, device = _where(), "cpu"
     status, error, result, artifact, tables = "ok", None, {}, None, {}
     blocked = [u for u in upstream if u["status"] != "ok"]
@@ -232,7 +276,7 @@ def execute_node(node: Node, upstream: list[dict], cfg: dict, attempt: int = 1,
         except BaseException as err:  # noqa: BLE001 - every failure becomes a row
             if isinstance(err, KeyboardInterrupt):
                 raise
-            status = "oom" if is_out_of_memory(err) else "failed"
+            status = "skipped" if _unsupported(err) else "oom" if is_out_of_memory(err) else "failed"
             error = f"{type(err).__name__}: {err}\n" + "".join(traceback.format_exc(limit=-6))[-3000:]
             tables = {}
     from tasks.gpu_metrics import device_info

@@ -1,6 +1,7 @@
 """Expand a validated sweep config into the task graph.
 
     model ─► quantize(method) ─► build(method, engine shape) ─┬─► evaluate(shard of MMLU subjects)
+                                                              ├─► fidelity(vs the baseline's build)
                                                               └─► profile(batch size)
 
 Quantize runs once per (model, method), build once per (model, method, engine shape), and every
@@ -18,7 +19,7 @@ from typing import Any
 
 from orchestrator.schema import SCHEMA_VERSION
 
-KINDS = ("model", "quantize", "build", "evaluate", "profile")
+KINDS = ("model", "quantize", "build", "evaluate", "fidelity", "profile")
 
 
 @dataclass(frozen=True)
@@ -88,19 +89,30 @@ def plan_sweep(cfg: dict[str, Any]) -> SweepPlan:
              "max_seq_len": sweep["input_len"] + sweep["output_len"]}
     shards = shard_subjects(cfg["subjects_resolved"], sweep["num_shards"])
 
-    for method_name in sweep["methods"]:
+    builds: dict[str, Node] = {}
+    for method_name in sweep["methods"]:  # every engine first: fidelity cells also hang off the baseline's
         method = cfg["methods"][method_name]
         labels = {"method": method_name, "backend": backend["name"]}
         quant = add("quantize", {"method": method, "seed": sweep["seed"]}, (model_node.key,),
                     _needs_gpu_quantize(method), labels)
-        build = add("build", {"backend": backend["name"], "options": backend["options"], "shape": shape,
-                              "method": method, "hardware": hardware},
-                    (quant.key,), backend["name"] != "torch", labels)
+        builds[method_name] = add("build", {"backend": backend["name"], "options": backend["options"],
+                                            "shape": shape, "method": method, "hardware": hardware},
+                                  (quant.key,), backend["name"] != "torch", labels)
+
+    for method_name in sweep["methods"]:
+        labels = {"method": method_name, "backend": backend["name"]}
+        build = builds[method_name]
         if "evaluate" in sweep["stages"]:
             for index, subjects in enumerate(shards):
                 add("evaluate", {"shard": index, "subjects": subjects, "eval": ev, "hardware": hardware,
                                  "seed": sweep["seed"]},
                     (build.key,), True, {**labels, "shard": index, "subjects": subjects})
+        if "fidelity" in sweep["stages"]:
+            baseline = sweep["baseline"]
+            # upstream: (the method's engine, the baseline's engine), in that order
+            add("fidelity", {"fidelity": cfg["fidelity"], "baseline": baseline, "hardware": hardware,
+                             "seed": sweep["seed"]},
+                (build.key, builds[baseline].key), True, {**labels, "baseline": baseline})
         if "profile" in sweep["stages"]:
             for batch_size in sweep["batch_sizes"]:
                 add("profile", {"batch_size": batch_size, "input_len": sweep["input_len"],

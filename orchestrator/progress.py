@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import shlex
 from collections import Counter
 from typing import Any, Iterator
 
@@ -10,6 +11,7 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
+from orchestrator.describe import describe_setup
 from orchestrator.plan import KINDS, SweepPlan
 
 console = Console(stderr=True)
@@ -70,13 +72,41 @@ class SweepProgress:
                 self._live = None
 
 
+def fidelity_table(plan: SweepPlan, cfg: dict[str, Any]) -> Table | None:
+    """Perplexity, KL (95% interval) and top-1 agreement against the baseline, from this sweep's stored
+    fidelity rows (:mod:`tasks.fidelity_stats`, as the report computes them); None when none ran."""
+    keys = [n.key for n in plan.by_kind("fidelity")]
+    if not keys:
+        return None
+    import pyarrow.dataset as ds
+
+    from orchestrator.store import ResultStore
+    from tasks.fidelity_stats import summarize
+
+    rows = ResultStore(cfg["store"]["uri"]).read("fidelity", filter=ds.field("node_key").isin(keys)).to_pandas()
+    summary = summarize(rows)
+    baseline = cfg["sweep"]["baseline"]
+    text = rows["text_source"].iloc[0] if len(rows) else cfg["fidelity"]["text"]
+    table = Table(title=f"Fidelity against {baseline} ({text}; KL in nats per token, exact over the vocabulary)")
+    for column in ("method", "windows x tokens", "perplexity", "ppl / baseline", "mean KL [95% CI]", "p99 KL",
+                   "top-1 agreement"):
+        table.add_column(column)
+    order = {m: i for i, m in enumerate(cfg["sweep"]["methods"])}
+    for r in sorted(summary.itertuples(), key=lambda r: order.get(r.method, len(order))):
+        table.add_row(r.method, f"{r.sequences} x {r.tokens // max(r.sequences, 1)}", f"{r.perplexity:.3f}",
+                      f"{r.ppl_ratio:.4f}", f"{r.kl_mean:.5f} [{r.kl_ci_low:.5f}, {r.kl_ci_high:.5f}]",
+                      f"{r.kl_p99:.4f}", f"{r.top1_agreement:.2%}")
+    return table
+
+
 def print_summary(outcome: Any, cfg: dict[str, Any]) -> None:
     """One screen: accuracy per method, throughput per method x batch, and every cell that did not succeed."""
     plan = outcome.plan
     results = outcome.results
     out = Console()
-    out.print(f"[bold]{cfg.get('experiment') or cfg['sweep']['name']}[/bold]  store: {cfg['store']['uri']}  "
-              f"({len(outcome.ran)} nodes run, {len(outcome.reused)} reused, {outcome.wall_s:.1f} s)")
+    out.print(describe_setup(cfg), style="bold", markup=False, highlight=False)  # from the config, not a preset's text
+    out.print(f"store: {cfg['store']['uri']}  ({len(outcome.ran)} nodes run, {len(outcome.reused)} reused, "
+              f"{outcome.wall_s:.1f} s)", markup=False, highlight=False)
     accuracy = Table(title="MMLU accuracy (questions in this sweep)")
     for column in ("method", "questions", "correct", "accuracy"):
         accuracy.add_column(column)
@@ -102,8 +132,14 @@ def print_summary(outcome: Any, cfg: dict[str, Any]) -> None:
                 speed.add_row(method, str(node.labels["batch_size"]), f"{s['output_tokens_per_s']:.1f}",
                               f"{s['decode_tokens_per_s'] or 0:.1f}", f"{s['ttft_s']:.3f}",
                               f"{peak / 2**20:.0f}" if peak else "-")
-    out.print(accuracy)
-    out.print(speed)
+    stages = cfg["sweep"]["stages"]
+    if "evaluate" in stages:  # only the tables of stages that ran
+        out.print(accuracy)
+    fidelity = fidelity_table(plan, cfg)
+    if fidelity is not None:
+        out.print(fidelity)
+    if "profile" in stages:
+        out.print(speed)
     bad = [(plan.nodes[k], r) for k, r in results.items() if not r["status"].endswith("ok")]
     if bad:
         failures = Table(title="Cells that did not succeed (rows with their errors are in the store)")
@@ -112,4 +148,6 @@ def print_summary(outcome: Any, cfg: dict[str, Any]) -> None:
         for node, r in bad:
             failures.add_row(node.describe(), r["status"], (r.get("error") or "").splitlines()[0][:120])
         out.print(failures)
-    out.print(f"Report: quantsweep-report {cfg['store']['uri']} --out outputs/report")
+    # quoted for the shell (an S3 URI may carry ?a=b&c=d), printed unwrapped so it can be copied whole
+    out.print(f"Report: quantsweep-report {shlex.quote(cfg['store']['uri'])} --out outputs/report",
+              markup=False, highlight=False, soft_wrap=True)

@@ -62,6 +62,7 @@ class StoreData:
     predictions: pd.DataFrame
     throughput: pd.DataFrame
     memory: pd.DataFrame
+    fidelity: pd.DataFrame
     sweep_names: list[str]
     notes: list[str] = field(default_factory=list)  # what the loader had to decide (dedup, filters)
 
@@ -93,7 +94,7 @@ def load_store(store_uri: str, sweep_name: str | None = None) -> StoreData:
             notes.append(f"{dropped} duplicate MMLU predictions (same series, subject and question from "
                          "more than one node) were dropped, keeping the latest node's.")
     return StoreData(runs=frames["runs"], predictions=preds, throughput=frames["throughput"],
-                     memory=frames["memory"], sweep_names=sweeps, notes=notes)
+                     memory=frames["memory"], fidelity=frames["fidelity"], sweep_names=sweeps, notes=notes)
 
 
 def _add_series(frames: dict[str, pd.DataFrame]) -> None:
@@ -165,8 +166,12 @@ def method_order(data: StoreData, configs: list[dict]) -> list[str]:
 
 
 def baseline_method(data: StoreData, configs: list[dict]) -> str | None:
-    """The unquantized method speed-ups are relative to: ``algorithm: none`` in its config, else by name."""
+    """The method others are compared with: the sweep's ``sweep.baseline``, else the ``algorithm: none``
+    method, else by name."""
     seen = set(method_order(data, configs))
+    declared = _sweep_section(configs, "sweep").get("baseline")
+    if declared in seen:
+        return str(declared)
     for cfg in configs:
         methods = cfg.get("methods") if isinstance(cfg.get("methods"), dict) else {}
         if isinstance(cfg.get("method"), dict):
@@ -290,6 +295,31 @@ def tradeoff_table(acc: pd.DataFrame, tput: pd.DataFrame, preds: pd.DataFrame) -
     return out.sort_values(["series", "batch_size"]).reset_index(drop=True)
 
 
+def fidelity_table(fid: pd.DataFrame) -> pd.DataFrame:
+    """Per series: perplexity, its ratio to the baseline's, mean KL [95% CI], p99 KL, top-1 agreement, and
+    the text and engine they were measured on (:mod:`tasks.fidelity_stats`)."""
+    from tasks.fidelity_stats import summarize
+
+    summary = summarize(fid, by=("series", "method", "model", "backend"))
+    if summary.empty:
+        return summary.assign(text=pd.Series(dtype=str), weight_format=pd.Series(dtype=str))
+    about = fid.groupby("series").agg(text=("text_source", "first"), device=("device", "first"),
+                                      weight_format=("weight_format", "first"))
+    return summary.join(about, on="series")
+
+
+def flips_table(preds: pd.DataFrame, baseline: str | None) -> pd.DataFrame:
+    """MMLU answers that flipped against the baseline on the same questions (right->wrong, wrong->right)."""
+    from tasks.fidelity_stats import answer_flips
+
+    if preds.empty or baseline is None:
+        return pd.DataFrame(columns=["series", "baseline", "questions", "right_to_wrong", "wrong_to_right",
+                                     "answer_changed"])
+    base = preds[preds["method"] == baseline]
+    rest = preds[preds["method"] != baseline]
+    return answer_flips(pd.concat([base, rest]), baseline, by=("series",))
+
+
 def failures_table(runs: pd.DataFrame) -> pd.DataFrame:
     """Every node whose latest row is not ``ok`` (failed, OOM, skipped, or any other status)."""
     cols = ["kind", "status", "model", "method", "backend", "batch_size", "shard", "device", "gpu_name",
@@ -365,7 +395,7 @@ def provenance(data: StoreData, configs: list[dict]) -> list[tuple[str, str]]:
     runs, tp, mem, preds = data.runs, data.throughput, data.memory, data.predictions
     eval_cfg = _sweep_section(configs, "eval")
     items = [
-        ("Experiment", next((str(c["experiment"]) for c in configs if c.get("experiment")), "—")),
+        ("Experiment", _experiments(configs)),
         ("Sweep", ", ".join(data.sweep_names) or "—"),
         ("Model", distinct(pd.concat([runs[["model"]], tp[["model"]], preds[["model"]]]), "model")),
         ("Model source (model node config)", _model_sources(configs)),
@@ -388,6 +418,23 @@ def provenance(data: StoreData, configs: list[dict]) -> list[tuple[str, str]]:
         ("Software versions", _versions(runs)),
     ]
     return items
+
+
+def _experiments(configs: list[dict]) -> str:
+    """What each sweep asked for, built from its ``kind = sweep`` row's config (model, methods, subjects,
+    questions, batch sizes, lengths, backend, device), never from the experiment preset's fixed text."""
+    from orchestrator.describe import describe_setup
+
+    seen: list[str] = []
+    for cfg in configs:
+        if all(isinstance(cfg.get(k), dict) for k in ("sweep", "model", "backend", "eval")):
+            try:
+                line = describe_setup(cfg)
+            except (KeyError, TypeError):  # a row of another quantsweep version: leave it out
+                continue
+            if line not in seen:
+                seen.append(line)
+    return "; ".join(seen) or "—"
 
 
 def _model_sources(configs: list[dict]) -> str:
@@ -498,12 +545,15 @@ class Results:
     tradeoff: pd.DataFrame
     failed: pd.DataFrame
     missing: pd.DataFrame
+    fidelity: pd.DataFrame  # one line per series: perplexity, KL with its interval, top-1 agreement
+    flips: pd.DataFrame  # MMLU answer flips against the baseline
 
     def tables(self) -> dict[str, pd.DataFrame]:
         return {**{f"accuracy_{lvl}": df for lvl, df in self.accuracy.items()},
                 "mcnemar_all": self.mcnemar, "significant_differences": self.significant,
                 "throughput": self.throughput, "memory": self.memory, "tradeoff": self.tradeoff,
-                "failed_cells": self.failed, "missing": self.missing}
+                "failed_cells": self.failed, "missing": self.missing, "fidelity": self.fidelity,
+                "answer_flips": self.flips}
 
     @property
     def devices(self) -> set[str]:
@@ -517,7 +567,7 @@ def compute(store_uri: str, sweep_name: str | None = None) -> Results:
     methods = method_order(data, configs)
     baseline = baseline_method(data, configs)
     labelled = pd.concat([df[["series", "method"]] for df in
-                          (data.predictions, data.throughput, data.memory, data.runs)])
+                          (data.predictions, data.throughput, data.memory, data.fidelity, data.runs)])
     order = series_order(labelled, methods, baseline)
     acc = accuracy_tables(data.predictions)
     by_level = {lvl: _ordered(acc[acc["level"] == lvl], order) if len(acc) else acc
@@ -529,7 +579,9 @@ def compute(store_uri: str, sweep_name: str | None = None) -> Results:
         significant=mcnemar[mcnemar["significant"]].reset_index(drop=True) if len(mcnemar) else mcnemar,
         throughput=tput, memory=_ordered(memory_table(data.memory), order, None),
         tradeoff=_ordered(tradeoff_table(acc, tput, data.predictions), order, None),
-        failed=failures_table(data.runs), missing=missing_table(data, configs, methods))
+        failed=failures_table(data.runs), missing=missing_table(data, configs, methods),
+        fidelity=_ordered(fidelity_table(data.fidelity), order, None),
+        flips=_ordered(flips_table(data.predictions, baseline), order, None))
 
 
 def build_report(store_uri: str, out_dir: Path, sweep_name: str | None = None) -> Path:
@@ -553,6 +605,7 @@ def build_report(store_uri: str, out_dir: Path, sweep_name: str | None = None) -
         "memory": figs.memory_lines(res.memory, res.order, fig_dir / "memory"),
         "tradeoff": figs.tradeoff_scatter(res.tradeoff, res.order, fig_dir / "tradeoff"),
         "energy": figs.energy_lines(res.throughput, res.order, fig_dir / "energy", res.devices),
+        "fidelity": figs.fidelity_bars(res.fidelity, res.order, fig_dir / "fidelity", res.baseline),
     }
     html_path = out_dir / "report.html"
     html_path.write_text(_render(_sections(res, store_uri, made)), encoding="utf-8")
@@ -642,9 +695,33 @@ def _sections(res: Results, store_uri: str, made: dict[str, figs.Figure | None])
         "n_tests": str(len(res.mcnemar)),
         "table_failed": _table_html(res.failed, empty="no failed, OOM or skipped cells"),
         "missing_notes": _notes_html(_missing_notes(res)),
+        "fidelity_note": _fidelity_note(res),
+        "fig_fidelity": _figure_html(made["fidelity"], "Mean KL divergence from the baseline's next-token "
+                                     "distribution (95% CI over windows) and top-1 agreement"),
+        "table_fidelity": _table_html(_columns(res.fidelity, [
+            "series", "baseline", "sequences", "tokens", "perplexity", "ppl_ratio", "kl_mean", "kl_ci_low",
+            "kl_ci_high", "kl_p99", "kl_max", "top1_agreement", "device", "weight_format"])),
+        "table_flips": _table_html(res.flips, empty="no data yet (needs MMLU predictions of the baseline and "
+                                   "another method)"),
         "table_missing": _table_html(res.missing, empty="nothing missing: every expected cell has rows",
                                      max_rows=200),
     }
+
+
+def _fidelity_note(res: Results) -> str:
+    """What the fidelity numbers compare, on which text, read from the rows."""
+    fid = res.data.fidelity
+    if fid.empty:
+        return "No fidelity rows yet (sweep.stages without <code>fidelity</code>, or its cells have not run)."
+    baselines = ", ".join(sorted(map(str, fid["baseline"].dropna().unique())))
+    texts = ", ".join(sorted(map(str, fid["text_source"].dropna().unique())))
+    windows = ", ".join(sorted({f"{n} tokens" for n in fid["seq_len"].dropna().astype(int)}))
+    return (f"Each method's next-token distributions against <b>{html.escape(baselines)}</b>'s on the same "
+            f"windows of <code>{html.escape(texts)}</code> ({html.escape(windows)} per window, the first a "
+            "BOS/EOS prefix). KL(baseline || method) is exact over the full vocabulary, in nats per scored "
+            "token; its interval is a 95% t-interval over windows; p99 and max are over all scored tokens; "
+            "perplexity is exp(total NLL / tokens). The baseline against itself reads KL 0 and agreement 1. "
+            "Engines: " + html.escape("; ".join(sorted(set(fid["weight_format"].dropna().astype(str))))) + ".")
 
 
 def _accuracy_wide(acc: pd.DataFrame, order: list[str], level: str) -> pd.DataFrame:

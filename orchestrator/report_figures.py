@@ -203,3 +203,30 @@ def energy_lines(tput: pd.DataFrame, order: list[str], stem: Path, devices: set[
     ax.set_title(f"{title} ({shape})", fontsize=10)
     ax.legend(fontsize=8)
     return _save(fig, stem)
+
+
+def fidelity_bars(fid: pd.DataFrame, order: list[str], stem: Path, baseline: str | None) -> Figure:
+    """Mean KL against the baseline (95% CI over windows) and top-1 agreement, one bar per series."""
+    title = f"Quantization damage against {baseline or 'the baseline'}"
+    rows = fid[fid["method"] != fid["baseline"]] if len(fid) else fid
+    if rows.empty:
+        return _placeholder(stem, title, "no data yet (needs fidelity rows of a method other than the baseline)")
+    series = _present(order, rows)
+    rows = rows.set_index("series").loc[series]
+    colors = [_colors(order).get(s) for s in series]
+    fig, (kl_ax, top_ax) = plt.subplots(1, 2, figsize=(10, 3.8))
+    kl = rows["kl_mean"].to_numpy(dtype=float)
+    err = np.vstack([kl - rows["kl_ci_low"].to_numpy(dtype=float), rows["kl_ci_high"].to_numpy(dtype=float) - kl])
+    kl_ax.bar(series, kl, yerr=np.nan_to_num(err), capsize=3, color=colors)
+    kl_ax.set_ylabel("mean KL(baseline || method), nats/token")
+    kl_ax.set_title("KL divergence (95% CI over windows)", fontsize=10)
+    top = rows["top1_agreement"].to_numpy(dtype=float)
+    top_ax.bar(series, top, color=colors)
+    top_ax.set_ylim(min(0.9, float(top.min()) - 0.02), 1.0)
+    top_ax.yaxis.set_major_formatter(matplotlib.ticker.PercentFormatter(1.0))
+    top_ax.set_title("Top-1 next-token agreement", fontsize=10)
+    for ax in (kl_ax, top_ax):
+        ax.grid(axis="y", alpha=0.3)
+        ax.tick_params(axis="x", labelrotation=20, labelsize=8)
+    fig.suptitle(title, fontsize=11)
+    return _save(fig, stem)

@@ -49,6 +49,9 @@ RUNS = pa.schema(_KEY_COLUMNS + [
     pa.field("duration_s", pa.float64()),
     pa.field("attempt", pa.int32()),
     pa.field("versions_json", pa.string()),  # torch / transformers / lm-eval / ... versions
+    # IP address of the Ray node the task ran on (hostname is the same for every node of one machine); for
+    # a row the driver wrote because Ray lost the cell, the lost node's
+    pa.field("node_ip", pa.string()),
 ])
 
 MMLU_PREDICTIONS = pa.schema(_KEY_COLUMNS + [
@@ -110,14 +113,40 @@ MEMORY = pa.schema(_KEY_COLUMNS + [
     pa.field("method_note", pa.string()),
 ])
 
+FIDELITY = pa.schema(_KEY_COLUMNS + [
+    # one row per (method, token window): the method's next-token distributions against the baseline's
+    pa.field("model", pa.string()),
+    pa.field("method", pa.string()),
+    pa.field("backend", pa.string()),
+    pa.field("baseline", pa.string()),  # the method compared with (sweep.baseline); itself -> KL 0, agreement 1
+    pa.field("sequence_index", pa.int32()),  # window number within the cell's text, 0-based
+    pa.field("tokens", pa.int32()),  # scored tokens of the window (seq_len - 1: the first is the BOS/EOS prefix)
+    pa.field("nll_sum", pa.float64()),  # the method's -sum log p(token), natural log: ppl = exp(sum nll / sum tokens)
+    pa.field("kl_mean", pa.float64()),  # mean over the scored positions of KL(P_baseline || P_method), nats
+    pa.field("kl_p99", pa.float64()),  # 99th percentile over the window's positions
+    pa.field("kl_max", pa.float64()),
+    pa.field("top1_agreement", pa.float64()),  # fraction of positions where both argmax tokens agree
+    pa.field("kl_tokens", pa.list_(pa.float32())),  # KL at every scored position (exact quantiles over rows)
+    pa.field("text_source", pa.string()),  # fidelity.text: pydoc_topics_heldout or a local file's path
+    pa.field("text_fingerprint", pa.string()),  # hash of the cell's exact token windows
+    pa.field("seq_len", pa.int32()),
+    pa.field("device", pa.string()),
+    pa.field("dtype", pa.string()),  # compute dtype of the method's engine
+    pa.field("weight_format", pa.string()),  # the method's weights as the engine ran them (e.g. de-quantized)
+    pa.field("baseline_weight_format", pa.string()),
+    pa.field("engine", pa.string()),  # which engine computed the logits, in words
+    pa.field("method_note", pa.string()),  # how KL, top-1 and nll were computed
+])
+
 #: Tables a node fills before its ``runs`` row (which commits them).
-DATA_TABLES = ("mmlu_predictions", "throughput", "memory")
+DATA_TABLES = ("mmlu_predictions", "throughput", "memory", "fidelity")
 
 TABLES: dict[str, pa.Schema] = {
     "runs": RUNS,
     "mmlu_predictions": MMLU_PREDICTIONS,
     "throughput": THROUGHPUT,
     "memory": MEMORY,
+    "fidelity": FIDELITY,
 }
 
 

@@ -20,8 +20,9 @@ BACKENDS = ("torch", "tensorrt_llm")
 DEVICES = ("auto", "cpu", "cuda")
 SCORINGS = ("loglikelihood", "generate")
 RERUN = ("failed", "all", "none")
-STAGES = ("evaluate", "profile")
+STAGES = ("evaluate", "fidelity", "profile")
 DTYPES = ("float16", "bfloat16", "float32")
+INT_BITS = (2, 3, 4, 8)  # rtn/awq/gptq integer widths (compressed-tensors pack-quantized)
 
 
 class ConfigError(ValueError):
@@ -85,9 +86,15 @@ def _check_methods(cfg: dict[str, Any]) -> None:
     for name in selected:
         m, field = methods[name], f"methods.{name}"
         _require(m["algorithm"] in ALGORITHMS, f"{field}.algorithm", f"unknown {m['algorithm']!r}", ALGORITHMS)
-        allowed_bits = (16,) if m["algorithm"] == "none" else (8,) if m["algorithm"] == "fp8" else (4,)
+        allowed_bits = (16,) if m["algorithm"] == "none" else (8,) if m["algorithm"] == "fp8" else INT_BITS
         _require(m["bits"] in allowed_bits, f"{field}.bits", f"{m['bits']} with algorithm {m['algorithm']}",
                  allowed_bits)
+        if m["algorithm"] in ("rtn", "awq", "gptq") and m["bits"] != 4:
+            # int2/3/8 checkpoints run de-quantized on the CPU reference (accuracy, fidelity); the GPU
+            # engines have int4 kernels only
+            _require(cfg["backend"]["name"] == "torch" and cfg["backend"]["device"] == "cpu", f"{field}.bits",
+                     f"{m['bits']}-bit weights run only on the CPU reference engine (backend.device=cpu); "
+                     "the GPU engines have int4 kernels", (4,))
         if m["algorithm"] in ("rtn", "awq", "gptq"):
             _require(isinstance(m["group_size"], int) and m["group_size"] > 0, f"{field}.group_size",
                      f"must be a positive integer, got {m['group_size']!r}", (32, 64, 128))
@@ -146,13 +153,26 @@ TORCH_OPTION_VALUES = {"engine": ("fast", "hf"), "int4_kernels": ("auto", "mma",
                        "cpu_dtype": ("float32", "bfloat16", "float16")}
 
 
+def _check_fp8_gpus(cfg: dict[str, Any]) -> None:
+    """fp8 needs FP8 tensor cores (compute capability >= 8.9) on every GPU its tasks may get, as far as the
+    driver can tell (:func:`orchestrator.accelerators.sweep_gpus`); on CPU it runs de-quantized (the
+    reference engine's rows say so), which measures accuracy and fidelity, not FP8 speed."""
+    from orchestrator.accelerators import FP8_GPUS, lacks_fp8, sweep_gpus
+
+    fp8 = [name for name in cfg["sweep"]["methods"] if cfg["methods"][name]["algorithm"] == "fp8"]
+    if not fp8:
+        return
+    gpus, source = sweep_gpus(cfg["cluster"], cfg["backend"]["device"])
+    old = sorted({f"{g.name} (sm_{g.capability[0]}{g.capability[1]})" for g in gpus if lacks_fp8(g)})
+    _require(not old, f"methods.{fp8[0]}.algorithm",
+             f"fp8 needs FP8 tensor cores (compute capability >= 8.9), but {source} gives {', '.join(old)}; "
+             "drop fp8 from sweep.methods, set cluster.accelerator_type to an FP8 GPU, or backend.device=cpu "
+             "(de-quantized: accuracy only)", FP8_GPUS)
+
+
 def _check_backend(cfg: dict[str, Any]) -> None:
     backend = cfg["backend"]
-    for name in cfg["sweep"]["methods"]:
-        algorithm = cfg["methods"][name]["algorithm"]
-        _require(algorithm != "fp8" or backend["name"] == "tensorrt_llm", f"methods.{name}.algorithm",
-                 "fp8 runs only on backend=tensorrt_llm (GPUs with FP8: Ada L40/L40S, Hopper)",
-                 ("none", "rtn", "awq", "gptq") if backend["name"] == "torch" else ALGORITHMS)
+    _check_fp8_gpus(cfg)
     _require(backend["name"] in BACKENDS, "backend.name", f"unknown backend {backend['name']!r}", BACKENDS)
     _require(backend["device"] in DEVICES, "backend.device", f"unknown device {backend['device']!r}", DEVICES)
     if backend["name"] == "torch":
@@ -176,7 +196,7 @@ def _check_store(cfg: dict[str, Any]) -> None:
 
     store_cfg = cfg["store"]
     try:
-        store = ResultStore(store_cfg["uri"])
+        store = ResultStore.from_config(store_cfg)
         store.check_writable()
     except Exception as err:  # noqa: BLE001 - any filesystem error means the same to the user
         raise ConfigError("store.uri", f"cannot write to {store_cfg['uri']!r}: {err}") from err
@@ -187,6 +207,11 @@ def _check_store(cfg: dict[str, Any]) -> None:
                  "must be set to a shared local path when store.uri is a remote URI")
         artifacts = f"{store.uri}/artifacts"
     artifacts_path = Path(artifacts).expanduser().resolve()
+    if cfg["cluster"].get("address"):
+        # A running cluster: the nodes read and write artifacts, and the driver may not mount that folder;
+        # a task on each node checks it (orchestrator.cluster_checks.probe_nodes).
+        store_cfg["artifacts_dir"] = str(artifacts_path)
+        return
     try:
         artifacts_path.mkdir(parents=True, exist_ok=True)
         probe = artifacts_path / ".probe"
@@ -195,6 +220,31 @@ def _check_store(cfg: dict[str, Any]) -> None:
     except OSError as err:
         raise ConfigError("store.artifacts_dir", f"cannot write to {str(artifacts_path)!r}: {err}") from err
     store_cfg["artifacts_dir"] = str(artifacts_path)
+
+
+def _check_fidelity(cfg: dict[str, Any]) -> None:
+    """The baseline exists in the sweep, and the windows fit the text source and the model's positions."""
+    sweep, fid = cfg["sweep"], cfg["fidelity"]
+    if "fidelity" not in sweep["stages"]:
+        return
+    methods = list(sweep["methods"])
+    _require(sweep["baseline"] in methods, "sweep.baseline",
+             f"{sweep['baseline']!r} is not one of sweep.methods, so the fidelity stage has nothing to compare "
+             "with (add it to sweep.methods, pick another baseline, or drop fidelity from sweep.stages)", methods)
+    _require(fid["num_sequences"] >= 1, "fidelity.num_sequences", f"must be >= 1, got {fid['num_sequences']}")
+    _require(fid["seq_len"] >= 2, "fidelity.seq_len", f"must be >= 2, got {fid['seq_len']}")
+    from tasks.fidelity import PYDOC_HELDOUT
+    from tasks.models import model_max_positions
+
+    text = str(fid["text"])
+    if text != PYDOC_HELDOUT:
+        path = Path(text).expanduser()
+        _require(path.suffix in (".txt", ".jsonl") and path.is_file(), "fidelity.text",
+                 f"{text!r} is not a local .txt or .jsonl file", (PYDOC_HELDOUT, "/path/to/text.txt|.jsonl"))
+        fid["text"] = str(path.resolve())
+    positions = model_max_positions(cfg["model"])
+    _require(positions is None or fid["seq_len"] <= positions, "fidelity.seq_len",
+             f"{fid['seq_len']} tokens exceed the model's {positions} positions", (f"2..{positions}",))
 
 
 def _check_sequence_fits(cfg: dict[str, Any]) -> None:
@@ -279,6 +329,7 @@ def validate(cfg: DictConfig | dict[str, Any]) -> dict[str, Any]:
     _check_model(resolved["model"])
     _check_sequence_fits(resolved)
     _check_group_sizes(resolved)
+    _check_fidelity(resolved)
     _check_store(resolved)
     _check_eval(resolved)
     return resolved

@@ -1,4 +1,4 @@
-"""The quantize task: a Hugging Face Llama checkpoint -> a W4A16 group-wise int4 checkpoint.
+"""The quantize task: a Hugging Face Llama checkpoint -> a W4A16 group-wise int4 or an FP8 W8A8 checkpoint.
 
 One public entry point, ``quantize(checkpoint_dir, out_dir, method, seed)``, plain Python (no Ray).
 The algorithms are llm-compressor 0.14's maintained implementations (the vLLM project's successor
@@ -16,6 +16,9 @@ algorithm    llm-compressor recipe
 ``awq``      ``AWQModifier`` (smoothing: per-input-channel scales found by grid search on the
              calibration activations and folded into the previous RMSNorm / Linear) followed by
              ``QuantizationModifier`` (RTN of the smoothed weights), like AutoAWQ
+``fp8``      ``QuantizationModifier(scheme="FP8_DYNAMIC")``: FP8 W8A8, e4m3 weights with one scale
+             per output channel (min/max, no data needed, so no calibration runs), activations
+             quantized per token at run time by whoever runs the checkpoint (see "FP8 artifact")
 ``none``     no quantization: a pass-through artifact (see below)
 ===========  =================================================================================
 
@@ -66,6 +69,25 @@ Quantization was ``q = clamp(round(W / s) + z, -8, 7)``.  Unquantized tensors (e
 into the ``input_layernorm`` / ``post_attention_layernorm`` weights, ``up_proj`` and (without GQA
 only) ``v_proj``, so an AWQ artifact has exactly the GPTQ layout (no ``pre_quant_scale`` downstream).
 
+FP8 artifact (``algorithm: fp8``)
+--------------------------------
+Same files; ``quantization_config.format`` is ``float-quantized`` and its one config group is
+FP8_DYNAMIC: ``weights {num_bits: 8, type: float, strategy: channel, symmetric: true, dynamic: false}``,
+``input_activations {num_bits: 8, type: float, strategy: token, symmetric: true, dynamic: true}``.
+For every quantized Linear with weight ``W`` [N, K]:
+
+- ``<name>.weight``: ``float8_e4m3fn`` [N, K], ``q = fp8(clamp(W / s, -448, 448))`` (round to nearest e4m3)
+- ``<name>.weight_scale``: **float32** [N, 1], ``s[n] = max_k |W[n, k]| / 448`` computed in the
+  calibration dtype (float32 by default) and stored unrounded, so ``W[n, k] = q[n, k] * s[n]`` is the
+  exact de-quantization (llm-compressor would cast it to ``method.dtype``; an fp16 scale of a small row
+  would be subnormal)
+
+At run time each token's activations ``x`` [K] are quantized the same way with their own scale
+``a = max_k |x_k| / 448``, and ``y[n] = a * s[n] * sum_k fp8(x_k / a) * q[n, k]``.  ``load_fp8_layer``
+returns ``(q, s)`` for one layer, :func:`dequantize_fp8` the weight.  The TensorRT-LLM backend does not
+use this artifact: it quantizes fp8 itself with ModelOpt at build time (a pass-through artifact, made in
+the orchestrator's quantize step).
+
 Mapping to TensorRT-LLM's int4 weight-only group-wise checkpoint (spec for the converter)
 -----------------------------------------------------------------------------------------
 TensorRT-LLM's ``weight_only_groupwise_quant_matmul`` computes ``W = q * s + zero`` per group with
@@ -109,8 +131,10 @@ from tasks.models import DTYPES
 #: Written last into ``out_dir``; its presence marks a complete artifact.
 MARKER = "quantsweep_quant.json"
 FORMAT_INT4 = "compressed-tensors/pack-quantized"
+FORMAT_FP8 = "compressed-tensors/float-quantized"
 FORMAT_HF = "hf"
-ALGORITHMS = ("none", "rtn", "awq", "gptq")
+ALGORITHMS = ("none", "rtn", "awq", "gptq", "fp8")
+FP8_MAX = 448.0  # largest finite float8_e4m3fn
 #: ``method.options`` keys quantize() consumes itself; the others go to the algorithm's modifier.
 _OWN_OPTIONS = ("calibration_dtype",)
 
@@ -135,6 +159,8 @@ def quantize(checkpoint_dir: Path, out_dir: Path, method: dict[str, Any], seed: 
                   "quantize_s": time.perf_counter() - start, "calibration": None}
         return _write_marker(out_dir, spec, result)
 
+    if spec["algorithm"] == "fp8":
+        return _quantize_fp8(checkpoint_dir, out_dir, spec, start, start_cpu)
     quantized = validate_group_size(checkpoint_dir, spec["group_size"], spec["ignore"])
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -168,13 +194,44 @@ def quantize(checkpoint_dir: Path, out_dir: Path, method: dict[str, Any], seed: 
     return _write_marker(out_dir, spec, result)
 
 
-def validate_group_size(checkpoint_dir: Path, group_size: int, ignore: list[str]) -> dict[str, int]:
-    """Check that ``group_size`` divides every quantized Linear's in_features; return {name: in_features}.
+def _quantize_fp8(checkpoint_dir: Path, out_dir: Path, spec: dict[str, Any], start: float,
+                  start_cpu: float) -> dict[str, Any]:
+    """FP8_DYNAMIC through llm-compressor's data-free path; weight scales kept in float32 (module docstring)."""
+    from llmcompressor import oneshot
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    Runs on a meta-device model built from ``config.json`` (no weights read), so a bad config fails
-    in a second instead of after loading and calibrating.  The error names the layer and the group
-    sizes that would work (the divisors of the gcd of all quantized in_features).
-    """
+    quantized = quantized_linears(checkpoint_dir, spec["ignore"])
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint_dir)
+    model = AutoModelForCausalLM.from_pretrained(
+        checkpoint_dir, dtype=DTYPES[spec["options"].get("calibration_dtype", "float32")])
+    t_quant = time.perf_counter()
+    oneshot(model=model, recipe=_recipe(spec))
+    calibrate_s = time.perf_counter() - t_quant
+    # Everything but the quantized linears goes to method.dtype; those keep the calibration-dtype weight and
+    # scale, so the compressor rounds W / s to e4m3 once and the stored scale is the one it divided by.
+    quantized_params = {id(p) for m in model.modules() if hasattr(m, "weight_scale") for p in m.parameters()}
+    for param in model.parameters():
+        if id(param) not in quantized_params:
+            param.data = param.data.to(DTYPES[spec["dtype"]])
+    model.config.dtype = DTYPES[spec["dtype"]]
+    model.save_pretrained(out_dir, save_compressed=True)
+    tokenizer.save_pretrained(out_dir)
+    result = {
+        "checkpoint_dir": str(out_dir), "passthrough": False, "format": FORMAT_FP8, "bits": 8,
+        "group_size": None, "algorithm": "fp8", "symmetric": True, "dtype": spec["dtype"],
+        "scheme": "FP8_DYNAMIC (e4m3 weights, per-channel scales; per-token dynamic activations)",
+        "num_quantized_layers": _count_fp8(out_dir), "expected_quantized_layers": len(quantized),
+        "checkpoint_bytes": _dir_bytes(out_dir), "source_checkpoint_dir": str(checkpoint_dir),
+        "quantize_s": time.perf_counter() - start, "calibrate_s": calibrate_s,
+        "quantize_cpu_s": time.process_time() - start_cpu, "calibration": None,
+    }
+    if result["num_quantized_layers"] != len(quantized):
+        raise RuntimeError(f"expected {len(quantized)} fp8 layers in {out_dir}, found {result['num_quantized_layers']}")
+    return _write_marker(out_dir, spec, result)
+
+
+def quantized_linears(checkpoint_dir: Path, ignore: list[str]) -> dict[str, int]:
+    """{name: in_features} of the Linears a recipe with ``ignore`` quantizes, from a meta-device model."""
     from compressed_tensors.utils import match_named_modules
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -184,6 +241,17 @@ def validate_group_size(checkpoint_dir: Path, group_size: int, ignore: list[str]
     layers = {name: int(m.in_features) for name, m in match_named_modules(model, ["Linear"], ignore)}
     if not layers:
         raise ValueError(f"no Linear layer left to quantize in {checkpoint_dir} with ignore={ignore}")
+    return layers
+
+
+def validate_group_size(checkpoint_dir: Path, group_size: int, ignore: list[str]) -> dict[str, int]:
+    """Check that ``group_size`` divides every quantized Linear's in_features; return {name: in_features}.
+
+    Runs on a meta-device model built from ``config.json`` (no weights read), so a bad config fails
+    in a second instead of after loading and calibrating.  The error names the layer and the group
+    sizes that would work (the divisors of the gcd of all quantized in_features).
+    """
+    layers = quantized_linears(checkpoint_dir, ignore)
     bad = {name: k for name, k in layers.items() if k % group_size}
     if bad:
         name, k = next(iter(bad.items()))
@@ -224,6 +292,28 @@ def load_int4_layer(checkpoint_dir: Path, layer_name: str) -> tuple[torch.Tensor
     return q, scale, zp
 
 
+def load_fp8_layer(checkpoint_dir: Path, layer_name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The e4m3 weight ``q`` [N, K] and float32 per-channel scale ``s`` [N] of one fp8 Linear of an artifact."""
+    tensors = _read_tensors(Path(checkpoint_dir), layer_name, ("weight", "weight_scale"))
+    if "weight_scale" not in tensors or tensors["weight"].dtype != torch.float8_e4m3fn:
+        raise KeyError(f"{layer_name!r} is not an fp8 layer of {checkpoint_dir}")
+    return tensors["weight"], tensors["weight_scale"].float().reshape(-1)
+
+
+def dequantize_fp8(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``W[n, k] = q[n, k] * s[n]`` in fp32 (exact: an e4m3 value times an fp32 scale, one rounding)."""
+    return q.float() * scale.float().reshape(-1, 1)
+
+
+def quantize_fp8_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [..., K] -> (e4m3 codes [..., K], float32 scales [..., 1]) with one scale per token (row):
+    ``a = max|x| / 448`` (a zero row gets the smallest normal fp32, so it stays zero), codes
+    ``fp8(clamp(x / a, -448, 448))``.  The reference of the engine's compiled producer kernels."""
+    x32 = x.float()
+    scale = (x32.abs().amax(dim=-1, keepdim=True) / FP8_MAX).clamp(min=torch.finfo(torch.float32).tiny)
+    return (x32 / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn), scale
+
+
 def dequantize_int4(q: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor) -> torch.Tensor:
     """``W[n, k] = (q[n, k] - z[n, g]) * s[n, g]`` with ``g = k // group_size``, in fp32."""
     group_size = q.shape[1] // scale.shape[1]
@@ -258,8 +348,18 @@ def _normalize_method(method: dict[str, Any]) -> dict[str, Any]:
         if spec["bits"] != 16:
             raise ValueError(f"method.algorithm 'none' keeps the weights in {spec['dtype']}; bits must be 16")
         return spec
-    if spec["bits"] != 4:
-        raise ValueError(f"method.bits must be 4 for algorithm {spec['algorithm']!r} (W4A16), got {spec['bits']}")
+    if spec["algorithm"] == "fp8":
+        if spec["bits"] != 8:
+            raise ValueError(f"method.bits must be 8 for algorithm 'fp8' (e4m3 W8A8), got {spec['bits']}")
+        extra = sorted(k for k in spec["options"] if k not in _OWN_OPTIONS)
+        if extra:
+            raise ValueError(f"method.options {extra} are not used by algorithm 'fp8'")
+        if spec["options"].get("calibration_dtype", "float32") not in DTYPES:
+            raise ValueError(f"method.options.calibration_dtype must be one of {sorted(DTYPES)}")
+        return spec
+    if spec["bits"] not in (2, 3, 4, 8):
+        raise ValueError(f"method.bits must be 2, 3, 4 or 8 for algorithm {spec['algorithm']!r} (weight-only "
+                         f"integer, W4A16 being the study's), got {spec['bits']}")
     if spec["group_size"] <= 0:
         raise ValueError(f"method.group_size must be a positive int, got {spec['group_size']}")
     if spec["options"].get("actorder") not in (None, False):
@@ -278,6 +378,8 @@ def _recipe(spec: dict[str, Any]) -> list[Any]:
     scheme = {"group_0": {"targets": ["Linear"], "weights": {
         "num_bits": spec["bits"], "type": "int", "symmetric": spec["symmetric"],
         "strategy": "group", "group_size": spec["group_size"], "actorder": None}}}
+    if spec["algorithm"] == "fp8":  # llm-compressor's preset: e4m3, channel-wise weights, token-wise activations
+        return [QuantizationModifier(targets=["Linear"], scheme="FP8_DYNAMIC", ignore=spec["ignore"])]
     extra = {k: v for k, v in spec["options"].items() if k not in _OWN_OPTIONS}
     if spec["algorithm"] == "gptq":
         extra.pop("actorder", None)
@@ -357,6 +459,18 @@ def _count_packed(checkpoint_dir: Path) -> int:
     for f in _safetensors_files(checkpoint_dir):
         with safe_open(str(f), framework="pt") as st:
             count += sum(1 for k in st.keys() if k.endswith(".weight_packed"))
+    return count
+
+
+def _count_fp8(checkpoint_dir: Path) -> int:
+    from safetensors import safe_open
+
+    count = 0
+    for f in _safetensors_files(checkpoint_dir):
+        with safe_open(str(f), framework="pt") as st:
+            names = set(st.keys())
+            count += sum(1 for k in names if k.endswith(".weight_scale") and k[:-6] in names
+                         and st.get_slice(k[:-6]).get_dtype() == "F8_E4M3")
     return count
 
 

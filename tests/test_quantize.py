@@ -252,7 +252,7 @@ def test_group_size_must_divide_in_features(tmp_path):
 
 @pytest.mark.parametrize("bad, match", [
     ({"options": {"actorder": "static"}}, "actorder"),
-    ({"bits": 8}, "bits must be 4"),
+    ({"bits": 5}, "bits must be 2, 3, 4 or 8"),
     ({"algorithm": "smoothquant"}, "method.algorithm"),
     ({"dtype": "float8"}, "method.dtype"),
 ])

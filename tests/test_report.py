@@ -31,8 +31,9 @@ METHODS = {"fp16": 0.62, "awq": 0.58, "rtn": 0.35}  # method -> probability of a
 SUBJECTS = ["anatomy", "abstract_algebra", "high_school_us_history", "sociology", "marketing", "virology"]
 BATCH_SIZES = [1, 8]
 QUESTIONS = 30
-FIGURES = ["accuracy_category", "accuracy_subcategory", "throughput", "memory", "tradeoff", "energy"]
-SECTIONS = ["setup", "categories", "subcategories", "throughput", "memory", "tradeoff", "significance",
+FIGURES = ["accuracy_category", "accuracy_subcategory", "throughput", "memory", "tradeoff", "energy", "fidelity"]
+FIDELITY_WINDOWS = 4
+SECTIONS = ["setup", "categories", "subcategories", "fidelity", "throughput", "memory", "tradeoff", "significance",
             "failures", "missing"]
 
 
@@ -93,6 +94,19 @@ def write_store(root: Path, *, profile: bool = True, device: str = "cuda:0") -> 
                                                 subjects=subjects,
                                                 config_json=json.dumps({"eval": {"num_fewshot": 5,
                                                                                   "limit_per_subject": None}}))])
+        key = f"fidelity-{method}"
+        _write(root, "fidelity", key, [{
+            **_common(key), "model": "smollm2-135m", "method": method, "backend": "torch", "baseline": "fp16",
+            "sequence_index": i, "tokens": 7, "nll_sum": 7 * (2.0 + 0.1 * m_index + 0.01 * i),
+            "kl_mean": 0.0 if method == "fp16" else 0.01 * m_index * (1 + 0.1 * i),
+            "kl_p99": 0.0 if method == "fp16" else 0.05 * m_index, "kl_max": 0.0 if method == "fp16" else 0.1 * m_index,
+            "top1_agreement": 1.0 if method == "fp16" else 0.9 - 0.01 * i,
+            "kl_tokens": [0.0 if method == "fp16" else 0.01 * m_index * (1 + 0.1 * i)] * 7,
+            "text_source": "pydoc_topics_heldout", "text_fingerprint": "abc", "seq_len": 8, "device": device,
+            "dtype": "bfloat16", "weight_format": "dense bfloat16" if method == "fp16" else "int4-g128",
+            "baseline_weight_format": "dense bfloat16", "engine": "test", "method_note": "exact KL"}
+            for i in range(FIDELITY_WINDOWS)])
+        _write(root, "runs", key, [_run_row(key, "fidelity", method, device=device)])
         for batch_size in BATCH_SIZES:
             key = f"profile-{method}-{batch_size}"
             if method == "rtn" and batch_size == 8:
@@ -152,6 +166,29 @@ def test_every_figure_and_section_exists(full_report: tuple[Path, Path]) -> None
     assert "$" not in text.replace("$$", "")  # every template field filled
     assert "NVIDIA H100 80GB HBM3" in text and "580.95.05" in text and "torch 2.13.0" in text
     assert "OutOfMemoryError" in text
+
+
+def test_fidelity_table_and_flips_match_the_rows(full_report: tuple[Path, Path]) -> None:
+    """Perplexity, KL and agreement recomputed by hand from the raw rows; flips from the raw predictions."""
+    store, html_path = full_report
+    raw = _raw(store, "fidelity")
+    got = pd.read_csv(html_path.parent / "tables" / "fidelity.csv").set_index("series")
+    assert set(got.index) == set(raw["method"]) and got.index[0] == "fp16"  # the baseline first
+    for method, rows in raw.groupby("method"):
+        assert got.loc[method, "perplexity"] == pytest.approx(np.exp(rows["nll_sum"].sum() / rows["tokens"].sum()))
+        assert got.loc[method, "kl_mean"] == pytest.approx(rows["kl_mean"].mean(), abs=1e-12)
+        assert got.loc[method, "top1_agreement"] == pytest.approx(rows["top1_agreement"].mean())
+        assert got.loc[method, "sequences"] == FIDELITY_WINDOWS
+    assert got.loc["fp16", "kl_mean"] == 0 and got.loc["fp16", "ppl_ratio"] == 1.0
+    preds = _raw(store, "mmlu_predictions").set_index(["method", "subject", "question_index"])["correct"]
+    flips = pd.read_csv(html_path.parent / "tables" / "answer_flips.csv").set_index("series")
+    base = preds.loc["fp16"]
+    for method in set(flips.index):
+        other = preds.loc[method].reindex(base.index)
+        assert flips.loc[method, "right_to_wrong"] == int((base & ~other).sum())
+        assert flips.loc[method, "wrong_to_right"] == int((~base & other).sum())
+    text = html_path.read_text()
+    assert "against <b>fp16</b>" in text and "pydoc_topics_heldout" in text
 
 
 def _check_accuracy(csv: Path, raw: pd.DataFrame, key: str) -> None:

@@ -41,6 +41,11 @@ class GenerationTiming:
     output_token_ids: torch.Tensor | None = None  # [batch, output_len], for correctness checks
 
 
+class Unsupported(RuntimeError):
+    """This engine cannot do what a cell asks (e.g. return prompt logits): the cell is a ``skipped`` row
+    whose error says why, not a failure."""
+
+
 class Engine(ABC):
     """A loaded engine: what the evaluate and profile tasks run against."""
 
@@ -57,6 +62,14 @@ class Engine(ABC):
     @abstractmethod
     def timed_generate(self, input_ids: torch.Tensor, output_len: int) -> GenerationTiming:
         """Greedy-generate exactly ``output_len`` tokens for every row of ``input_ids`` [B, L]."""
+
+    def prompt_logits(self, batch: list[list[int]]) -> list[torch.Tensor]:
+        """Logits [L_i, V] at every position of each token list (one forward pass, no sampling).
+
+        The fidelity stage compares these between a method and its baseline; engines that cannot return
+        them raise :class:`Unsupported`.
+        """
+        raise Unsupported(f"the {type(self).__name__} engine cannot return prompt logits")
 
     def vocab_size(self) -> int:
         return int(self.details.get("vocab_size", 32000))

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from tasks.backends.base import Engine, GenerationTiming
+from tasks.backends.base import Engine, GenerationTiming, Unsupported
 from tasks.backends.tensorrt_llm.lm_wrapper import TensorRTLLMLM
 
 ENGINE_META = "quantsweep_engine.json"
@@ -114,6 +114,9 @@ class TensorRTLLMEngine(Engine):
         return [logits[i, 0, 0].float().cpu() for i in range(len(batch))]
 
     def prompt_logits(self, batch: list[list[int]]) -> list[torch.Tensor]:
+        if not self.has_prompt_logits:
+            raise Unsupported("this TensorRT-LLM engine was built without context logits; rebuild it with "
+                              "backend.options.gather_context_logits=true to measure fidelity")
         out = self.runner.generate([torch.tensor(b, dtype=torch.int32) for b in batch], max_new_tokens=1,
                                    end_id=-1, pad_id=self.pad_id, return_dict=True, top_k=1)
         logits = out["context_logits"]  # [batch, max_input_len, vocab]

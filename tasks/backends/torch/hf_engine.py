@@ -32,6 +32,9 @@ def checkpoint_weight_format(checkpoint_dir: Path) -> str:
     if not quant:
         return str(config.get("torch_dtype") or config.get("dtype") or "float")
     group = next(iter(quant.get("config_groups", {}).values()), {}).get("weights", {})
+    if group.get("type") == "float" and group.get("num_bits") == 8:
+        return (f"fp8-e4m3 W8A8 (weights per-{group.get('strategy')}, activations per-token dynamic; "
+                f"{quant.get('format', quant.get('quant_method'))})")
     return (f"int{group.get('num_bits', '?')}-g{group.get('group_size', '?')}-"
             f"{'sym' if group.get('symmetric') else 'asym'} ({quant.get('format', quant.get('quant_method'))})")
 
@@ -45,7 +48,9 @@ class HFEngine(Engine):
         self.model = AutoModelForCausalLM.from_pretrained(checkpoint_dir, dtype=DTYPES[dtype]).to(device).eval()
         stored = checkpoint_weight_format(checkpoint_dir)
         self.weight_format = (f"{stored}, de-quantized to dense {dtype} by transformers"
-                              if stored.startswith("int") else f"dense {dtype}")
+                              if stored.startswith(("int", "fp8")) else f"dense {dtype}")
+        if stored.startswith("fp8"):  # compressed-tensors quantize-dequantizes each token's activations
+            self.weight_format += ", activations fake-quantized to fp8 per token"
         self.kv_cache_policy = "dynamic (grows with the sequence: batch x tokens so far), transformers DynamicCache"
         cfg = self.model.config
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
@@ -56,12 +61,21 @@ class HFEngine(Engine):
             "kv_bytes_per_token": 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * head_dim * element,
             "engine": "transformers eager",
         }
+        if stored.startswith(("int", "fp8")):  # profile rows must not read as the format's own speed
+            self.details["speed_note"] = (f"de-quantized: {stored.split(' ')[0]} weights run as dense {dtype} "
+                                          "matmuls here, so speed and memory are not the format's")
 
     def lm_eval_model(self, batch_size: int) -> Any:
         from lm_eval.models.huggingface import HFLM
 
         return HFLM(pretrained=self.model, tokenizer=self.tokenizer, batch_size=batch_size,
                     max_length=getattr(self.model.config, "max_position_embeddings", 2048))
+
+    @torch.inference_mode()
+    def prompt_logits(self, batch: list[list[int]]) -> list[torch.Tensor]:
+        """One eager forward per token list (no padding, so no attention mask can change a logit)."""
+        return [self.model(input_ids=torch.tensor([ids], device=self.device)).logits[0].float()
+                for ids in batch]
 
     @torch.inference_mode()
     def timed_generate(self, input_ids: torch.Tensor, output_len: int) -> GenerationTiming:

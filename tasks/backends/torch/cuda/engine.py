@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from tasks.backends.base import Engine, GenerationTiming
+from tasks.backends.torch.cuda.fp8 import Fp8Linear
 from tasks.backends.torch.cuda.generate import Generator
 from tasks.backends.torch.cuda.int4 import Int4Linear
 from tasks.backends.torch.cuda.loader import int4_scheme, load_llama, read_config
@@ -20,6 +21,9 @@ from tasks.backends.torch.cuda.model import DEFAULT_GEMV_FUSION, Transformer, kv
 
 
 def describe_weights(model: Transformer, symmetric: bool | None = None) -> str:
+    if any(isinstance(m, Fp8Linear) for m in model.modules()):
+        return ("fp8-e4m3 W8A8 (per-channel weight scales, per-token dynamic activation scales; cuBLASLt "
+                "_scaled_mm, the FP8 GEMV at batch <= 8 where it measured faster; lm_head and embeddings bf16)")
     int4 = [m for m in model.modules() if isinstance(m, Int4Linear)]
     if not int4:
         return "dense bfloat16"
@@ -35,6 +39,7 @@ class CudaLlamaEngine(Engine):
                  options: dict[str, Any] | None = None, symmetric: bool | None = None):
         options = options or {}
         self.model, self.device, self.checkpoint_dir = model, device, checkpoint_dir
+        self._tokenizer: Any = None
         self.dtype = "bfloat16"
         self.weight_format = describe_weights(model, symmetric)
         self.cache_shape, why = kv_cache_shape(options)
@@ -57,6 +62,35 @@ class CudaLlamaEngine(Engine):
     @torch.inference_mode()
     def timed_generate(self, input_ids: torch.Tensor, output_len: int) -> GenerationTiming:
         return self.generator.generate(input_ids, output_len)
+
+    @torch.inference_mode()
+    def prompt_logits(self, batch: list[list[int]]) -> list[torch.Tensor]:
+        """The engine's own prefill forward (its int4 tensor-core kernels at M = L rows) at every position.
+
+        Each token list runs alone from position 0 through the static cache, which is re-allocated (and the
+        generator's graphs dropped) only when a list is longer than the cache holds.
+        """
+        out = []
+        for ids in batch:
+            length = len(ids)
+            shape = self.model.cache_shape
+            if shape is None or shape[0] != 1 or shape[1] < length:
+                self.generator.release()
+                self.model.setup_cache(1, length)
+            tokens = torch.tensor([ids], device=self.device)
+            out.append(self.model(tokens, torch.arange(length, device=self.device), all_logits=True)[0])
+        return out
+
+    @property
+    def tokenizer(self) -> Any:
+        """The checkpoint's tokenizer (loaded on first use; profiling never needs it)."""
+        if self._tokenizer is None:
+            if self.checkpoint_dir is None:
+                raise RuntimeError("this engine has random weights (no checkpoint): it has no tokenizer")
+            from transformers import AutoTokenizer
+
+            self._tokenizer = AutoTokenizer.from_pretrained(self.checkpoint_dir)
+        return self._tokenizer
 
     def lm_eval_model(self, batch_size: int) -> Any:
         """lm-eval's HFLM over a transformers model of the same checkpoint.

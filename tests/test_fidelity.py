@@ -1,0 +1,185 @@
+"""The fidelity stage: KL divergence, top-1 agreement and perplexity of each method against the baseline.
+
+Peers: the KL against ``torch.nn.functional.kl_div``, the perplexity against lm-eval's
+``loglikelihood_rolling``; end to end through real Ray cells, the baseline against itself, and a damaged
+(2-bit) method against an 8-bit one.
+"""
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+import torch.nn.functional as F
+
+from orchestrator.cli import CONF_DIR
+from tasks.backends.torch.hf_engine import HFEngine
+from tasks.calibration import heldout_texts
+from tasks.fidelity import prepare_text, sequence_row, token_kl, token_windows
+from tasks.fidelity_stats import answer_flips, summarize
+from tasks.models import prepare_model
+from tests.sweep_helpers import TINY, compose_config
+
+TINY_MODEL = {"source": "random", "dtype": "float32",
+              "random": {"vocab_size": 512, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+                         "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 4096,
+                         "seed": 0}}
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("tiny")
+    prepare_model(TINY_MODEL, out)
+    return out
+
+
+def test_kl_equals_torch_kl_div_on_a_tiny_model(tiny_checkpoint: Path) -> None:
+    """Our exact KL per position equals torch's kl_div(log q, log p) on two different models' logits."""
+    base = HFEngine(tiny_checkpoint, "cpu", "float32")
+    other = HFEngine(tiny_checkpoint, "cpu", "float32")
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in other.model.parameters():
+            p.add_(0.004 * torch.randn_like(p))
+    text = prepare_text(base.tokenizer, "pydoc_topics_heldout", seq_len=48, num_sequences=3)
+    for window in text.windows:
+        lp, lq = base.prompt_logits([window])[0], other.prompt_logits([window])[0]
+        ours = token_kl(lp, lq)
+        theirs = F.kl_div(F.log_softmax(lq.double(), -1), F.log_softmax(lp.double(), -1), log_target=True,
+                          reduction="none").sum(-1)
+        assert ours.shape == (48,) and (ours > 0).all()
+        torch.testing.assert_close(ours, theirs, rtol=1e-10, atol=1e-14)
+        row = sequence_row(window, lp, lq)
+        assert row["tokens"] == 47 and len(row["kl_tokens"]) == 47
+        assert row["kl_mean"] == pytest.approx(float(theirs[:-1].mean()), rel=1e-9)
+        assert row["kl_max"] == pytest.approx(float(theirs[:-1].max()), rel=1e-9)
+        agree = (lp[:-1].argmax(-1) == lq[:-1].argmax(-1)).double().mean()
+        assert row["top1_agreement"] == pytest.approx(float(agree)) and 0 < row["top1_agreement"] < 1
+        same = sequence_row(window, lp, lp.clone())
+        assert same["kl_mean"] == 0.0 and same["kl_max"] == 0.0 and same["top1_agreement"] == 1.0
+
+
+def test_perplexity_equals_lm_eval_loglikelihood_rolling(tiny_checkpoint: Path) -> None:
+    """Peer check: our nll_sum of a window is lm-eval's rolling log-likelihood of the same text (1e-4 rel)."""
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.huggingface import HFLM
+
+    engine = HFEngine(tiny_checkpoint, "cpu", "float32")
+    text = heldout_texts()[3][:600]
+    ids = engine.tokenizer(text, add_special_tokens=False)["input_ids"]
+    # one window holding exactly the whole text: [prefix] + every token of it
+    window = token_windows(engine.tokenizer, [text], seq_len=len(ids) + 1, num_sequences=1)[0]
+    assert window[1:] == ids
+    logits = engine.prompt_logits([window])[0]
+    ours = sequence_row(window, logits, logits)["nll_sum"]
+    # add_bos_token=False: the text's own tokens only (by default this tokenizer prepends <s>, which lm-eval
+    # would then score too, conditioned on its <s> prefix: one token more than the text has)
+    lm = HFLM(pretrained=engine.model, tokenizer=engine.tokenizer, batch_size=1, max_length=4096,
+              add_bos_token=False)
+    request = Instance(request_type="loglikelihood_rolling", doc={}, arguments=(text,), idx=0)
+    theirs = -lm.loglikelihood_rolling([request], disable_tqdm=True)[0]
+    assert ours == pytest.approx(theirs, rel=1e-4)
+    assert math.exp(ours / len(ids)) > 1.0
+
+
+def test_windows_are_seeded_disjoint_and_prefixed(tiny_checkpoint: Path) -> None:
+    engine = HFEngine(tiny_checkpoint, "cpu", "float32")
+    a = prepare_text(engine.tokenizer, "pydoc_topics_heldout", 32, 5, seed=0)
+    b = prepare_text(engine.tokenizer, "pydoc_topics_heldout", 32, 5, seed=0)
+    c = prepare_text(engine.tokenizer, "pydoc_topics_heldout", 32, 5, seed=1)
+    assert a.windows == b.windows and a.fingerprint == b.fingerprint != c.fingerprint
+    assert all(len(w) == 32 and w[0] == engine.tokenizer.bos_token_id for w in a.windows)
+    bodies = {tuple(w[1:]) for w in a.windows}
+    assert len(bodies) == 5
+    with pytest.raises(ValueError, match="calibration split"):
+        prepare_text(engine.tokenizer, "pydoc_topics", 32, 5)
+    with pytest.raises(ValueError, match="too many"):
+        prepare_text(engine.tokenizer, "pydoc_topics_heldout", 2048, 10_000)
+
+
+def test_summary_aggregates_from_rows() -> None:
+    rows = pd.DataFrame([
+        {"method": m, "baseline": "fp16", "tokens": 4, "nll_sum": nll, "kl_mean": kl, "kl_p99": kl,
+         "kl_max": kl, "top1_agreement": agree, "kl_tokens": [kl] * 4}
+        for m, nll, kl, agree in [("fp16", 4.0, 0.0, 1.0), ("fp16", 8.0, 0.0, 1.0),
+                                  ("rtn", 6.0, 0.1, 0.75), ("rtn", 10.0, 0.3, 0.5)]])
+    s = summarize(rows).set_index("method")
+    assert s.loc["fp16", "perplexity"] == pytest.approx(math.exp(12 / 8))
+    assert s.loc["rtn", "perplexity"] == pytest.approx(math.exp(16 / 8))
+    assert s.loc["rtn", "ppl_ratio"] == pytest.approx(math.exp(2.0 - 1.5))
+    assert s.loc["rtn", "kl_mean"] == pytest.approx(0.2) and s.loc["rtn", "top1_agreement"] == pytest.approx(0.625)
+    half = 12.706204736 * 0.1414213562 / math.sqrt(2)  # t(0.975, 1) * sd / sqrt(n)
+    assert (s.loc["rtn", "kl_ci_low"], s.loc["rtn", "kl_ci_high"]) == pytest.approx((0.2 - half, 0.2 + half))
+    assert s.loc["rtn", "kl_max"] == pytest.approx(0.3) and s.loc["fp16", "kl_mean"] == 0.0
+
+
+def test_answer_flips_pair_questions_with_the_baseline() -> None:
+    def row(method, q, pred, gold="A"):
+        return {"method": method, "subject": "anatomy", "question_index": q, "predicted": pred, "gold": gold,
+                "correct": pred == gold}
+    preds = pd.DataFrame([row("fp16", 0, "A"), row("fp16", 1, "B"), row("fp16", 2, "C"), row("fp16", 3, "A"),
+                          row("awq", 0, "B"), row("awq", 1, "A"), row("awq", 2, "D"), row("awq", 3, "A")])
+    flips = answer_flips(preds, "fp16").set_index("method")
+    assert flips.loc["awq"].to_dict() == {"baseline": "fp16", "questions": 4, "right_to_wrong": 1,
+                                          "wrong_to_right": 1, "answer_changed": 3}
+
+
+def _cli(*overrides: str, tmp_path: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "orchestrator.cli", *TINY, f"store.uri={tmp_path}/store",
+                           f"hydra.run.dir={tmp_path}/hydra", *overrides],
+                          capture_output=True, text=True, timeout=300, cwd=CONF_DIR.parent)
+
+
+@pytest.mark.parametrize("overrides, field", [
+    (["sweep.baseline=awq", "sweep.methods=[fp16,rtn]"], "sweep.baseline"),
+    (["fidelity.seq_len=5000"], "fidelity.seq_len"),
+    (["fidelity.text=/nonexistent/text.txt"], "fidelity.text"),
+])
+def test_bad_fidelity_config_exits_2_naming_the_field(tmp_path: Path, overrides: list[str], field: str) -> None:
+    done = _cli("sweep.stages=[fidelity]", *overrides, tmp_path=tmp_path)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert f"quantsweep: invalid configuration: {field}:" in done.stderr
+    assert not (tmp_path / "store" / "runs").exists()  # nothing ran
+
+
+@pytest.mark.slow
+def test_fidelity_cells_through_ray(tmp_path: Path) -> None:
+    """Real cells on a local Ray: the baseline against itself reads exactly 0 / 100%, and 2-bit RTN
+    damages the model more than 8-bit RTN, which damages it more than nothing."""
+    from orchestrator.plan import plan_sweep
+    from orchestrator.schedule import run_sweep
+    from orchestrator.store import ResultStore
+    from orchestrator.validate import validate
+
+    import ray
+
+    overrides = TINY + [f"store.uri={tmp_path}", "sweep.stages=[fidelity]", "backend.device=cpu",
+                        "+method@methods.rtn2=rtn", "methods.rtn2.name=rtn2", "methods.rtn2.bits=2",
+                        "+method@methods.rtn8=rtn", "methods.rtn8.name=rtn8", "methods.rtn8.bits=8",
+                        "methods.rtn2.group_size=32", "methods.rtn8.group_size=32",
+                        "sweep.methods=[fp16,rtn8,rtn2]", "fidelity.seq_len=64", "fidelity.num_sequences=6"]
+    try:
+        cfg = validate(compose_config(overrides))
+        plan = plan_sweep(cfg)
+        outcome = run_sweep(plan, cfg)
+    finally:
+        ray.shutdown()
+    assert outcome.all_ok, {k: r["error"] for k, r in outcome.results.items() if r["status"] != "ok"}
+    cells = plan.by_kind("fidelity")
+    builds = {n.labels["method"]: n.key for n in plan.by_kind("build")}
+    assert {c.upstream for c in cells} == {(builds[m], builds["fp16"]) for m in ("fp16", "rtn8", "rtn2")}
+    rows = ResultStore(str(tmp_path)).read("fidelity").to_pandas()
+    assert len(rows) == 3 * 6 and set(rows["baseline"]) == {"fp16"}
+    assert (rows["tokens"] == 63).all() and rows["text_fingerprint"].nunique() == 1
+    assert rows["weight_format"].str.contains("de-quantized").sum() == 12  # rtn8, rtn2 on the CPU reference
+    by = rows.groupby("method")
+    base = rows[rows["method"] == "fp16"]
+    assert (base["kl_mean"] == 0.0).all() and (base["kl_max"] == 0.0).all() and (base["top1_agreement"] == 1.0).all()
+    assert by["kl_mean"].mean()["rtn2"] > 10 * by["kl_mean"].mean()["rtn8"] > 0
+    assert by["top1_agreement"].mean()["rtn2"] < by["top1_agreement"].mean()["rtn8"] <= 1.0
+    summary = summarize(rows).set_index("method")
+    assert summary.loc["fp16", "ppl_ratio"] == 1.0 and summary.loc["rtn2", "ppl_ratio"] > 1.0
