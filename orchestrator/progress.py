@@ -104,7 +104,8 @@ def print_summary(outcome: Any, cfg: dict[str, Any]) -> None:
     plan = outcome.plan
     results = outcome.results
     out = Console()
-    out.print(describe_setup(cfg), style="bold", markup=False, highlight=False)  # from the config, not a preset's text
+    # built from the resolved config, not the experiment preset's text; one line, so it can be grepped
+    out.print(describe_setup(cfg), style="bold", markup=False, highlight=False, soft_wrap=True)
     out.print(f"store: {cfg['store']['uri']}  ({len(outcome.ran)} nodes run, {len(outcome.reused)} reused, "
               f"{outcome.wall_s:.1f} s)", markup=False, highlight=False)
     accuracy = Table(title="MMLU accuracy (questions in this sweep)")

@@ -1,0 +1,64 @@
+"""What a sweep prints and reports says what it ran (issue 20 items 4-6): the setup line is built from the
+resolved config, only the tables of stages that ran are printed, and dtypes say stored vs computed."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import pandas as pd
+import pytest
+from omegaconf import OmegaConf
+
+from orchestrator.describe import describe_setup
+from orchestrator.plan import plan_sweep
+from orchestrator.progress import print_summary
+from orchestrator.report import _experiments, node_configs
+from orchestrator.validate import validate
+from tests.sweep_helpers import TINY, compose_config
+
+OVERRIDES = ["sweep.subjects=[anatomy,virology,marketing]", "eval.limit_per_subject=5", "sweep.batch_sizes=[2,16]",
+             "sweep.input_len=32", "sweep.output_len=8", "backend.device=cpu", "sweep.methods=[fp16,rtn]"]
+EXPECTED = ("demo: model tiny-random-llama; methods fp16, rtn; MMLU 3 subjects x 5 questions each, 1-shot; "
+            "batch 2, 16, 32 in / 8 out tokens; torch backend on cpu")
+
+
+def _cfg(tmp_path: Path, mmlu_dir: Path, extra: list[str]) -> dict:
+    return validate(compose_config(["experiment=cpu_demo", *TINY, "sweep.name=demo", f"store.uri={tmp_path}",
+                                    f"eval.mmlu_dir={mmlu_dir}", "sweep.stages=[evaluate,profile]",
+                                    *OVERRIDES, *extra]))
+
+
+def test_setup_line_is_built_from_the_overrides_not_the_presets_text(tmp_path: Path, mmlu_dir: Path) -> None:
+    cfg = _cfg(tmp_path, mmlu_dir, [])
+    assert describe_setup(cfg) == EXPECTED
+    assert "8 questions x 8 subjects" not in describe_setup(cfg)  # cpu_demo's fixed text
+
+
+def _outcome(cfg: dict) -> SimpleNamespace:
+    plan = plan_sweep(cfg)
+    results = {}
+    for node in plan.by_kind("profile"):
+        results[node.key] = {"status": "ok", "result_json": json.dumps(
+            {"output_tokens_per_s": 12.5, "decode_tokens_per_s": 13.0, "ttft_s": 0.01, "peak_memory_bytes": 2**20})}
+    return SimpleNamespace(plan=plan, results=results, ran=list(results), reused=[], wall_s=1.0, all_ok=True)
+
+
+def test_summary_header_and_only_the_tables_of_stages_that_ran(tmp_path: Path, mmlu_dir: Path,
+                                                                capsys: pytest.CaptureFixture) -> None:
+    cfg = _cfg(tmp_path, mmlu_dir, ["sweep.stages=[profile]"])
+    print_summary(_outcome(cfg), cfg)
+    out = capsys.readouterr().out
+    assert out.splitlines()[0] == EXPECTED.replace(
+        "MMLU 3 subjects x 5 questions each, 1-shot; ", "")  # no evaluate stage: no MMLU part
+    assert "Throughput" in out and "12.5" in out
+    assert "MMLU accuracy" not in out
+
+
+def test_report_experiment_row_comes_from_the_sweep_rows_config(tmp_path: Path, mmlu_dir: Path) -> None:
+    cfg = _cfg(tmp_path, mmlu_dir, [])
+    # what orchestrator.schedule records in the runs row of kind "sweep"
+    described = {k: cfg[k] for k in ("experiment", "model", "methods", "backend", "cluster", "eval", "sweep")}
+    runs = pd.DataFrame([{"kind": "sweep", "config_json": json.dumps(described)},
+                         {"kind": "profile", "config_json": json.dumps({"batch_size": 2})}])
+    assert _experiments(node_configs(runs)) == EXPECTED
