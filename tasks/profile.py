@@ -28,6 +28,12 @@ def random_prompts(vocab_size: int, batch_size: int, input_len: int, seed: int) 
     return torch.randint(low, vocab_size, (batch_size, input_len), generator=generator)
 
 
+def _speed_note(engine: Engine) -> str:
+    """The engine's caveat about its speed and memory (e.g. weights de-quantized to dense), if any."""
+    note = engine.details.get("speed_note")
+    return f"; {note}" if note else ""
+
+
 def _percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     index = min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))
@@ -70,7 +76,8 @@ def profile_engine(engine: Engine, batch_size: int, input_len: int, output_len: 
         "device": engine.device, "gpu_name": info["gpu_name"] or f"CPU ({info.get('cpu_count')} cores)",
         "driver_version": info["driver_version"], "dtype": engine.dtype,
         "weight_format": engine.weight_format, "kv_cache_policy": engine.kv_cache_policy,
-        "method_note": OUTPUT_TOKENS_NOTE + ("" if energy is not None else "; energy: not measured (no NVML)"),
+        "method_note": OUTPUT_TOKENS_NOTE + ("" if energy is not None else "; energy: not measured (no NVML)")
+        + _speed_note(engine),
     }
     peaks = sampler.peaks
     memory = {
@@ -82,6 +89,7 @@ def profile_engine(engine: Engine, batch_size: int, input_len: int, output_len: 
         # KV cache for this batch: batch x (input + output) tokens x bytes per token (all layers, K and V).
         "kv_cache_bytes": (engine.details["kv_bytes_per_token"] * batch_size * (input_len + output_len)
                            if engine.details.get("kv_bytes_per_token") else None),
-        "method_note": peaks.how + ("; allocator: torch.cuda.max_memory_reserved" if on_cuda else ""),
+        "method_note": peaks.how + ("; allocator: torch.cuda.max_memory_reserved" if on_cuda else "")
+        + _speed_note(engine),
     }
     return throughput, memory

@@ -5,8 +5,11 @@ int4 as llm-compressor's ``save_pretrained(save_compressed=True)`` writes them (
 ``weight_packed`` int32 [N, K/8] (value i in bits 4*(i%8) of word i//8, stored as signed + 8),
 ``weight_scale`` [N, K/gs], optional ``weight_zero_point`` int32 [N/8, K/gs] packed the same way along
 dim 0, and ``W = (q - zp) * s``.  The stored unsigned nibbles are (q + 8) and (zp + 8), so their difference
-is already q - zp: they are repacked into :mod:`.int4`'s layout without touching the values.  ``lm_head``
-stays dense (llm-compressor's recipes ignore it).
+is already q - zp: they are repacked into :mod:`.int4`'s layout without touching the values.  And
+compressed-tensors ``float-quantized`` FP8 (method ``fp8``, llm-compressor's FP8_DYNAMIC): ``weight``
+float8_e4m3fn [N, K] and ``weight_scale`` [N, 1] per output channel, loaded as they are into
+:class:`~.fp8.Fp8Linear` (activations are quantized per token at run time).  ``lm_head`` stays dense
+(llm-compressor's recipes ignore it).
 """
 from __future__ import annotations
 
@@ -17,6 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from tasks.backends.torch.cuda import fp8
 from tasks.backends.torch.cuda.int4 import Int4Linear, PACK_BLOCK, pack_int4, select_kernels
 from tasks.backends.torch.cuda.model import DEFAULT_GEMV_FUSION, LinearFactory, ModelArgs, Transformer, dense_linear
 
@@ -25,10 +29,25 @@ def read_config(checkpoint_dir: Path) -> dict[str, Any]:
     return json.loads((Path(checkpoint_dir) / "config.json").read_text())
 
 
+def is_fp8(config: dict[str, Any]) -> bool:
+    """Whether ``config`` is a compressed-tensors FP8 W8A8 checkpoint this engine runs: e4m3 weights with
+    per-channel scales and dynamic per-token activations (FP8_DYNAMIC); other float schemes are refused."""
+    quant = config.get("quantization_config") or {}
+    if quant.get("quant_method") != "compressed-tensors" or quant.get("format") != "float-quantized":
+        return False
+    for group in quant.get("config_groups", {}).values():
+        w, a = group.get("weights") or {}, group.get("input_activations") or {}
+        if (w.get("type"), w.get("num_bits"), w.get("strategy")) != ("float", 8, "channel") or \
+                (a.get("type"), a.get("num_bits"), a.get("strategy"), a.get("dynamic")) != ("float", 8, "token", True):
+            raise NotImplementedError(f"float-quantized scheme weights={w} input_activations={a} is not supported "
+                                      "(FP8_DYNAMIC only: channel-wise e4m3 weights, token-wise dynamic activations)")
+    return True
+
+
 def int4_scheme(config: dict[str, Any]) -> dict[str, Any] | None:
-    """{"group_size", "symmetric"} of a compressed-tensors int4 checkpoint; None for a dense one."""
+    """{"group_size", "symmetric"} of a compressed-tensors int4 checkpoint; None for a dense or fp8 one."""
     quant = config.get("quantization_config")
-    if not quant:
+    if not quant or is_fp8(config):
         return None
     if quant.get("quant_method") != "compressed-tensors" or quant.get("format") != "pack-quantized":
         raise NotImplementedError(f"quantization_config {quant.get('quant_method')}/{quant.get('format')} "
@@ -119,9 +138,11 @@ def load_llama(checkpoint_dir: Path, device: str | torch.device, dtype: torch.dt
     """
     config = read_config(checkpoint_dir)
     args = ModelArgs.from_hf_config(config)
-    scheme = int4_scheme(config)
-    linear = dense_linear(dtype, "meta") if scheme is None else int4_linear_factory(
-        scheme["group_size"] if scheme["strategy"] == "group" else 0)
+    scheme, fp8_weights = int4_scheme(config), is_fp8(config)
+    if fp8_weights:
+        fp8.check_device(device)
+    linear = fp8.fp8_linear_factory() if fp8_weights else dense_linear(dtype, "meta") if scheme is None \
+        else int4_linear_factory(scheme["group_size"] if scheme["strategy"] == "group" else 0)
     with torch.device("meta"):
         model = Transformer(args, linear, dtype)
     model.to_empty(device=device)
@@ -142,7 +163,9 @@ def load_llama(checkpoint_dir: Path, device: str | torch.device, dtype: torch.dt
             block.ffn_norm.weight.copy_(dense(f"model.layers.{i}.post_attention_layernorm.weight"))
             for ours, theirs in _hf_names(i).items():
                 module = model.get_submodule(ours)
-                if scheme is None:
+                if fp8_weights:
+                    _load_fp8(module, theirs, tensors, device)
+                elif scheme is None:
                     module.weight.copy_(torch.cat([dense(t + ".weight") for t in theirs], dim=0))
                 else:
                     _load_int4(module, theirs, tensors, device)
@@ -169,6 +192,19 @@ def _load_int4(module: nn.Module, theirs: list[str], tensors: _Tensors, device: 
     module.zeros.copy_(torch.cat([p[2] for p in parts], dim=1))
 
 
+def _load_fp8(module: fp8.Fp8Linear, theirs: list[str], tensors: _Tensors, device: Any) -> None:
+    """Concatenate the HF linears' e4m3 weights [N_i, K] and scales [N_i, 1] into ours, values untouched."""
+    for t in theirs:
+        if t + ".weight_scale" not in tensors:
+            raise NotImplementedError(f"{t} is not fp8 in this checkpoint (mixed dense/fp8 layers unsupported)")
+    weights = [tensors.get(t + ".weight", device) for t in theirs]
+    if any(w.dtype != torch.float8_e4m3fn for w in weights):
+        raise NotImplementedError(f"{theirs}: fp8 weights must be float8_e4m3fn, got {[w.dtype for w in weights]}")
+    module.weight.view(torch.uint8).copy_(torch.cat([w.view(torch.uint8) for w in weights], dim=0))
+    module.weight_scale.copy_(torch.cat([tensors.get(t + ".weight_scale", device).float().reshape(-1)
+                                         for t in theirs]))
+
+
 def _prepare_decode(model: Transformer, device: str | torch.device, gemv_fusion: str) -> None:
     """The decode fusions on CUDA (before select_kernels: "all" interleaves w13 in the Triton layout)."""
     if torch.device(device).type == "cuda":
@@ -179,12 +215,19 @@ def random_llama(args: ModelArgs, weight_format: str, device: str | torch.device
                  seed: int = 0, int4_kernels: str = "auto", gemv_fusion: str = DEFAULT_GEMV_FUSION) -> Transformer:
     """A model of ``args``' shape with RANDOM weights, built directly on ``device`` (no checkpoint).
 
-    ``weight_format``: "bfloat16" (dense) or "int4" (uniform random nibbles, asymmetric zero points,
-    scales chosen so that weights have std ~0.02 like a trained Llama).  For speed and memory only:
-    its outputs mean nothing.
+    ``weight_format``: "bfloat16" (dense), "int4" (uniform random nibbles, asymmetric zero points,
+    scales chosen so that weights have std ~0.02 like a trained Llama) or "fp8" (std 0.02 Gaussian weights
+    quantized per channel, :func:`~.fp8.quantize_weight`).  For speed and memory only: its outputs mean
+    nothing.
     """
     gen = torch.Generator(device=device).manual_seed(seed)
-    linear = dense_linear(torch.bfloat16, "meta") if weight_format == "bfloat16" else int4_linear_factory(group_size)
+    factories = {"bfloat16": lambda: dense_linear(torch.bfloat16, "meta"), "fp8": fp8.fp8_linear_factory,
+                 "int4": lambda: int4_linear_factory(group_size)}
+    if weight_format not in factories:
+        raise ValueError(f"weight_format must be one of {sorted(factories)}, got {weight_format!r}")
+    if weight_format == "fp8":
+        fp8.check_device(device)
+    linear = factories[weight_format]()
     with torch.device("meta"):
         model = Transformer(args, linear, torch.bfloat16)
     model.to_empty(device=device)
@@ -199,6 +242,14 @@ def random_llama(args: ModelArgs, weight_format: str, device: str | torch.device
                 t.copy_(torch.randint(6, 10, t.shape, generator=gen, device=device).to(t.dtype))
             elif name.endswith("norm.weight"):
                 t.fill_(1.0)
+            elif t.dtype == torch.float8_e4m3fn:  # with its weight_scale, set here too
+                module = model.get_submodule(name.rsplit(".", 1)[0])
+                w = 0.02 * torch.randn(t.shape, generator=gen, device=device, dtype=torch.float32)
+                codes, scale = fp8.quantize_weight(w)
+                t.view(torch.uint8).copy_(codes.view(torch.uint8))
+                module.weight_scale.copy_(scale)
+            elif name.endswith("weight_scale"):
+                continue
             elif t.is_floating_point():
                 t.copy_(0.02 * torch.randn(t.shape, generator=gen, device=device, dtype=torch.float32))
     model.requires_grad_(False)
@@ -208,5 +259,5 @@ def random_llama(args: ModelArgs, weight_format: str, device: str | torch.device
     return model.eval()
 
 
-__all__ = ["load_llama", "random_llama", "read_config", "int4_scheme", "from_compressed_tensors",
+__all__ = ["load_llama", "random_llama", "read_config", "int4_scheme", "is_fp8", "from_compressed_tensors",
            "unpack_nibbles", "PACK_BLOCK"]
