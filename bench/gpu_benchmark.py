@@ -21,7 +21,8 @@ and memory do not depend on the values).  Modes:
   ``rtn``): TorchBackend build -> load (KV cache from the profile options) -> profile_engine -> lm-eval.
 - ``attention``: per batch size, the decode-attention kernels over a grid of launch configs; writes the
   fastest to ``--configs-out`` (the engine reads ``attention_configs.json``).
-- ``e2e``: method (fp16; int4 with the default kernels; int4-triton; a suffix -nofuse or -silu runs fp16 or
+- ``e2e``: method (fp16; int4 with the default kernels; int4-triton; fp8: W8A8 e4m3, see ``fp8_bench.py``; a
+  suffix -nofuse or -silu runs fp16 or
   int4 with the engine option gemv_fusion=off or all instead of the default norm) x batch -> output tok/s (batch x
   output_len / end-to-end, prefill included), decode tok/s, TTFT, inter-token latency, peak memory, and % of
   the bandwidth roofline (bytes a decode step must read / the device-to-device copy bandwidth measured here).
@@ -647,7 +648,8 @@ def run_method(method: str, batch_sizes: list[int], input_len: int, output_len: 
     base, _, suffix = method.partition("-")
     base = method if base == "int4" and suffix == "triton" else base
     fusion = {"nofuse": "off", "silu": "all"}.get(suffix, DEFAULT_GEMV_FUSION)
-    model = random_llama(args, "bfloat16" if base == "fp16" else "int4", "cuda", group_size=128,
+    weights = {"fp16": "bfloat16", "fp8": "fp8"}.get(base, "int4")
+    model = random_llama(args, weights, "cuda", group_size=128,
                          int4_kernels="triton" if base == "int4-triton" else "auto", gemv_fusion=fusion)
     gen = Generator(model, compile=compile_blocks, cuda_graph=True)
     print(f"[{method}] built in {time.perf_counter() - t0:.1f} s; weights {model.weight_bytes() / GIB:.2f} GiB")
@@ -695,7 +697,7 @@ def run_method(method: str, batch_sizes: list[int], input_len: int, output_len: 
             "setup_s": setup_s, "repeats": repeats, "warmup": warmup,
             "weights_gib": model.weight_bytes() / GIB,
             "gpu": torch.cuda.get_device_name(),
-            "int4_kernels": model.int4_kernels if base != "fp16" else "",
+            "int4_kernels": model.int4_kernels if base not in ("fp16", "fp8") else "",
             "gemv_fusion": model.gemv_fusion,
         }
         if breakdown:

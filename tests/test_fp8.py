@@ -244,3 +244,25 @@ def test_quantize_cell_per_backend(tiny, tmp_path, backend, passthrough):
     assert result["passthrough"] is passthrough
     assert (Path(artifact) == tiny["fp"]) is passthrough
     assert result["format"] == ("hf" if passthrough else FORMAT_FP8)
+
+
+@gpu
+@needs_fp8
+def test_fp8_checkpoint_runs_on_the_cuda_engine(tiny):
+    """The llm-compressor artifact through the CUDA engine's loader and kernels vs the fp32 reference model
+    (same checkpoint, transformers on CPU): only bf16 activations and rounding differ."""
+    from transformers import AutoModelForCausalLM
+
+    from tasks.backends.torch.cuda.engine import load_cuda_engine
+
+    engine = load_cuda_engine(tiny["q"], "cuda", {"kv_cache_batch_size": 2, "kv_cache_input_len": 12,
+                                                  "kv_cache_output_len": 4})
+    assert engine.weight_format.startswith("fp8-e4m3 W8A8")
+    ids = torch.randint(4, 512, (2, 12), generator=torch.Generator().manual_seed(0))
+    ref = AutoModelForCausalLM.from_pretrained(tiny["q"], dtype=torch.float32).eval()(ids).logits
+    with torch.no_grad():
+        ours = engine.model(ids.cuda(), torch.arange(12, device="cuda"), all_logits=True).cpu()
+    assert _rel(ours, ref) < 3e-2
+    timing = engine.timed_generate(ids, 4)
+    assert timing.output_token_ids.shape == (2, 4)
+    engine.close()
