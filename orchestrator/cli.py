@@ -41,13 +41,43 @@ def run(cfg: Config | DictConfig) -> int:
         outcome = run_sweep(plan_sweep(resolved), resolved)
     except ConfigError as err:
         return config_error_exit(err)
+    except KeyboardInterrupt:
+        # Ctrl-C: running and queued cells were cancelled; every finished cell is in the store.
+        print(f"quantsweep: interrupted; {RESUME}", file=sys.stderr)
+        return 130
     print_summary(outcome, resolved)
+    if not outcome.all_ok:
+        bad = sum(not r["status"].endswith("ok") for r in outcome.results.values())
+        print(f"quantsweep: {bad} cell(s) did not succeed (their rows say why); {RESUME}", file=sys.stderr)
     # 3: the sweep finished but some cells failed (their rows say why); 2: invalid configuration.
     return 0 if outcome.all_ok else 3
 
 
+#: what a user reads whenever a sweep ends with work left: resuming is the same command
+RESUME = "rerun the same command to resume (finished cells are kept, only the rest runs)"
+
+
+def _scrub_hydra_output(cfg: DictConfig) -> None:
+    """Hydra saved the config and the command line under ``.hydra/`` before this code ran: take the
+    values of ``cluster.runtime_env`` and of the forwarded store settings out of them."""
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import OmegaConf
+
+    from orchestrator.secrets import scrub_hydra_output, secret_values
+
+    if not HydraConfig.initialized():
+        return
+    hydra_cfg = HydraConfig.get()
+    env = OmegaConf.to_container(cfg.cluster.runtime_env, resolve=False) if "cluster" in cfg else {}
+    values = secret_values({"cluster": {"runtime_env": env}})
+    multirun = Path(hydra_cfg.sweep.dir) / "multirun.yaml" if hydra_cfg.mode and hydra_cfg.mode.name == "MULTIRUN" else None
+    scrub_hydra_output(hydra_cfg.runtime.output_dir, list(hydra_cfg.overrides.task), values,
+                       [multirun] if multirun else [])
+
+
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
 def _hydra_main(cfg: DictConfig) -> int:
+    _scrub_hydra_output(cfg)
     code = run(cfg)
     if code:
         # Hydra ignores return values; a failing sweep must be visible to shells and CI.

@@ -7,9 +7,19 @@ memory readings never leak from one cell into the next.  Ray retries a task whos
 (``max_retries``); an exception inside a task is not retried - it is a result, recorded as a row.  When a
 task is lost for good (retries spent, Ray's memory monitor killed it) the driver writes its row, and the
 nodes below it are marked skipped.
+
+A sweep never waits silently: before submitting, every kind of task is checked against single live nodes
+and, on a running cluster, a probe task on each node checks the store, the shared folders and the MMLU
+data from there (:mod:`orchestrator.cluster_checks`); while it runs, a watchdog gives up on cells no live
+node can run any more or that made no progress for ``cluster.stall_timeout_s`` (:mod:`orchestrator.watchdog`),
+recording them as rows, so the sweep ends (exit 3) and a rerun of the same command resumes it.  The
+store's connection settings from the driver's environment reach every task through the job's
+``runtime_env``; their values, and those of ``cluster.runtime_env``, are never stored
+(:mod:`orchestrator.secrets`).
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -20,12 +30,14 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from orchestrator import cluster_checks, secrets
 from orchestrator.execute import execute_node, node_run_row, versions
 from orchestrator.plan import Node, SweepPlan, node_key
 from orchestrator.progress import SweepProgress
 from orchestrator.schema import DATA_TABLES, SCHEMA_VERSION
 from orchestrator.store import ResultStore
 from orchestrator.validate import ConfigError
+from orchestrator.watchdog import GiveUp, Started, Watchdog
 
 log = logging.getLogger("quantsweep")
 
@@ -43,12 +55,23 @@ class SweepOutcome:
         return all(r["status"] == "ok" for r in self.results.values())
 
 
-def _artifact_present(row: dict[str, Any]) -> bool:
+#: seconds between the watchdog's looks at the cluster (ray.nodes() is one GCS call)
+WATCH_PERIOD_S = 2.0
+
+
+def _artifact_present(row: dict[str, Any], seen_by_nodes: dict[str, bool] | None = None) -> bool:
+    """Is a stored node's artifact still there?  On a running cluster the nodes answer (the driver may not
+    mount the shared folder); on a local instance the driver's own view is the nodes' view."""
     uri = row.get("artifact_uri")
-    return uri is None or "://" in uri or Path(uri).exists()
+    if uri is None or "://" in uri:
+        return True
+    if seen_by_nodes is not None and uri in seen_by_nodes:
+        return seen_by_nodes[uri]
+    return Path(uri).exists()
 
 
-def select_nodes_to_run(plan: SweepPlan, stored: dict[str, dict], rerun: str) -> tuple[list[Node], dict[str, dict]]:
+def select_nodes_to_run(plan: SweepPlan, stored: dict[str, dict], rerun: str,
+                        seen_by_nodes: dict[str, bool] | None = None) -> tuple[list[Node], dict[str, dict]]:
     """Which nodes run now, and the stored summaries of those reused.
 
     rerun=none reuses every stored node; failed also re-runs failed/oom/skipped ones; all re-runs
@@ -59,7 +82,7 @@ def select_nodes_to_run(plan: SweepPlan, stored: dict[str, dict], rerun: str) ->
     for node in plan.nodes.values():
         row = stored.get(node.key)
         again = (row is None or rerun == "all" or (rerun == "failed" and row["status"] != "ok")
-                 or (row["status"] == "ok" and not _artifact_present(row)))
+                 or (row["status"] == "ok" and not _artifact_present(row, seen_by_nodes)))
         if again:
             to_run.append(node)
         else:
@@ -72,11 +95,15 @@ def _init_ray(cluster: dict[str, Any]) -> None:
 
     if ray.is_initialized():
         return
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # local clusters here need no token auth
+    if not cluster.get("address"):
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a local instance on this machine needs no token
     runtime_env = dict(cluster.get("runtime_env") or {})
-    # Quiet per-task progress bars; keep tokenizers from forking thread pools inside Ray workers.
+    # Quiet per-task progress bars; keep tokenizers from forking thread pools inside Ray workers.  The
+    # store's connection settings (credentials, endpoint, region) set on the driver reach every task, on
+    # every node, the way the driver's checks saw them; cluster.runtime_env can still override each one.
     runtime_env["env_vars"] = {"HF_HUB_DISABLE_PROGRESS_BARS": "1", "TOKENIZERS_PARALLELISM": "false",
-                               "TRANSFORMERS_VERBOSITY": "error", **runtime_env.get("env_vars", {})}
+                               "TRANSFORMERS_VERBOSITY": "error", **secrets.store_env(),
+                               **runtime_env.get("env_vars", {})}
     if cluster.get("address"):
         ray.init(address=cluster["address"], runtime_env=runtime_env or None,
                  log_to_driver=cluster.get("show_task_logs", False))
@@ -99,26 +126,51 @@ def task_options(node: Node, cluster: dict[str, Any], cluster_gpus: float) -> di
             options["accelerator_type"] = cluster["accelerator_type"]
         if cluster.get("resources"):
             options["resources"] = dict(cluster["resources"])
+    if cluster.get("memory_per_task_gb"):
+        options["memory"] = int(cluster["memory_per_task_gb"] * 2**30)
     return options
 
 
-def check_cluster_can_run(nodes: list[Node], cluster: dict[str, Any], resources: dict[str, float]) -> None:
-    """Fail before submitting anything when GPU tasks would wait forever for resources no node has."""
-    if not any(n.needs_gpu for n in nodes):
-        return
-    accelerators = sorted(k.split(":", 1)[1] for k in resources if k.startswith("accelerator_type:"))
-    gpus = cluster.get("gpus_per_task")
-    if gpus and resources.get("GPU", 0) < gpus:
-        raise ConfigError("cluster.gpus_per_task", f"{gpus} GPU(s) per task, but the Ray cluster has "
-                          f"{resources.get('GPU', 0):g} GPUs", ("null (use GPUs when present)", 0))
-    wanted = cluster.get("accelerator_type")
-    if wanted and wanted not in accelerators:
-        raise ConfigError("cluster.accelerator_type", f"no node of the Ray cluster has accelerator {wanted!r}",
-                          accelerators + ["null (any GPU)"])
-    for name, amount in (cluster.get("resources") or {}).items():
-        if resources.get(name, 0) < amount:
-            raise ConfigError(f"cluster.resources.{name}", f"the Ray cluster offers {resources.get(name, 0):g}",
-                              sorted(k for k in resources if not k.startswith(("node:", "accelerator_type:"))))
+def task_kinds(nodes: list[Node], cluster: dict[str, Any], cluster_gpus: float) -> dict[str, dict[str, Any]]:
+    """The distinct Ray requests among ``nodes``, labelled by the node kinds that make them."""
+    groups: dict[str, tuple[list[str], dict[str, Any]]] = {}
+    for node in nodes:
+        options = task_options(node, cluster, cluster_gpus)
+        key = json.dumps(cluster_checks.task_request(options), sort_keys=True)
+        kinds, _ = groups.setdefault(key, ([], options))
+        if node.kind not in kinds:
+            kinds.append(node.kind)
+    return {f"{'GPU' if o.get('num_gpus') else 'CPU'} ({', '.join(k)})": o for k, o in groups.values()}
+
+
+def check_cluster_can_run(nodes: list[Node], cluster: dict[str, Any], ray_nodes: list[dict[str, Any]]) -> None:
+    """Fail before submitting anything when some kind of task fits no single live node (it would wait forever)."""
+    gpus = sum((n.get("Resources") or {}).get("GPU", 0) for n in cluster_checks.live_nodes(ray_nodes))
+    cluster_checks.check_requests_fit(task_kinds(nodes, cluster, gpus), ray_nodes, cluster)
+
+
+def _check_nodes(plan: SweepPlan, stored: dict[str, dict], cfg: dict[str, Any]) -> dict[str, bool]:
+    """On a running cluster: probe every node that can run some task of this sweep (store, shared
+    folders, MMLU) and return which stored artifacts the nodes see."""
+    import ray
+
+    cluster = cfg["cluster"]
+    candidates, _ = select_nodes_to_run(plan, stored, cfg["sweep"]["rerun"], seen_by_nodes={
+        row["artifact_uri"]: False for row in stored.values() if row.get("artifact_uri")})
+    if not candidates:
+        return {}
+    ray_nodes = cluster_checks.live_nodes(ray.nodes())
+    gpus = sum((n.get("Resources") or {}).get("GPU", 0) for n in ray_nodes)
+    requests = [cluster_checks.task_request(o) for o in task_kinds(candidates, cluster, gpus).values()]
+    able = [n for n in ray_nodes if any(cluster_checks.fits(n.get("Resources") or {}, r) for r in requests)]
+    evaluate = [n for n in candidates if n.kind == "evaluate"]
+    evaluate_request = (cluster_checks.task_request(task_options(evaluate[0], cluster, gpus))
+                        if evaluate and cfg["eval"].get("mmlu_dir") else None)
+    evaluate_nodes = {n["NodeID"] for n in able
+                      if evaluate_request and cluster_checks.fits(n.get("Resources") or {}, evaluate_request)}
+    artifacts = sorted({row["artifact_uri"] for key, row in stored.items()
+                        if key in plan.nodes and row.get("artifact_uri") and "://" not in row["artifact_uri"]})
+    return cluster_checks.probe_nodes(able, cfg, evaluate_nodes, artifacts, driver_sees_store=True)
 
 
 def fresh_process(node: Node) -> bool:
@@ -133,26 +185,42 @@ def _remote_execute(node: Node, cfg: dict[str, Any], board: Any, *upstream: dict
 
     # As many compute threads as CPUs Ray gave this task: oversubscribed cores slow torch down 10x+.
     torch.set_num_threads(max(1, int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1))))
-    return execute_node(node, list(upstream), cfg, on_start=lambda: board.started.remote(node.key))
+
+    def started() -> int | None:
+        """Tell the driver where this attempt runs; the answer is the attempt number (Ray's retries + 1)."""
+        try:
+            return ray.get(board.started.remote(node.key, ray.get_runtime_context().get_node_id(),
+                                                ray.util.get_node_ip_address(), socket.gethostname()), timeout=60)
+        except Exception:  # noqa: BLE001 - progress display only; the cell itself goes on
+            return None
+
+    return execute_node(node, list(upstream), cfg, on_start=started)
 
 
 def _progress_board() -> Any:
     import ray
 
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
     @ray.remote(num_cpus=0)
     class ProgressBoard:
-        """Tasks report when they start, so the driver can show what is running, not just queued."""
+        """Tasks report when and where each attempt starts: the driver shows what runs, counts attempts,
+        and knows which cells a lost node took with it."""
 
         def __init__(self) -> None:
-            self.running: set[str] = set()
+            self.started_at: dict[str, tuple[int, str, str, str]] = {}
 
-        def started(self, key: str) -> None:
-            self.running.add(key)
+        def started(self, key: str, node_id: str, node_ip: str, hostname: str) -> int:
+            attempt = self.started_at.get(key, (0,))[0] + 1
+            self.started_at[key] = (attempt, node_id, node_ip, hostname)
+            return attempt
 
-        def snapshot(self) -> set[str]:
-            return set(self.running)
+        def snapshot(self) -> dict[str, tuple[int, str, str, str]]:
+            return dict(self.started_at)
 
-    return ProgressBoard.remote()
+    # On the driver's node: the board must outlive any worker node the sweep may lose.
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
+    return ProgressBoard.options(scheduling_strategy=here).remote()
 
 
 def _upstream_lost(node: Node, refs: dict[str, Any], outcome: SweepOutcome) -> bool:
@@ -171,12 +239,20 @@ def _upstream_lost(node: Node, refs: dict[str, Any], outcome: SweepOutcome) -> b
     return False
 
 
-def _lost_task_row(node: Node, cfg: dict[str, Any], err: BaseException, status: str) -> dict[str, Any]:
-    """Record a node Ray could not run (worker died after retries, killed by Ray's OOM monitor)."""
+def _lost_task_row(node: Node, cfg: dict[str, Any], err: BaseException | str, status: str,
+                   started: Started | None = None, lost_node: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Record a node Ray could not run (worker died after retries, killed by Ray's OOM monitor, its node
+    lost, no progress); the row names where it last ran - or the lost node - and how often it started."""
     now = datetime.now(timezone.utc)
-    row = {**node_run_row(node, cfg, status, f"{type(err).__name__}: {str(err)[:3000]}"),
-           "started_at": now, "finished_at": now}
-    store = ResultStore(cfg["store"]["uri"])
+    error = err if isinstance(err, str) else f"{type(err).__name__}: {str(err)[:3000]}"
+    where: dict[str, Any] = {"attempt": started.attempt if started else 0}
+    if started is not None:
+        where.update(ray_node_id=started.node_id, node_ip=started.node_ip, hostname=started.hostname)
+    if lost_node is not None and (started is None or started.node_id == lost_node.get("NodeID")):
+        where.update(ray_node_id=lost_node.get("NodeID"), node_ip=lost_node.get("NodeManagerAddress"),
+                     hostname=lost_node.get("NodeManagerHostname"))
+    row = {**node_run_row(node, cfg, status, error), **where, "started_at": now, "finished_at": now}
+    store = ResultStore.from_config(cfg["store"])
     for table in DATA_TABLES:
         store.delete(table, node.key)  # rows a dying worker may have written before its runs row
     store.write("runs", node.key, [row])
@@ -192,18 +268,22 @@ def _record_sweep(cfg: dict[str, Any], outcome: SweepOutcome, started: Any) -> N
     """
     described = {k: cfg[k] for k in ("experiment", "model", "methods", "backend", "cluster", "eval", "sweep")}
     described["methods"] = {m: cfg["methods"][m] for m in cfg["sweep"]["methods"]}
+    described = secrets.redact_config(described)  # runtime_env values (tokens, keys) are never stored
+    # how the sweep reached the cluster is not what it asked for: not part of the row's key
+    keyed = {**described, "cluster": {k: v for k, v in described["cluster"].items()
+                                      if k not in ("runtime_env", "stall_timeout_s")}}
     statuses = [r["status"] for r in outcome.results.values()]
     summary = {"nodes": len(outcome.results), "ran": len(outcome.ran), "reused": len(outcome.reused),
                "wall_s": outcome.wall_s, **{s: statuses.count(s) for s in ("ok", "failed", "oom", "skipped")}}
     finished = datetime.now(timezone.utc)
     row = {"schema_version": SCHEMA_VERSION, "sweep_name": cfg["sweep"]["name"],
-           "node_key": node_key("sweep", described, ()), "kind": "sweep", "status": "ok",
+           "node_key": node_key("sweep", keyed, ()), "kind": "sweep", "status": "ok",
            "backend": cfg["backend"]["name"], "model": cfg["model"]["name"],
            "config_json": json.dumps(described, sort_keys=True, default=str),
            "result_json": json.dumps(summary, sort_keys=True), "hostname": socket.gethostname(),
            "started_at": started, "finished_at": finished, "duration_s": (finished - started).total_seconds(),
            "versions_json": json.dumps(versions(), sort_keys=True)}
-    ResultStore(cfg["store"]["uri"]).write("runs", row["node_key"], [row])
+    ResultStore.from_config(cfg["store"]).write("runs", row["node_key"], [row])
 
 
 def run_sweep(plan: SweepPlan, cfg: dict[str, Any]) -> SweepOutcome:
@@ -215,9 +295,13 @@ def run_sweep(plan: SweepPlan, cfg: dict[str, Any]) -> SweepOutcome:
 
 def _run_nodes(plan: SweepPlan, cfg: dict[str, Any]) -> SweepOutcome:
     start = time.perf_counter()
-    store = ResultStore(cfg["store"]["uri"])
+    store = ResultStore.from_config(cfg["store"])
     stored = {k: v for k, v in store.finished_nodes().items() if v["kind"] != "sweep"}
-    to_run, reused = select_nodes_to_run(plan, stored, cfg["sweep"]["rerun"])
+    seen_by_nodes = None
+    if cfg["cluster"].get("address"):  # a running cluster: its nodes, not the driver, say what they see
+        _init_ray(cfg["cluster"])
+        seen_by_nodes = _check_nodes(plan, stored, cfg)
+    to_run, reused = select_nodes_to_run(plan, stored, cfg["sweep"]["rerun"], seen_by_nodes)
     outcome = SweepOutcome(results=dict(reused), reused=set(reused), plan=plan)
     progress = SweepProgress(plan, reused)
     if not to_run:
@@ -226,42 +310,95 @@ def _run_nodes(plan: SweepPlan, cfg: dict[str, Any]) -> SweepOutcome:
         return outcome
 
     import ray
-    from ray.exceptions import OutOfMemoryError, RayError
 
     _init_ray(cfg["cluster"])
-    cluster_gpus = ray.cluster_resources().get("GPU", 0)
-    check_cluster_can_run(to_run, cfg["cluster"], ray.cluster_resources())
+    ray_nodes = ray.nodes()
+    cluster_gpus = sum((n.get("Resources") or {}).get("GPU", 0) for n in cluster_checks.live_nodes(ray_nodes))
+    check_cluster_can_run(to_run, cfg["cluster"], ray_nodes)
     remotes = {True: ray.remote(max_calls=1)(_remote_execute), False: ray.remote(_remote_execute)}
     board = _progress_board()
     cfg_ref = ray.put(cfg)
     refs: dict[str, Any] = {}
     node_of_ref: dict[Any, Node] = {}
+    requests: dict[str, dict[str, float]] = {}
     for node in to_run:  # plan order is topological: upstream refs exist before their consumers
         upstream = [refs[k] if k in refs else outcome.results[k] for k in node.upstream]
-        ref = remotes[fresh_process(node)].options(**task_options(node, cfg["cluster"], cluster_gpus),
-                             name=f"quantsweep:{node.describe()}").remote(node, cfg_ref, board, *upstream)
+        options = task_options(node, cfg["cluster"], cluster_gpus)
+        requests[node.key] = cluster_checks.task_request(options)
+        ref = remotes[fresh_process(node)].options(**options, name=f"quantsweep:{node.describe()}").remote(
+            node, cfg_ref, board, *upstream)
         refs[node.key] = ref
         node_of_ref[ref] = node
-
-    pending = list(node_of_ref)
-    with progress.live():
-        while pending:
-            done, pending = ray.wait(pending, num_returns=1, timeout=1.0)
-            for ref in done:
-                node = node_of_ref[ref]
-                try:
-                    result = ray.get(ref)
-                except OutOfMemoryError as err:
-                    result = _lost_task_row(node, cfg, err, "oom")
-                except RayError as err:
-                    status = "skipped" if _upstream_lost(node, refs, outcome) else "failed"
-                    result = _lost_task_row(node, cfg, err, status)
-                outcome.results[node.key] = result
-                outcome.ran.add(node.key)
-                progress.finished(node.key, result["status"])
-            try:
-                progress.set_running(ray.get(board.snapshot.remote(), timeout=5))
-            except RayError:
-                pass
+    try:
+        with progress.live():
+            _watch(plan, cfg, refs, node_of_ref, requests, board, outcome, progress)
+    except KeyboardInterrupt:
+        for ref in refs.values():  # stop what runs and what waits; the finished cells are in the store
+            with contextlib.suppress(Exception):
+                ray.cancel(ref, force=True)
+        raise
     outcome.wall_s = time.perf_counter() - start
     return outcome
+
+
+def _watch(plan: SweepPlan, cfg: dict[str, Any], refs: dict[str, Any], node_of_ref: dict[Any, Node],
+           requests: dict[str, dict[str, float]], board: Any, outcome: SweepOutcome,
+           progress: SweepProgress) -> None:
+    """Collect results as they come; give up (as rows) on cells the watchdog says will never run."""
+    import ray
+    from ray.exceptions import OutOfMemoryError, RayError
+
+    watchdog = Watchdog(stall_timeout_s=float(cfg["cluster"].get("stall_timeout_s") or 600.0))
+    pending = list(node_of_ref)
+    started: dict[str, Started] = {}
+    finished_since_look, next_look = False, time.monotonic() + WATCH_PERIOD_S
+    while pending:
+        done, pending = ray.wait(pending, num_returns=1, timeout=1.0)
+        for ref in done:
+            node = node_of_ref[ref]
+            try:
+                result = ray.get(ref)
+            except OutOfMemoryError as err:
+                result = _lost_task_row(node, cfg, err, "oom", started.get(node.key))
+            except RayError as err:
+                status = "skipped" if _upstream_lost(node, refs, outcome) else "failed"
+                result = _lost_task_row(node, cfg, err, status, started.get(node.key))
+            outcome.results[node.key] = result
+            outcome.ran.add(node.key)
+            progress.finished(node.key, result["status"])
+            finished_since_look = True
+        try:
+            started = {k: Started(*v) for k, v in ray.get(board.snapshot.remote(), timeout=5).items()}
+            progress.set_running(set(started))
+        except RayError:
+            pass
+        if time.monotonic() < next_look or not pending:
+            continue
+        unfinished = [node_of_ref[r].key for r in pending]
+        ready = {k for k in unfinished if all(u in outcome.results for u in plan.nodes[k].upstream)}
+        verdicts = watchdog.check(time.monotonic(), unfinished, ready, requests, started, ray.nodes(),
+                                  finished_since_look, {k: plan.nodes[k].upstream for k in unfinished})
+        finished_since_look, next_look = False, time.monotonic() + WATCH_PERIOD_S
+        given_up = {v.key for v in verdicts}
+        for verdict in verdicts:
+            _give_up(plan.nodes[verdict.key], verdict, cfg, started, outcome, progress)
+        for ref in [r for r in pending if node_of_ref[r].key in given_up]:
+            pending.remove(ref)
+            with contextlib.suppress(Exception):
+                ray.cancel(ref, force=True)
+
+
+def _give_up(node: Node, verdict: GiveUp, cfg: dict[str, Any], started: dict[str, Started],
+             outcome: SweepOutcome, progress: SweepProgress) -> None:
+    """Record a cell the watchdog gave up on; below a cell that did not succeed it is ``skipped``."""
+    status = verdict.status
+    blocked = [u for u in node.upstream if u in outcome.results and outcome.results[u]["status"] != "ok"]
+    reason = verdict.reason
+    if blocked and status == "failed":
+        status = "skipped"
+        reason = f"upstream node(s) {', '.join(blocked)} did not succeed; {reason}"
+    log.warning("giving up on %s: %s", node.describe(), reason)
+    result = _lost_task_row(node, cfg, reason, status, started.get(node.key), verdict.lost_node)
+    outcome.results[node.key] = result
+    outcome.ran.add(node.key)
+    progress.finished(node.key, status)

@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import os
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
+from urllib.parse import urlencode
 
 import pyarrow as pa
 import pyarrow.dataset as ds
@@ -30,21 +32,41 @@ from orchestrator.schema import TABLES, table_from_rows
 
 @dataclass
 class ResultStore:
-    """A handle on one store root; cheap to create, picklable, safe to use from many Ray tasks."""
+    """A handle on one store root; cheap to create, picklable, safe to use from many Ray tasks.
+
+    ``options`` (``store.options``) are the filesystem's connection settings that are not secret, e.g.
+    ``{endpoint_override: "host:9000", scheme: "http", region: "us-east-1"}`` for S3; they are passed as
+    the URI's query parameters (pyarrow's own ``?endpoint_override=`` form).  Credentials come from the
+    environment, which the scheduler forwards to every task (:mod:`orchestrator.secrets`).
+    """
 
     uri: str
+    options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if "://" not in self.uri:
             self.uri = str(Path(self.uri).expanduser().resolve())
-        self._fs, self._root = pafs.FileSystem.from_uri(self.uri)
+        self.options = dict(self.options or {})
+        self._connect()
+
+    @classmethod
+    def from_config(cls, store: dict[str, Any]) -> "ResultStore":
+        """The store a config's ``store`` section names (``uri`` and ``options``)."""
+        return cls(store["uri"], store.get("options") or {})
+
+    def _connect(self) -> None:
+        uri = self.uri
+        if self.options and "://" in uri:
+            query = urlencode({k: str(v).lower() if isinstance(v, bool) else v for k, v in self.options.items()})
+            uri = f"{uri}{'&' if '?' in uri else '?'}{query}"
+        self._fs, self._root = pafs.FileSystem.from_uri(uri)
 
     def __getstate__(self) -> dict:
-        return {"uri": self.uri}
+        return {"uri": self.uri, "options": self.options}
 
     def __setstate__(self, state: dict) -> None:
-        self.uri = state["uri"]
-        self._fs, self._root = pafs.FileSystem.from_uri(self.uri)
+        self.uri, self.options = state["uri"], state.get("options") or {}
+        self._connect()
 
     @property
     def is_local(self) -> bool:
