@@ -106,7 +106,7 @@ def _run_model(node: Node, upstream: list[dict], cfg: dict, device: str) -> tupl
     from tasks.models import prepare_model
 
     with _artifact(cfg, "model", node.key) as artifact:
-        result = prepare_model(node.config["model"], artifact.tmp)
+        result = prepare_model(node.config["model"], artifact.tmp, device)
         result["checkpoint_dir"] = artifact.keep(result["checkpoint_dir"])
     return result, result["checkpoint_dir"], {}
 
@@ -171,14 +171,15 @@ def _run_fidelity(node: Node, upstream: list[dict], cfg: dict, device: str) -> t
     """The method's engine (upstream[0]) against the baseline's (upstream[1]) on the same windows and device.
 
     Both engines load in this one process, so logits stream window by window and none is stored; on CUDA
-    they are the engines the profile cells time (the int4 kernels, not a de-quantized copy), loaded without
-    compilation or CUDA graphs, which a one-pass forward does not use.
+    they are the engines the profile cells time, scoring through their CUDA-graph decode step (the int4
+    GEMV / mma kernels, not a de-quantized copy) without torch.compile, which only fuses the element-wise
+    ops between those kernels and would cost a compilation per engine.
     """
     from tasks.fidelity import KL_HOW, measure, prepare_text
     from tasks.fidelity_stats import summarize
 
     fid, baseline = node.config["fidelity"], node.config["baseline"]
-    options = {"purpose": "fidelity", "compile": False, "cuda_graph": False, "kv_cache_batch_size": 1,
+    options = {"purpose": "fidelity", "compile": False, "kv_cache_batch_size": 1,
                "kv_cache_input_len": fid["seq_len"], "kv_cache_output_len": 0}
     method_engine = _load_engine(node, upstream[:1], cfg, device, options)
     try:

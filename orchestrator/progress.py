@@ -72,18 +72,32 @@ class SweepProgress:
                 self._live = None
 
 
-def fidelity_table(plan: SweepPlan, cfg: dict[str, Any]) -> Table | None:
-    """Perplexity, KL (95% interval) and top-1 agreement against the baseline, from this sweep's stored
-    fidelity rows (:mod:`tasks.fidelity_stats`, as the report computes them); None when none ran."""
-    keys = [n.key for n in plan.by_kind("fidelity")]
-    if not keys:
-        return None
+def _stored_rows(plan: SweepPlan, cfg: dict[str, Any], kind: str, table: str) -> Any:
+    """This sweep's rows of one store table (its ``kind`` nodes only), as a DataFrame."""
     import pyarrow.dataset as ds
 
     from orchestrator.store import ResultStore
+
+    keys = [n.key for n in plan.by_kind(kind)]
+    return ResultStore(cfg["store"]["uri"]).read(table, filter=ds.field("node_key").isin(keys)).to_pandas()
+
+
+def answer_flips_by_method(plan: SweepPlan, cfg: dict[str, Any]) -> dict[str, tuple[int, int]]:
+    """method -> (right->wrong, wrong->right) against the baseline, from the stored MMLU predictions."""
+    from tasks.fidelity_stats import answer_flips
+
+    flips = answer_flips(_stored_rows(plan, cfg, "evaluate", "mmlu_predictions"), cfg["sweep"]["baseline"])
+    return {r.method: (r.right_to_wrong, r.wrong_to_right) for r in flips.itertuples()}
+
+
+def fidelity_table(plan: SweepPlan, cfg: dict[str, Any]) -> Table | None:
+    """Perplexity, KL (95% interval) and top-1 agreement against the baseline, from this sweep's stored
+    fidelity rows (:mod:`tasks.fidelity_stats`, as the report computes them); None when none ran."""
+    if not plan.by_kind("fidelity"):
+        return None
     from tasks.fidelity_stats import summarize
 
-    rows = ResultStore(cfg["store"]["uri"]).read("fidelity", filter=ds.field("node_key").isin(keys)).to_pandas()
+    rows = _stored_rows(plan, cfg, "fidelity", "fidelity")
     summary = summarize(rows)
     baseline = cfg["sweep"]["baseline"]
     text = rows["text_source"].iloc[0] if len(rows) else cfg["fidelity"]["text"]
@@ -109,7 +123,9 @@ def print_summary(outcome: Any, cfg: dict[str, Any]) -> None:
     out.print(f"store: {cfg['store']['uri']}  ({len(outcome.ran)} nodes run, {len(outcome.reused)} reused, "
               f"{outcome.wall_s:.1f} s)", markup=False, highlight=False)
     accuracy = Table(title="MMLU accuracy (questions in this sweep)")
-    for column in ("method", "questions", "correct", "accuracy"):
+    baseline = cfg["sweep"]["baseline"]
+    flips = answer_flips_by_method(plan, cfg) if "evaluate" in cfg["sweep"]["stages"] else {}
+    for column in ("method", "questions", "correct", "accuracy", f"flips vs {baseline}: right->wrong / wrong->right"):
         accuracy.add_column(column)
     speed = Table(title="Throughput (output tokens/s, prefill included) and peak memory")
     for column in ("method", "batch", "output tok/s", "decode tok/s", "TTFT s", "peak memory MiB"):
@@ -123,8 +139,10 @@ def print_summary(outcome: Any, cfg: dict[str, Any]) -> None:
                 totals["questions"] += summary.get("questions", 0)
                 totals["correct"] += summary.get("correct", 0)
         if totals["questions"]:
+            flip = flips.get(method)
             accuracy.add_row(method, str(totals["questions"]), str(totals["correct"]),
-                             f"{totals['correct'] / totals['questions']:.3f}")
+                             f"{totals['correct'] / totals['questions']:.3f}",
+                             f"{flip[0]} / {flip[1]}" if flip else "-")
         for node in plan.by_kind("profile"):
             r = results.get(node.key)
             if node.labels["method"] == method and r and r["status"].endswith("ok"):

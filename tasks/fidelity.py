@@ -101,8 +101,15 @@ def prepare_text(tokenizer: Any, source: str, seq_len: int, num_sequences: int, 
 
 def token_kl(baseline_logits: torch.Tensor, method_logits: torch.Tensor) -> torch.Tensor:
     """[T, V] logits of both models -> KL(P_baseline || P_method) per position [T], float64, exact."""
-    log_p = torch.log_softmax(baseline_logits.double(), dim=-1)
-    log_q = torch.log_softmax(method_logits.to(baseline_logits.device).double(), dim=-1)
+    return _kl(*_log_probs(baseline_logits, method_logits))
+
+
+def _log_probs(baseline_logits: torch.Tensor, method_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return (torch.log_softmax(baseline_logits.double(), dim=-1),
+            torch.log_softmax(method_logits.to(baseline_logits.device).double(), dim=-1))
+
+
+def _kl(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
     return (log_p.exp() * (log_p - log_q)).sum(dim=-1)
 
 
@@ -118,8 +125,8 @@ def sequence_row(window: Sequence[int], baseline_logits: torch.Tensor, method_lo
     base = baseline_logits[:-1]
     meth = method_logits[:-1].to(base.device)
     targets = torch.as_tensor(window[1:], device=base.device)
-    kl = token_kl(base, meth).clamp_min(0.0)  # rounding can leave -1e-17 where both agree
-    log_q = torch.log_softmax(meth.double(), dim=-1)
+    log_p, log_q = _log_probs(base, meth)
+    kl = _kl(log_p, log_q).clamp_min(0.0)  # rounding can leave -1e-17 where both agree
     nll = -log_q.gather(-1, targets[:, None])[:, 0]
     agree = base.argmax(dim=-1) == meth.argmax(dim=-1)
     return {"tokens": int(targets.numel()), "nll_sum": float(nll.sum()), "kl_mean": float(kl.mean()),

@@ -4,8 +4,9 @@ The CLI summary and the report both call these, so the two can never disagree.  
 
 - perplexity: ``exp(sum(nll_sum) / sum(tokens))`` over every scored token of the rows (token-weighted);
   ``ppl_ratio`` divides it by the baseline's own perplexity on the same rows' text (its row against itself);
-- mean KL: the mean of the per-window means (windows have equal lengths, so this is also the token mean),
-  with a 95% Student-t interval over windows: tokens of one window are correlated, windows much less so;
+- mean KL: the token mean (windows have equal lengths, so also the mean of the per-window means), with a
+  95% Student-t interval over windows (tokens of one window are correlated, windows much less so), its
+  lower end clipped at 0 since a KL divergence cannot be negative;
 - p99 / max KL: over every scored token (from ``kl_tokens``), not an average of per-window percentiles;
 - top-1 agreement: the fraction of all scored tokens whose argmax agrees with the baseline's;
 - answer flips: questions the baseline answered right and the method wrong (right -> wrong) and the
@@ -30,7 +31,7 @@ def _t_interval(values: np.ndarray, confidence: float = 0.95) -> tuple[float, fl
     if n < 2:
         return math.nan, math.nan
     half = stats.t.ppf(0.5 + confidence / 2, n - 1) * values.std(ddof=1) / math.sqrt(n)
-    return mean - half, mean + half
+    return max(0.0, mean - half), mean + half
 
 
 def _one_group(g: pd.DataFrame) -> dict:

@@ -112,8 +112,8 @@ def test_summary_aggregates_from_rows() -> None:
     assert s.loc["rtn", "perplexity"] == pytest.approx(math.exp(16 / 8))
     assert s.loc["rtn", "ppl_ratio"] == pytest.approx(math.exp(2.0 - 1.5))
     assert s.loc["rtn", "kl_mean"] == pytest.approx(0.2) and s.loc["rtn", "top1_agreement"] == pytest.approx(0.625)
-    half = 12.706204736 * 0.1414213562 / math.sqrt(2)  # t(0.975, 1) * sd / sqrt(n)
-    assert (s.loc["rtn", "kl_ci_low"], s.loc["rtn", "kl_ci_high"]) == pytest.approx((0.2 - half, 0.2 + half))
+    half = 12.706204736 * 0.1414213562 / math.sqrt(2)  # t(0.975, 1) * sd / sqrt(n); the lower end clipped at 0
+    assert (s.loc["rtn", "kl_ci_low"], s.loc["rtn", "kl_ci_high"]) == pytest.approx((0.0, 0.2 + half))
     assert s.loc["rtn", "kl_max"] == pytest.approx(0.3) and s.loc["fp16", "kl_mean"] == 0.0
 
 
@@ -183,3 +183,54 @@ def test_fidelity_cells_through_ray(tmp_path: Path) -> None:
     assert by["top1_agreement"].mean()["rtn2"] < by["top1_agreement"].mean()["rtn8"] <= 1.0
     summary = summarize(rows).set_index("method")
     assert summary.loc["fp16", "ppl_ratio"] == 1.0 and summary.loc["rtn2", "ppl_ratio"] > 1.0
+
+
+def test_cli_summary_prints_fidelity_and_answer_flips_from_the_stored_rows(
+        tmp_path: Path, mmlu_dir: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    import json
+    from types import SimpleNamespace
+
+    from orchestrator.plan import plan_sweep
+    from orchestrator.progress import print_summary
+    from orchestrator.store import ResultStore
+    from orchestrator.validate import validate
+
+    cfg = validate(compose_config(TINY + [f"store.uri={tmp_path}", f"eval.mmlu_dir={mmlu_dir}",
+                                          "sweep.methods=[fp16,rtn]", "sweep.subjects=[anatomy]",
+                                          "sweep.num_shards=1", "sweep.stages=[evaluate,fidelity]"]))
+    plan = plan_sweep(cfg)
+    store = ResultStore(str(tmp_path))
+    results = {}
+    for node in plan.by_kind("fidelity"):
+        method = node.labels["method"]
+        kl = 0.0 if method == "fp16" else 0.02
+        store.write("fidelity", node.key, [
+            {"schema_version": 1, "node_key": node.key, "method": method, "baseline": "fp16", "sequence_index": i,
+             "tokens": 10, "nll_sum": 10 * (2.0 if method == "fp16" else 2.1), "kl_mean": kl * (1 + i),
+             "kl_p99": kl, "kl_max": kl, "top1_agreement": 1.0 if method == "fp16" else 0.9,
+             "kl_tokens": [kl * (1 + i)] * 10, "text_source": "pydoc_topics_heldout"} for i in range(3)])
+        results[node.key] = {"status": "ok", "result_json": "{}"}
+    for node in plan.by_kind("evaluate"):
+        method = node.labels["method"]
+        correct = [True, True, False, False] if method == "fp16" else [True, False, True, False]
+        store.write("mmlu_predictions", node.key, [
+            {"schema_version": 1, "node_key": node.key, "method": method, "subject": "anatomy",
+             "question_index": q, "predicted": "A" if c else "B", "gold": "A", "correct": c}
+            for q, c in enumerate(correct)])
+        results[node.key] = {"status": "ok", "result_json": json.dumps({"questions": 4, "correct": 2})}
+    outcome = SimpleNamespace(plan=plan, results=results, ran=list(results), reused=[], wall_s=1.0, all_ok=True)
+    monkeypatch.setenv("COLUMNS", "220")  # one line per table row
+    print_summary(outcome, cfg)
+    out = capsys.readouterr().out
+    rows = [[c.strip() for c in line.split("│")[1:-1]] for line in out.splitlines() if line.startswith("│")]
+    assert "Fidelity against fp16" in out
+    # perplexity, ratio, mean KL [95% CI], p99, agreement; rtn's KL per window 0.02, 0.04, 0.06
+    rtn_fidelity = next(r for r in rows if r[0] == "rtn" and r[1] == "3 x 10")
+    assert rtn_fidelity[2:4] == [f"{math.exp(2.1):.3f}", f"{math.exp(0.1):.4f}"]
+    half = 4.302652730 * 0.02 / math.sqrt(3)  # t(0.975, 2) * sd / sqrt(n), the lower end clipped at 0
+    assert rtn_fidelity[4].startswith("0.04000 [0.00000,") and f"{0.04 + half:.5f}]" in out
+    assert rtn_fidelity[-1] == "90.00%"
+    fp16_fidelity = next(r for r in rows if r[0] == "fp16" and r[1] == "3 x 10")
+    assert fp16_fidelity[4].startswith("0.00000 [0.00000,") and fp16_fidelity[-1] == "100.00%"
+    rtn_accuracy = next(r for r in rows if r[0] == "rtn" and r[1] == "4")
+    assert rtn_accuracy[-1] == "1 / 1"  # q1 right->wrong, q2 wrong->right

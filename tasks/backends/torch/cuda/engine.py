@@ -63,23 +63,11 @@ class CudaLlamaEngine(Engine):
     def timed_generate(self, input_ids: torch.Tensor, output_len: int) -> GenerationTiming:
         return self.generator.generate(input_ids, output_len)
 
-    @torch.inference_mode()
     def prompt_logits(self, batch: list[list[int]]) -> list[torch.Tensor]:
-        """The engine's own prefill forward (its int4 tensor-core kernels at M = L rows) at every position.
-
-        Each token list runs alone from position 0 through the static cache, which is re-allocated (and the
-        generator's graphs dropped) only when a list is longer than the cache holds.
-        """
-        out = []
-        for ids in batch:
-            length = len(ids)
-            shape = self.model.cache_shape
-            if shape is None or shape[0] != 1 or shape[1] < length:
-                self.generator.release()
-                self.model.setup_cache(1, length)
-            tokens = torch.tensor([ids], device=self.device)
-            out.append(self.model(tokens, torch.arange(length, device=self.device), all_logits=True)[0])
-        return out
+        """Logits [L, V] of each token list from the engine's decode step, token by token (teacher forcing),
+        so they are those of the kernels that generate (the int4 GEMV / mma kernels): see
+        :meth:`.generate.Generator.decode_logits`."""
+        return [self.generator.decode_logits(torch.tensor(ids, device=self.device)) for ids in batch]
 
     @property
     def tokenizer(self) -> Any:

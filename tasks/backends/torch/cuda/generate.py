@@ -50,6 +50,7 @@ class Generator:
         self.shape: tuple[int, int] | None = None
         self.prefill_graph: torch.cuda.CUDAGraph | None = None  # for the prompt shape of self.prompt
         self.prompt: torch.Tensor | None = None
+        self.score_graph: torch.cuda.CUDAGraph | None = None  # teacher-forced decode step (scoring)
 
     def _decode_step(self) -> None:
         """tok [B, 1] at pos [1] -> next tok written back into tok; pos advanced (all on the device)."""
@@ -62,6 +63,13 @@ class Generator:
         logits = self.model(self.prompt, self.prompt_pos)  # [B, V] of the last position
         self.tok.copy_(logits.argmax(dim=-1, keepdim=True))
         self.pos.fill_(length)
+
+    def _score_step(self) -> None:
+        """Teacher forcing: the window's token at pos -> its logits [V] (fp32) written at row pos; pos advanced."""
+        token = self.window.index_select(0, self.pos).view(1, 1)
+        logits = self.model(token, self.pos, all_logits=True)[:, 0].float()  # [1, V]
+        self.scores.index_copy_(0, self.pos, logits)
+        self.pos.add_(1)
 
     def _capture(self, step: Any, warmup: int) -> torch.cuda.CUDAGraph:
         """Run ``step`` ``warmup`` times on a side stream (compile, autotune, allocate), then capture it."""
@@ -83,7 +91,7 @@ class Generator:
             return
         # release the previous graphs' memory pools before the new cache is allocated (and never replay a
         # prefill graph that writes into a freed cache)
-        self.graph, self.prefill_graph, self.prompt = None, None, None
+        self.graph, self.prefill_graph, self.prompt, self.score_graph = None, None, None, None
         self.model.setup_cache(batch, max_seq)
         self.tok = torch.zeros(batch, 1, dtype=torch.long, device=self.device)
         self.pos = torch.zeros(1, dtype=torch.long, device=self.device)
@@ -132,8 +140,36 @@ class Generator:
         total = time.perf_counter() - start
         return GenerationTiming(batch, length, output_len, first, steps, total, outputs.cpu())
 
+    @torch.inference_mode()
+    def decode_logits(self, ids: torch.Tensor) -> torch.Tensor:
+        """ids [L] -> the logits [L, V] (fp32) at every position, each computed by a decode step.
+
+        Scoring through the decode step, not a prefill, makes the logits those of the kernels that generate
+        tokens (for int4: the GEMV / mma kernels; a long prefill de-quantizes and uses cuBLAS instead), with
+        the window's own token fed at each position (teacher forcing).  One graph replay per token, no host
+        synchronisation in between.
+        """
+        length = ids.numel()
+        if self.shape is None or self.shape[0] != 1 or self.shape[1] < length:
+            self.setup(1, length)
+        if self.score_graph is None:
+            self.window = torch.zeros(self.shape[1], dtype=torch.long, device=self.device)
+            self.scores = torch.zeros(self.shape[1], self.model.args.vocab_size, dtype=torch.float32,
+                                      device=self.device)
+            if self.cuda_graph:
+                self.pos.zero_()
+                self.score_graph = self._capture(self._score_step, warmup=1)
+        self.window[:length].copy_(ids)
+        self.pos.zero_()
+        for _ in range(length):
+            if self.score_graph is not None:
+                self.score_graph.replay()
+            else:
+                self._score_step()
+        return self.scores[:length].clone()
+
     def release(self) -> None:
-        self.graph, self.prefill_graph, self.prompt = None, None, None
+        self.graph, self.prefill_graph, self.prompt, self.score_graph = None, None, None, None
         self.model.caches = []
         self.model.cache_shape = None
         self.shape = None
