@@ -234,3 +234,28 @@ def test_cli_summary_prints_fidelity_and_answer_flips_from_the_stored_rows(
     assert fp16_fidelity[4].startswith("0.00000 [0.00000,") and fp16_fidelity[-1] == "100.00%"
     rtn_accuracy = next(r for r in rows if r[0] == "rtn" and r[1] == "4")
     assert rtn_accuracy[-1] == "1 / 1"  # q1 right->wrong, q2 wrong->right
+
+
+def test_an_engine_without_logits_gives_a_skipped_row_saying_why(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """A fidelity cell whose engine cannot return logits (TensorRT-LLM built without context logits) is a
+    ``skipped`` row with the engine's reason, not a failure, and writes no fidelity rows."""
+    from orchestrator import execute
+    from orchestrator.plan import plan_sweep
+    from orchestrator.store import ResultStore
+    from orchestrator.validate import validate
+    from tasks.backends.base import Unsupported
+
+    cfg = validate(compose_config(TINY + [f"store.uri={tmp_path}", "sweep.stages=[fidelity]",
+                                          "sweep.methods=[fp16,rtn]"]))
+    cell = next(n for n in plan_sweep(cfg).by_kind("fidelity") if n.labels["method"] == "rtn")
+
+    def no_logits(*_args):
+        raise Unsupported("this TensorRT-LLM engine was built without context logits")
+
+    monkeypatch.setitem(execute.RUNNERS, "fidelity", no_logits)
+    upstream = [{"status": "ok", "kind": "build", "node_key": k, "artifact_uri": None} for k in cell.upstream]
+    result = execute.execute_node(cell, upstream, cfg)
+    assert result["status"] == "skipped" and "without context logits" in result["error"]
+    store = ResultStore(str(tmp_path))
+    assert store.read("runs").to_pylist()[0]["status"] == "skipped" and store.read("fidelity").num_rows == 0

@@ -683,6 +683,10 @@ def test_engine_glue_with_a_fake_runner(tiny_dirs):
                     max_length=48).loglikelihood(_requests("loglikelihood", reqs))
     got = engine.lm_eval_model(batch_size=4).loglikelihood(_requests("loglikelihood", reqs))
     assert [lp for lp, _ in got] == pytest.approx([lp for lp, _ in expected], abs=2e-4)
+    from tasks.backends.base import Unsupported
+
+    with pytest.raises(Unsupported, match="gather_context_logits=true"):  # a fidelity cell's skipped row
+        engine.prompt_logits([[3, 4, 5]])
     gen_req = [("w1 w2", {"until": ["w9"], "max_gen_toks": 4})]
     want = HFLM(pretrained=model, tokenizer=tok, batch_size=1, device="cpu",
                 max_length=48).generate_until(_requests("generate_until", gen_req))
