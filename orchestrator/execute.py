@@ -172,14 +172,13 @@ def _run_fidelity(node: Node, upstream: list[dict], cfg: dict, device: str) -> t
 
     Both engines load in this one process, so logits stream window by window and none is stored; on CUDA
     they are the engines the profile cells time, scoring through their CUDA-graph decode step (the int4
-    GEMV / mma kernels, not a de-quantized copy) without torch.compile, which only fuses the element-wise
-    ops between those kernels and would cost a compilation per engine.
+    GEMV / mma kernels, not a de-quantized copy; see the torch backend's ``load``).
     """
     from tasks.fidelity import KL_HOW, measure, prepare_text
     from tasks.fidelity_stats import summarize
 
     fid, baseline = node.config["fidelity"], node.config["baseline"]
-    options = {"purpose": "fidelity", "compile": False, "kv_cache_batch_size": 1,
+    options = {"purpose": "fidelity", "kv_cache_batch_size": 1,
                "kv_cache_input_len": fid["seq_len"], "kv_cache_output_len": 0}
     method_engine = _load_engine(node, upstream[:1], cfg, device, options)
     try:

@@ -37,6 +37,11 @@ class TorchBackend(Backend):
         if device.startswith("cuda") and fast:
             from tasks.backends.torch.cuda.engine import load_cuda_engine
 
+            if options.get("purpose") == "fidelity":
+                # scoring replays the decode step's graph over the same kernels; torch.compile would only fuse
+                # the element-wise ops between them, at the cost of a compilation per engine (two per cell)
+                options.setdefault("compile", False)
+
             return load_cuda_engine(checkpoint_dir, device, options)
         from tasks.backends.torch.hf_engine import HFEngine
 
