@@ -84,7 +84,9 @@ def plan_sweep(cfg: dict[str, Any]) -> SweepPlan:
         nodes.setdefault(node.key, node)
         return node
 
-    model_node = add("model", {"model": {k: v for k, v in model_cfg.items() if k != "note"}}, (), False, {})
+    # a random-weight model is made on the node's GPU when the cluster has one (seconds, not minutes on CPUs)
+    model_node = add("model", {"model": {k: v for k, v in model_cfg.items() if k != "note"}}, (),
+                     model_cfg["source"] == "random", {})
     shape = {"max_batch_size": max(sweep["batch_sizes"]), "max_input_len": sweep["input_len"],
              "max_seq_len": sweep["input_len"] + sweep["output_len"]}
     shards = shard_subjects(cfg["subjects_resolved"], sweep["num_shards"])

@@ -38,3 +38,39 @@ def test_hf_folder_reads_config_json_and_hub_ids_are_unknown(tmp_path: Path) -> 
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", "max_position_embeddings": 2048}))
     assert model_max_positions({"source": "hf", "path": str(tmp_path)}) == 2048
     assert model_max_positions({"source": "hf", "path": "meta-llama/Llama-2-7b-chat-hf"}) is None
+
+
+def test_random_weights_are_seeded_and_skip_transformers_init() -> None:
+    import torch
+
+    from tasks.models import random_llama, random_llama_config
+
+    shape = _model(["model=tiny_random"])["random"]
+    config = random_llama_config(shape)
+    a, b = (random_llama(config, torch.float32, "cpu", seed=0) for _ in range(2))
+    c = random_llama(config, torch.float32, "cpu", seed=1)
+    wa, wc = a.model.layers[0].mlp.up_proj.weight, c.model.layers[0].mlp.up_proj.weight
+    assert torch.equal(wa, b.model.layers[0].mlp.up_proj.weight) and not torch.equal(wa, wc)
+    assert abs(wa.std().item() - config.initializer_range) < 0.003  # transformers' Llama init scale
+    assert torch.equal(a.model.norm.weight, torch.ones_like(a.model.norm.weight))
+
+
+def test_random_model_cell_writes_a_checkpoint_transformers_loads(tmp_path: Path) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from tasks.models import prepare_model
+
+    result = prepare_model(_model(["model=tiny_random"]), tmp_path, device="cpu")
+    loaded = AutoModelForCausalLM.from_pretrained(result["checkpoint_dir"], dtype=torch.float32)
+    logits = loaded(input_ids=torch.tensor([[5, 6, 7]])).logits
+    assert torch.isfinite(logits).all() and logits.shape[-1] >= 512
+
+
+def test_the_random_model_node_asks_for_a_gpu(tmp_path: Path) -> None:
+    from orchestrator.plan import plan_sweep
+    from orchestrator.validate import validate
+    from tests.sweep_helpers import TINY
+
+    cfg = validate(compose_config(TINY + [f"store.uri={tmp_path}", "sweep.stages=[profile]"]))
+    assert plan_sweep(cfg).by_kind("model")[0].needs_gpu  # built on the GPU where the cluster has one
