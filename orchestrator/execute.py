@@ -163,7 +163,8 @@ def _run_evaluate(node: Node, upstream: list[dict], cfg: dict, device: str) -> t
     rows = [{**_labels(node), "shard": shard, **row} for row in rows]
     correct = sum(bool(r["correct"]) for r in rows)
     summary = {"questions": len(rows), "correct": correct, "accuracy": correct / len(rows) if rows else None,
-               "weight_format": engine.weight_format, "dtype": engine.dtype}
+               "weight_format": engine.weight_format, "dtype": engine.dtype, "stored_dtype": engine.stored_dtype,
+               "dtypes": engine.dtype_label()}
     return summary, None, {"mmlu_predictions": rows}
 
 
@@ -221,6 +222,7 @@ def _run_profile(node: Node, upstream: list[dict], cfg: dict, device: str) -> tu
     memory = {**_labels(node), **memory}
     summary = {k: throughput[k] for k in ("output_tokens_per_s", "decode_tokens_per_s", "ttft_s")}
     summary["peak_memory_bytes"] = memory["peak_device_memory_bytes"] or memory["peak_process_memory_bytes"]
+    summary.update(dtype=engine.dtype, stored_dtype=engine.stored_dtype, dtypes=engine.dtype_label())
     return summary, None, {"throughput": [throughput], "memory": [memory]}
 
 

@@ -404,7 +404,7 @@ def provenance(data: StoreData, configs: list[dict]) -> list[tuple[str, str]]:
         ("Driver", distinct(tp, "driver_version")),
         ("Hosts", distinct(runs, "hostname")),
         ("Engine / backend", distinct(pd.concat([runs[["backend"]], tp[["backend"]]]), "backend")),
-        ("Compute dtype (profile rows)", distinct(tp, "dtype")),
+        ("Weights dtype per method, stored / computed (profile rows)", _dtypes_per_method(tp)),
         ("Weight format per method", _per_method(tp, "weight_format")),
         ("KV cache policy", distinct(tp, "kv_cache_policy")),
         ("Weights", distinct(tp, "weights_note")),
@@ -435,6 +435,17 @@ def _experiments(configs: list[dict]) -> str:
             if line not in seen:
                 seen.append(line)
     return "; ".join(seen) or "—"
+
+
+def _dtypes_per_method(tp: pd.DataFrame) -> str:
+    """``fp16: stored bfloat16, computed float32 on cpu``: a method's name ("fp16") and config do not say
+    which dtypes ran, the rows do (``stored_dtype`` from the checkpoint, ``dtype`` from the engine)."""
+    if tp.empty:
+        return "—"
+    cols = tp.reindex(columns=["method", "stored_dtype", "dtype", "device"]).fillna("unknown").astype(str)
+    labels = [f"{m}: stored {s}, computed {c} on {d}" for m, s, c, d in
+              cols.drop_duplicates().sort_values(["method", "device"]).itertuples(index=False)]
+    return "; ".join(labels)
 
 
 def _model_sources(configs: list[dict]) -> str:

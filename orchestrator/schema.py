@@ -96,6 +96,8 @@ THROUGHPUT = pa.schema(_KEY_COLUMNS + [
     pa.field("kv_cache_policy", pa.string()),
     pa.field("weights_note", pa.string()),  # e.g. "real weights" / "random weights, Llama-2-7B shape"
     pa.field("method_note", pa.string()),  # how the numbers were computed, in words
+    # the checkpoint's dtype (config.json) as stored on disk; ``dtype`` above is the one that computed
+    pa.field("stored_dtype", pa.string()),
 ])
 
 MEMORY = pa.schema(_KEY_COLUMNS + [
@@ -111,6 +113,8 @@ MEMORY = pa.schema(_KEY_COLUMNS + [
     pa.field("weights_memory_bytes", pa.int64()),  # bytes of the loaded weights
     pa.field("kv_cache_bytes", pa.int64()),
     pa.field("method_note", pa.string()),
+    pa.field("dtype", pa.string()),  # dtype the weights were held and computed in (sets weights_memory_bytes)
+    pa.field("stored_dtype", pa.string()),  # the checkpoint's dtype on disk
 ])
 
 FIDELITY = pa.schema(_KEY_COLUMNS + [

@@ -67,6 +67,16 @@ def model_max_positions(model: dict[str, Any]) -> int | None:
     raise ValueError(f"model.source: unknown {source!r} (allowed: hf, gguf_package, gguf_file, random)")
 
 
+def checkpoint_dtype(checkpoint_dir: Path) -> str | None:
+    """The dtype a Hugging Face checkpoint folder says its tensors are stored in (``config.json``)."""
+    config = Path(checkpoint_dir) / "config.json"
+    if not config.is_file():
+        return None
+    values = json.loads(config.read_text())
+    value = values.get("torch_dtype") or values.get("dtype")
+    return str(value).removeprefix("torch.") if value else None
+
+
 def model_config(model: dict[str, Any]) -> Any | None:
     """The model's transformers config, built WITHOUT loading weights; None where it cannot be known.
 

@@ -74,7 +74,7 @@ def profile_engine(engine: Engine, batch_size: int, input_len: int, output_len: 
         "itl_p90_s": _percentile(steps, 0.9) if steps else None,
         "energy_j_per_token": energy,
         "device": engine.device, "gpu_name": info["gpu_name"] or f"CPU ({info.get('cpu_count')} cores)",
-        "driver_version": info["driver_version"], "dtype": engine.dtype,
+        "driver_version": info["driver_version"], "dtype": engine.dtype, "stored_dtype": engine.stored_dtype,
         "weight_format": engine.weight_format, "kv_cache_policy": engine.kv_cache_policy,
         "method_note": OUTPUT_TOKENS_NOTE + ("" if energy is not None else "; energy: not measured (no NVML)")
         + _speed_note(engine),
@@ -85,6 +85,7 @@ def profile_engine(engine: Engine, batch_size: int, input_len: int, output_len: 
         "peak_device_memory_bytes": peaks.device_used_bytes,
         "peak_process_memory_bytes": peaks.process_bytes,
         "peak_allocator_memory_bytes": int(torch.cuda.max_memory_reserved()) if on_cuda else None,
+        "dtype": engine.dtype, "stored_dtype": engine.stored_dtype,  # weights_memory_bytes follows dtype
         "weights_memory_bytes": engine.details.get("weights_bytes"),
         # KV cache for this batch: batch x (input + output) tokens x bytes per token (all layers, K and V).
         "kv_cache_bytes": (engine.details["kv_bytes_per_token"] * batch_size * (input_len + output_len)

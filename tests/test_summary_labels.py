@@ -62,3 +62,25 @@ def test_report_experiment_row_comes_from_the_sweep_rows_config(tmp_path: Path, 
     runs = pd.DataFrame([{"kind": "sweep", "config_json": json.dumps(described)},
                          {"kind": "profile", "config_json": json.dumps({"batch_size": 2})}])
     assert _experiments(node_configs(runs)) == EXPECTED
+
+
+def test_rows_and_report_name_the_stored_and_the_computed_dtype(tmp_path: Path) -> None:
+    """The demo's case: a checkpoint stored in bfloat16, run by the CPU reference in float32, under a
+    method called "fp16"; rows and report must say both dtypes, not the method's name."""
+    from orchestrator.report import _dtypes_per_method
+    from orchestrator.schema import table_from_rows
+    from tasks.backends.torch.hf_engine import HFEngine
+    from tasks.models import prepare_model
+    from tasks.profile import profile_engine
+
+    model = OmegaConf.to_container(compose_config(["model=tiny_random", "model.dtype=bfloat16"]).model)
+    checkpoint = prepare_model(model, tmp_path / "model")["checkpoint_dir"]
+    engine = HFEngine(Path(checkpoint), "cpu", "float32")
+    assert engine.dtype_label() == "stored bfloat16, computed float32 on cpu"
+    assert engine.weight_format == "dense float32 (stored bfloat16, cast at load)"
+    throughput, memory = profile_engine(engine, batch_size=1, input_len=4, output_len=2, warmup=0, repeats=1)
+    assert (throughput["stored_dtype"], throughput["dtype"]) == ("bfloat16", "float32")
+    assert (memory["stored_dtype"], memory["dtype"]) == ("bfloat16", "float32")
+    table_from_rows("throughput", [throughput]), table_from_rows("memory", [memory])  # columns in the schema
+    rows = pd.DataFrame([{**throughput, "method": "fp16"}])
+    assert _dtypes_per_method(rows) == "fp16: stored bfloat16, computed float32 on cpu"

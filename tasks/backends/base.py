@@ -51,6 +51,15 @@ class Engine(ABC):
 
     device: str  # "cpu" | "cuda:N"
     dtype: str  # activation/compute dtype, e.g. "bfloat16"
+    stored_dtype: str | None = None  # the checkpoint's dtype on disk (config.json); None when unknown
+
+    def dtype_label(self) -> str:
+        """``stored bfloat16, computed float32 on cpu``: what rows and the report say about precision.
+
+        A method called "fp16" may be stored in bf16 and computed in fp32 (the CPU demo): the method's name
+        and config do not say which dtypes ran, so every engine states both.
+        """
+        return f"stored {self.stored_dtype or 'unknown'}, computed {self.dtype} on {self.device}"
     weight_format: str  # e.g. "bfloat16", "int4-g128-asym"
     kv_cache_policy: str  # how the KV cache is sized, in words (rows record it)
     details: dict[str, Any]

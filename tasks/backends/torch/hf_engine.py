@@ -16,7 +16,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from tasks.backends.base import Engine, GenerationTiming
-from tasks.models import DTYPES
+from tasks.models import DTYPES, checkpoint_dtype
 
 
 
@@ -47,8 +47,11 @@ class HFEngine(Engine):
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.model = AutoModelForCausalLM.from_pretrained(checkpoint_dir, dtype=DTYPES[dtype]).to(device).eval()
         stored = checkpoint_weight_format(checkpoint_dir)
+        self.stored_dtype = checkpoint_dtype(checkpoint_dir)
+        dense = (f"dense {dtype}" if self.stored_dtype in (None, dtype)
+                 else f"dense {dtype} (stored {self.stored_dtype}, cast at load)")
         self.weight_format = (f"{stored}, de-quantized to dense {dtype} by transformers"
-                              if stored.startswith(("int", "fp8")) else f"dense {dtype}")
+                              if stored.startswith(("int", "fp8")) else dense)
         if stored.startswith("fp8"):  # compressed-tensors quantize-dequantizes each token's activations
             self.weight_format += ", activations fake-quantized to fp8 per token"
         self.kv_cache_policy = "dynamic (grows with the sequence: batch x tokens so far), transformers DynamicCache"
