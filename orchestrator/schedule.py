@@ -248,7 +248,7 @@ def _lost_task_row(node: Node, cfg: dict[str, Any], err: BaseException | str, st
     where: dict[str, Any] = {"attempt": started.attempt if started else 0}
     if started is not None:
         where.update(ray_node_id=started.node_id, node_ip=started.node_ip, hostname=started.hostname)
-    if lost_node is not None and (started is None or started.node_id == lost_node.get("NodeID")):
+    if lost_node is not None and started is not None and started.node_id == lost_node.get("NodeID"):
         where.update(ray_node_id=lost_node.get("NodeID"), node_ip=lost_node.get("NodeManagerAddress"),
                      hostname=lost_node.get("NodeManagerHostname"))
     row = {**node_run_row(node, cfg, status, error), **where, "started_at": now, "finished_at": now}

@@ -108,7 +108,9 @@ class Watchdog:
             node = by_id.get(started[key].node_id)
             if node is not None and not node.get("Alive"):
                 return node
-        return next((n for n in dead if fits(n.get("Resources") or {}, request)), None)
+        # Ray may report a dead node without its resources: then any dead node is the best answer we have
+        return (next((n for n in dead if fits(n.get("Resources") or {}, request)), None)
+                or next((n for n in dead if not n.get("Resources")), None))
 
 
 def _name(node: dict[str, Any] | None) -> str:

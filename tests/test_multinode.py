@@ -14,7 +14,7 @@ import pytest
 
 from orchestrator.cli import run
 from orchestrator.store import ResultStore
-from tests.cluster_helpers import GPU_NODE, cli, local_cluster, sweep_args
+from tests.cluster_helpers import GPU_NODE, REPO, cli, local_cluster, sweep_args
 from tests.sweep_helpers import compose_config
 
 pytestmark = pytest.mark.slow
@@ -70,10 +70,14 @@ def _rows(store: Path):
     return ResultStore(str(store)).read("runs").to_pandas()
 
 
-def _wait_for(predicate, timeout: float, what: str) -> None:
+def _wait_started(driver: subprocess.Popen, markers: Path, timeout: float = 240) -> None:
+    """Until a profile cell is running (its start marker exists); fails at once if the driver exited."""
     deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+    while not (markers.exists() and any(markers.iterdir())):
+        if driver.poll() is not None:
+            out, err = driver.communicate()
+            pytest.fail(f"the sweep ended (exit {driver.returncode}) before a cell started: {err[-3000:]}")
+        assert time.monotonic() < deadline, "timed out waiting for a profile cell to start"
         time.sleep(0.2)
 
 
@@ -87,10 +91,10 @@ def test_gpu_node_lost_mid_sweep_ends_within_stall_timeout_then_rerun_completes(
     args = sweep_args(cluster, str(store), tmp_path, [
         "sweep.batch_sizes=[1,2,3]", "cluster.max_retries=1", f"cluster.stall_timeout_s={stall}",
         "+cluster.runtime_env={worker_process_setup_hook:tests.multinode_fakes.slow_profile,"
-        f"env_vars:{{QUANTSWEEP_TEST_MARKERS:'{markers}'}}}}"])
+        f"env_vars:{{QUANTSWEEP_TEST_MARKERS:'{markers}',PYTHONPATH:'{REPO}'}}}}"])
     driver = cli(args)
     try:
-        _wait_for(lambda: markers.exists() and any(markers.iterdir()), 240, "a profile cell to start")
+        _wait_started(driver, markers)
         lost = cluster.gpu_node
         lost_id = lost.node_id
         lost.all_processes["raylet"][0].process.kill()  # SIGKILL; the node never restarts
@@ -136,10 +140,10 @@ def test_ctrl_c_stops_cleanly_with_the_resume_hint(cluster, tmp_path: Path) -> N
     args = sweep_args(cluster, str(tmp_path / "store"), tmp_path, [
         "sweep.batch_sizes=[1,2]",
         "+cluster.runtime_env={worker_process_setup_hook:tests.multinode_fakes.slow_profile,"
-        f"env_vars:{{QUANTSWEEP_TEST_MARKERS:'{markers}'}}}}"])
+        f"env_vars:{{QUANTSWEEP_TEST_MARKERS:'{markers}',PYTHONPATH:'{REPO}'}}}}"])
     driver = cli(args)
     try:
-        _wait_for(lambda: markers.exists() and any(markers.iterdir()), 240, "a profile cell to start")
+        _wait_started(driver, markers)
         driver.send_signal(signal.SIGINT)
         out, err = driver.communicate(timeout=60)
     finally:
@@ -158,7 +162,7 @@ def test_attempt_counts_rays_retries(cluster, tmp_path: Path) -> None:
     args = sweep_args(cluster, str(store), tmp_path, [
         "sweep.batch_sizes=[1]", "cluster.max_retries=2",
         "+cluster.runtime_env={worker_process_setup_hook:tests.multinode_fakes.crash_first_profile,"
-        f"env_vars:{{QUANTSWEEP_TEST_MARKERS:'{markers}'}}}}"])
+        f"env_vars:{{QUANTSWEEP_TEST_MARKERS:'{markers}',PYTHONPATH:'{REPO}'}}}}"])
     driver = cli(args)
     out, err = driver.communicate(timeout=280)
     assert driver.returncode == 0, err[-3000:]
