@@ -21,7 +21,9 @@ from tasks.quantize import (FORMAT_FP8, dequantize_fp8, load_fp8_layer, quantize
 
 LINEARS = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
            "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
-TINY = dict(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+# head_dim 64 as in test_cuda_engine (the decode-attention kernel's smallest tested head size); K and N
+# multiples of 128 and 16, so the FP8 GEMV and _scaled_mm both take every linear
+TINY = dict(vocab_size=512, hidden_size=256, intermediate_size=384, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=False)
 METHOD = {"name": "fp8", "algorithm": "fp8", "bits": 8, "dtype": "bfloat16", "ignore": ["lm_head"], "options": {}}
 
