@@ -100,8 +100,9 @@ def test_s3_settings_from_the_driver_reach_every_task_and_no_secret_is_stored(cl
 def test_endpoint_in_the_uri_and_a_report_command_the_shell_can_run(cluster, s3_endpoint, tmp_path: Path):
     uri = f"s3://sweeps/uri-form?endpoint_override={s3_endpoint}&scheme=http&region=us-east-1"
     env = {"AWS_ACCESS_KEY_ID": "ak", "AWS_SECRET_ACCESS_KEY": SECRET}
-    args = sweep_args(cluster, uri, tmp_path, [f"store.artifacts_dir={tmp_path / 'artifacts'}",
-                                                "sweep.batch_sizes=[1]"])
+    # quoted for Hydra's override grammar, as a user quotes it for the shell
+    args = sweep_args(cluster, f"'{uri}'", tmp_path, [f"store.artifacts_dir={tmp_path / 'artifacts'}",
+                                                      "sweep.batch_sizes=[1]"])
     driver = cli(args, env)
     out, err = driver.communicate(timeout=280)
     assert driver.returncode == 0, err[-3000:]
