@@ -217,12 +217,14 @@ def fidelity_bars(fid: pd.DataFrame, order: list[str], stem: Path, baseline: str
     fig, (kl_ax, top_ax) = plt.subplots(1, 2, figsize=(10, 3.8))
     kl = rows["kl_mean"].to_numpy(dtype=float)
     err = np.vstack([kl - rows["kl_ci_low"].to_numpy(dtype=float), rows["kl_ci_high"].to_numpy(dtype=float) - kl])
-    kl_ax.bar(series, kl, yerr=np.nan_to_num(err), capsize=3, color=colors)
+    bars = kl_ax.bar(series, kl, yerr=np.nan_to_num(err), capsize=3, color=colors)
+    kl_ax.bar_label(bars, labels=[f"{v:.3g}" for v in kl], fontsize=8, label_type="center")
     kl_ax.set_ylabel("mean KL(baseline || method), nats/token")
     kl_ax.set_title("KL divergence (95% CI over windows)", fontsize=10)
     top = rows["top1_agreement"].to_numpy(dtype=float)
-    top_ax.bar(series, top, color=colors)
-    top_ax.set_ylim(min(0.9, float(top.min()) - 0.02), 1.0)
+    bars = top_ax.bar(series, top, color=colors)
+    top_ax.bar_label(bars, labels=[f"{v:.1%}" for v in top], fontsize=8)
+    top_ax.set_ylim(0, 1.05)  # bars start at 0: a truncated axis would exaggerate the differences
     top_ax.yaxis.set_major_formatter(matplotlib.ticker.PercentFormatter(1.0))
     top_ax.set_title("Top-1 next-token agreement", fontsize=10)
     for ax in (kl_ax, top_ax):

@@ -52,14 +52,16 @@ def _one_group(g: pd.DataFrame) -> dict:
 
 def summarize(rows: pd.DataFrame | Iterable[dict], by: Sequence[str] = ("method",)) -> pd.DataFrame:
     """One line per ``by`` group (and baseline): the aggregates above; ``ppl_ratio`` where the baseline's
-    own rows (method == baseline) are present in the same group of ``by`` minus ``method``."""
+    own rows (method == baseline) are present with the same values of ``by`` other than method/series."""
     df = rows if isinstance(rows, pd.DataFrame) else pd.DataFrame(list(rows))
     keys = list(by) + ["baseline"]
     if df.empty:
         return pd.DataFrame(columns=keys + [c for c in SUMMARY_COLUMNS if c != "baseline"])
     out = pd.DataFrame([{**dict(zip(keys, key if isinstance(key, tuple) else (key,))), **_one_group(g)}
                         for key, g in df.groupby(keys, sort=False, dropna=False)])
-    out["ppl_ratio"] = [_ppl_ratio(out, row, [k for k in by if k != "method"]) for row in out.itertuples()]
+    # the baseline's own line shares everything but the method (and the series label naming it)
+    context = [k for k in by if k not in ("method", "series")]
+    out["ppl_ratio"] = [_ppl_ratio(out, row, context) for row in out.itertuples()]
     return out[keys + [c for c in SUMMARY_COLUMNS if c not in keys]]
 
 

@@ -179,6 +179,9 @@ def test_fidelity_table_and_flips_match_the_rows(full_report: tuple[Path, Path])
         assert got.loc[method, "kl_mean"] == pytest.approx(rows["kl_mean"].mean(), abs=1e-12)
         assert got.loc[method, "top1_agreement"] == pytest.approx(rows["top1_agreement"].mean())
         assert got.loc[method, "sequences"] == FIDELITY_WINDOWS
+        base = raw[raw["method"] == "fp16"]
+        assert got.loc[method, "ppl_ratio"] == pytest.approx(
+            np.exp(rows["nll_sum"].sum() / rows["tokens"].sum() - base["nll_sum"].sum() / base["tokens"].sum()))
     assert got.loc["fp16", "kl_mean"] == 0 and got.loc["fp16", "ppl_ratio"] == 1.0
     preds = _raw(store, "mmlu_predictions").set_index(["method", "subject", "question_index"])["correct"]
     flips = pd.read_csv(html_path.parent / "tables" / "answer_flips.csv").set_index("series")
