@@ -145,7 +145,16 @@ def task_kinds(nodes: list[Node], cluster: dict[str, Any], cluster_gpus: float) 
 
 def check_cluster_can_run(nodes: list[Node], cluster: dict[str, Any], ray_nodes: list[dict[str, Any]]) -> None:
     """Fail before submitting anything when some kind of task fits no single live node (it would wait forever)."""
-    gpus = sum((n.get("Resources") or {}).get("GPU", 0) for n in cluster_checks.live_nodes(ray_nodes))
+    live = cluster_checks.live_nodes(ray_nodes)
+    gpus = sum((n.get("Resources") or {}).get("GPU", 0) for n in live)
+    wanted = cluster.get("accelerator_type")
+    if wanted and any(n.needs_gpu for n in nodes):
+        # asked for by name: never fall back to the CPU (as a cluster without GPUs otherwise would)
+        offered = sorted({k.split(":", 1)[1] for n in live for k in (n.get("Resources") or {})
+                          if k.startswith("accelerator_type:")})
+        if wanted not in offered:
+            raise ConfigError("cluster.accelerator_type", f"no node of the Ray cluster has accelerator {wanted!r}",
+                              offered + ["null (any GPU)"])
     cluster_checks.check_requests_fit(task_kinds(nodes, cluster, gpus), ray_nodes, cluster)
 
 
