@@ -11,7 +11,6 @@ keeps ``F.linear``.
 """
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
@@ -19,33 +18,24 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tasks.backends.torch.cuda import fused, int4, int4_mma
+from tasks.backends.torch.cuda import fused, gemv_configs, int4, int4_mma
 
 CONFIG_FILE = Path(__file__).with_name("dense_configs.json")
 MAX_M = 8  # one 8-row activation tile
 
 
-def _load_tuned() -> dict[tuple[int, int, int], tuple[int, int, int, int]]:
-    if not CONFIG_FILE.exists():
-        return {}
-    return {(int(m), int(n), int(k)): tuple(cfg) for m, n, k, cfg in json.loads(CONFIG_FILE.read_text())["configs"]}
-
-
 #: {(M bucket, N, K): (TN, B, WK, splits)}: 16-row tiles per warp, 64-deep chunks per batch, warps per block,
 #: split-K slices; only shapes where the kernel beat cuBLAS on the sweep's GPU
-TUNED = _load_tuned()
+TUNED = gemv_configs.load_tuned(CONFIG_FILE)
 
 
 def check_config(cfg: tuple[int, ...]) -> None:
-    if len(cfg) != 4 or min(cfg) < 1 or cfg[2] not in (1, 2, 4, 8):
-        raise ValueError(f"bf16 gemv config {cfg} must be (TN, B, WK, splits), all >= 1, WK in 1, 2, 4, 8")
+    gemv_configs.check_config(cfg, "bf16 gemv")
 
 
-def config(m: int, n: int, k: int) -> tuple[int, int, int, int] | None:
+def config(m: int, n: int, k: int) -> gemv_configs.GemvConfig | None:
     """The tuned launch config for this shape, or None: cuBLAS."""
-    if m > MAX_M or n % int4_mma.TILE or k % int4_mma.CHUNK:
-        return None
-    return TUNED.get((int4_mma.m_bucket(m), n, k)) or TUNED.get((MAX_M, n, k))
+    return gemv_configs.lookup(TUNED, m, n, k, max_m=MAX_M, tile=int4_mma.TILE, chunk=int4_mma.CHUNK)
 
 
 def output_splits(k: int, cfg: tuple[int, ...]) -> int:

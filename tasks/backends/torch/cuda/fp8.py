@@ -20,7 +20,6 @@ loader with; the CUDA engine refuses such GPUs up front (:func:`check_device`).
 from __future__ import annotations
 
 import functools
-import json
 import math
 from pathlib import Path
 
@@ -28,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tasks.backends.torch.cuda import int4
+from tasks.backends.torch.cuda import gemv_configs, int4
 
 SOURCE_FILE = Path(__file__).with_name("fp8_gemv.cu")
 CONFIG_FILE = Path(__file__).with_name("fp8_configs.json")  # bench/fp8_bench.py --mode sweep
@@ -56,27 +55,18 @@ def fp8_capable(device: torch.device) -> bool:
     return torch.cuda.get_device_capability(device) >= MIN_CAPABILITY
 
 
-def _load_tuned() -> dict[tuple[int, int, int], tuple[int, int, int, int]]:
-    if not CONFIG_FILE.exists():
-        return {}
-    return {(int(m), int(n), int(k)): tuple(cfg) for m, n, k, cfg in json.loads(CONFIG_FILE.read_text())["configs"]}
-
-
 #: {(M bucket, N, K): (TN, B, WK, splits)}: 16-row tiles per warp, 128-deep chunks per load batch, warps per
 #: block, split-K slices; only shapes where the GEMV beat _scaled_mm on the sweep's GPU
-TUNED = _load_tuned()
+TUNED = gemv_configs.load_tuned(CONFIG_FILE)
 
 
 def check_config(cfg: tuple[int, ...]) -> None:
-    if len(cfg) != 4 or min(cfg) < 1 or cfg[2] not in (1, 2, 4, 8):
-        raise ValueError(f"fp8 gemv config {cfg} must be (TN, B, WK, splits), all >= 1, WK in 1, 2, 4, 8")
+    gemv_configs.check_config(cfg, "fp8 gemv")
 
 
-def config(m: int, n: int, k: int) -> tuple[int, int, int, int] | None:
+def config(m: int, n: int, k: int) -> gemv_configs.GemvConfig | None:
     """The tuned GEMV launch config for this shape, or None: _scaled_mm."""
-    if m > MAX_M or n % TILE or k % CHUNK:
-        return None
-    return TUNED.get((int4.m_bucket(m), n, k)) or TUNED.get((MAX_M, n, k))
+    return gemv_configs.lookup(TUNED, m, n, k, max_m=MAX_M, tile=TILE, chunk=CHUNK)
 
 
 def split_k(k: int, splits: int) -> tuple[int, int]:
