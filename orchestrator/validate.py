@@ -143,6 +143,12 @@ def _check_eval(cfg: dict[str, Any]) -> None:
         try:
             resolved = resolve_mmlu_dir(ev["mmlu_dir"])
         except (FileNotFoundError, ValueError, RuntimeError) as err:
+            if cfg["cluster"].get("address") and ev["mmlu_dir"]:
+                # a running cluster: the nodes that evaluate need the folder, not the driver, which may not
+                # mount it; a task on each of them checks it before anything is submitted
+                # (orchestrator.cluster_checks.probe_nodes)
+                ev["mmlu_dir"] = str(Path(ev["mmlu_dir"]).expanduser().resolve())
+                return
             raise ConfigError("eval.mmlu_dir", str(err)) from err
         ev["mmlu_dir"] = str(resolved) if resolved is not None else None
 

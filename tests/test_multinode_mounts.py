@@ -230,3 +230,63 @@ def test_driver_without_the_artifacts_mount_reuses_what_the_nodes_see(cluster, t
     finally:
         cluster.remove_node(gpu_node, allow_graceful=False)
     print(f"rerun from the namespaced driver: {took:.1f} s, {len(nodes)} nodes reused, 0 run")
+
+
+@pytest.mark.timeout(240)
+def test_driver_without_the_mmlu_folder_leaves_the_check_to_the_nodes_that_evaluate(cluster, tmp_path: Path,
+                                                                                     mmlu_dir: Path) -> None:
+    """The MMLU folder is needed where evaluate cells run, not on the driver: a driver that does not mount it
+    (an empty tmpfs over it) still runs the sweep, the GPU node's check task having found it there."""
+    import shutil
+
+    _require_mount_namespaces(tmp_path)
+    mmlu = tmp_path / "mmlu"
+    for split in ("dev", "test"):
+        (mmlu / split).mkdir(parents=True)
+        shutil.copy(mmlu_dir / split / f"anatomy_{split}.csv", mmlu / split)
+    store = tmp_path / "store"
+    args = sweep_args(cluster, str(store), tmp_path, [f"store.artifacts_dir={tmp_path / 'artifacts'}",
+                                                  f"eval.mmlu_dir={mmlu}", "sweep.stages=[evaluate]",
+                                                  "sweep.subjects=[anatomy]", "eval.limit_per_subject=2",
+                                                  "sweep.num_shards=1"])
+    gpu_node = cluster.add_node(**GPU_NODE)
+    try:
+        cluster.wait_for_nodes()
+        check = f"test ! -e {shlex.quote(str(mmlu / 'test'))} || exit 97"  # the driver really lacks it
+        command = _unshare([mmlu], ["sh", "-c", f"{check} && exec \"$0\" \"$@\"", sys.executable, "-m",
+                                    "orchestrator.cli", *args])
+        driver = subprocess.Popen(command, cwd=REPO, env={**os.environ, **DRIVER_ENV}, stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True)
+        try:
+            out, err = driver.communicate(timeout=200)
+        finally:
+            if driver.poll() is None:
+                driver.kill()
+        assert driver.returncode == 0, (driver.returncode, err[-3000:])
+        predictions = ResultStore(str(store)).read("mmlu_predictions").to_pandas()
+        assert len(predictions) == 2 and set(predictions["subject"]) == {"anatomy"}
+    finally:
+        cluster.remove_node(gpu_node, allow_graceful=False)
+
+
+@pytest.mark.timeout(180)
+def test_mmlu_folder_missing_on_the_nodes_that_evaluate_is_a_config_error(cluster, tmp_path: Path) -> None:
+    """Deferred to the nodes does not mean unchecked: no node that evaluates has the folder -> exit 2."""
+    store = tmp_path / "store"
+    args = sweep_args(cluster, str(store), tmp_path, [f"store.artifacts_dir={tmp_path / 'artifacts'}",
+                                                  f"eval.mmlu_dir={tmp_path / 'no-mmlu'}", "sweep.stages=[evaluate]",
+                                                  "sweep.subjects=[anatomy]", "sweep.num_shards=1"])
+    gpu_node = cluster.add_node(**GPU_NODE)
+    try:
+        cluster.wait_for_nodes()
+        driver = cli(args)
+        try:
+            out, err = driver.communicate(timeout=120)
+        finally:
+            if driver.poll() is None:
+                driver.kill()
+        assert driver.returncode == 2, err[-3000:]
+        assert "invalid configuration: eval.mmlu_dir" in err and "no test/ folder on this node" in err, err[-3000:]
+        assert not (store / "runs").exists()
+    finally:
+        cluster.remove_node(gpu_node, allow_graceful=False)
