@@ -308,6 +308,13 @@ def fidelity_table(fid: pd.DataFrame) -> pd.DataFrame:
     return summary.join(about, on="series")
 
 
+def fidelity_pairs_table(fid: pd.DataFrame) -> pd.DataFrame:
+    """Which methods differ in KL when scored on the same windows (:func:`tasks.fidelity_stats.paired_kl`)."""
+    from tasks.fidelity_stats import paired_kl
+
+    return paired_kl(fid, series="series")
+
+
 def flips_table(preds: pd.DataFrame, baseline: str | None) -> pd.DataFrame:
     """MMLU answers that flipped against the baseline on the same questions (right->wrong, wrong->right)."""
     from tasks.fidelity_stats import answer_flips
@@ -558,13 +565,14 @@ class Results:
     missing: pd.DataFrame
     fidelity: pd.DataFrame  # one line per series: perplexity, KL with its interval, top-1 agreement
     flips: pd.DataFrame  # MMLU answer flips against the baseline
+    fidelity_pairs: pd.DataFrame  # KL differences between two methods, paired over the same windows
 
     def tables(self) -> dict[str, pd.DataFrame]:
         return {**{f"accuracy_{lvl}": df for lvl, df in self.accuracy.items()},
                 "mcnemar_all": self.mcnemar, "significant_differences": self.significant,
                 "throughput": self.throughput, "memory": self.memory, "tradeoff": self.tradeoff,
                 "failed_cells": self.failed, "missing": self.missing, "fidelity": self.fidelity,
-                "answer_flips": self.flips}
+                "answer_flips": self.flips, "fidelity_pairs": self.fidelity_pairs}
 
     @property
     def devices(self) -> set[str]:
@@ -592,7 +600,8 @@ def compute(store_uri: str, sweep_name: str | None = None) -> Results:
         tradeoff=_ordered(tradeoff_table(acc, tput, data.predictions), order, None),
         failed=failures_table(data.runs), missing=missing_table(data, configs, methods),
         fidelity=_ordered(fidelity_table(data.fidelity), order, None),
-        flips=_ordered(flips_table(data.predictions, baseline), order, None))
+        flips=_ordered(flips_table(data.predictions, baseline), order, None),
+        fidelity_pairs=fidelity_pairs_table(data.fidelity))
 
 
 def build_report(store_uri: str, out_dir: Path, sweep_name: str | None = None) -> Path:
@@ -712,6 +721,8 @@ def _sections(res: Results, store_uri: str, made: dict[str, figs.Figure | None])
         "table_fidelity": _table_html(_columns(res.fidelity, [
             "series", "baseline", "sequences", "tokens", "perplexity", "ppl_ratio", "kl_mean", "kl_ci_low",
             "kl_ci_high", "kl_p99", "kl_max", "top1_agreement", "device", "weight_format"])),
+        "table_fidelity_pairs": _table_html(res.fidelity_pairs, empty="no data yet (needs two methods other "
+                                            "than the baseline on the same windows)"),
         "table_flips": _table_html(res.flips, empty="no data yet (needs MMLU predictions of the baseline and "
                                    "another method)"),
         "table_missing": _table_html(res.missing, empty="nothing missing: every expected cell has rows",

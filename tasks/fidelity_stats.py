@@ -9,6 +9,8 @@ The CLI summary and the report both call these, so the two can never disagree.  
   lower end clipped at 0 since a KL divergence cannot be negative;
 - p99 / max KL: over every scored token (from ``kl_tokens``), not an average of per-window percentiles;
 - top-1 agreement: the fraction of all scored tokens whose argmax agrees with the baseline's;
+- paired KL differences between two methods: per-window differences of their mean KL, with a t-interval
+  and the paired t-test (the same windows score every method);
 - answer flips: questions the baseline answered right and the method wrong (right -> wrong) and the
   reverse, paired on (subject, question) like McNemar's test in :mod:`tasks.mmlu.stats`.
 """
@@ -70,6 +72,34 @@ def _ppl_ratio(out: pd.DataFrame, row, context: list[str]) -> float:
     for k in context:
         same = same[same[k] == getattr(row, k)]
     return float(row.perplexity / same["perplexity"].iloc[0]) if len(same) else math.nan
+
+
+def paired_kl(rows: pd.DataFrame, series: str = "method") -> pd.DataFrame:
+    """Every pair of non-baseline ``series`` scored on the same windows: the mean of their per-window KL
+    differences (a - b) with a 95% t-interval and the paired t-test's p-value.
+
+    Pairing on windows removes what the windows share (hard text is hard for every method), so two methods
+    whose own KL intervals overlap can still be told apart.
+    """
+    columns = ["series_a", "series_b", "windows", "kl_a", "kl_b", "diff", "ci_low", "ci_high", "p_value"]
+    df = rows[rows["method"] != rows["baseline"]] if len(rows) else rows
+    if df.empty:
+        return pd.DataFrame(columns=columns)
+    wide = df.pivot_table(index=["text_fingerprint", "sequence_index"], columns=series, values="kl_mean")
+    names = list(dict.fromkeys(df[series]))
+    out = []
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            pair = wide[[a, b]].dropna()
+            if len(pair) < 2:
+                continue
+            diff = (pair[a] - pair[b]).to_numpy(dtype=float)
+            half = stats.t.ppf(0.975, len(diff) - 1) * diff.std(ddof=1) / math.sqrt(len(diff))
+            p_value = float(stats.ttest_rel(pair[a], pair[b]).pvalue) if diff.std(ddof=1) > 0 else math.nan
+            out.append({"series_a": a, "series_b": b, "windows": len(pair), "kl_a": float(pair[a].mean()),
+                        "kl_b": float(pair[b].mean()), "diff": float(diff.mean()), "ci_low": diff.mean() - half,
+                        "ci_high": diff.mean() + half, "p_value": p_value})
+    return pd.DataFrame(out, columns=columns)
 
 
 def answer_flips(predictions: pd.DataFrame, baseline: str, by: Sequence[str] = ("method",)) -> pd.DataFrame:

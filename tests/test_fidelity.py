@@ -260,3 +260,21 @@ def test_an_engine_without_logits_gives_a_skipped_row_saying_why(tmp_path: Path,
     assert result["status"] == "skipped" and "without context logits" in result["error"]
     store = ResultStore(str(tmp_path))
     assert store.read("runs").to_pylist()[0]["status"] == "skipped" and store.read("fidelity").num_rows == 0
+
+
+def test_paired_kl_separates_methods_whose_own_intervals_overlap() -> None:
+    """Hard windows are hard for both methods: their KL intervals overlap, the paired difference does not."""
+    from tasks.fidelity_stats import paired_kl
+
+    hardness = [0.05, 0.30, 0.10, 0.50, 0.20, 0.40]
+    extra = [0.020, 0.022, 0.019, 0.021, 0.020, 0.018]  # gptq: a steady 0.02 more on every window
+    rows = pd.DataFrame([{"method": m, "baseline": "fp16", "text_fingerprint": "t", "sequence_index": i,
+                          "tokens": 10, "nll_sum": 1.0, "kl_mean": h + (e if m == "gptq" else 0.0), "kl_p99": h,
+                          "kl_max": h, "top1_agreement": 0.9, "kl_tokens": [h] * 10}
+                         for m in ("awq", "gptq") for i, (h, e) in enumerate(zip(hardness, extra))])
+    own = summarize(rows).set_index("method")
+    assert own.loc["gptq", "kl_ci_low"] < own.loc["awq", "kl_ci_high"]  # overlapping on their own
+    pair = paired_kl(rows).iloc[0]
+    diffs = [-e for e in extra]
+    assert (pair.series_a, pair.series_b, pair.windows) == ("awq", "gptq", 6)
+    assert pair["diff"] == pytest.approx(sum(diffs) / 6) and pair.ci_high < 0 and pair.p_value < 1e-4
