@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# The GPU runs still owed by issues 18 (fidelity under the CUDA kernels), 19 (the fp8 product sweep) and 20
+# (item 7: the random model cell), each sized for one device call of at most 10 minutes.  On the device
+# machine, from the project root, after `../shared/tools/device-carry` here:
+#   . .device-carry/setup.sh && bash bench/pending_gpu_runs.sh fidelity   # ~6 min: fidelity CUDA vs CPU + GPU tests
+#   . .device-carry/setup.sh && bash bench/pending_gpu_runs.sh fp8        # ~8 min: speed_random_7b fp16/rtn/fp8 + report
+# Everything it reports lands under $OUT (at most 8 files come back: the report is one tarball).
+set -uo pipefail
+export PYTHONUNBUFFERED=1
+out=${OUT:-/tmp/out}
+mkdir -p "$out"
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$out/gpu.txt"
+
+case "${1:-}" in
+fidelity)
+  python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_cuda_engine.py -k decode_logits 2>&1 | tail -5 \
+    | tee "$out/pytest_decode_logits.txt"
+  timeout 480 python3 bench/fidelity_cuda_vs_cpu.py --out "$out" --store /tmp/fidelity_store
+  tar czf "$out/fidelity_store.tgz" --exclude=artifacts -C /tmp fidelity_store
+  ;;
+fp8)
+  start=$(date +%s)
+  timeout 420 python3 -m orchestrator.cli experiment=speed_random_7b 'sweep.methods=[fp16,rtn,fp8]' \
+    store.uri=/tmp/store hydra.run.dir=/tmp/store/hydra 2>&1 | grep -v "^(raylet)" | tee "$out/sweep.log" | tail -40
+  echo "sweep wall: $(( $(date +%s) - start )) s" | tee -a "$out/sweep.log"
+  timeout 60 python3 -m orchestrator.report /tmp/store --out /tmp/report
+  python3 - "$out/sweep_tables.md" <<'PY'
+import sys
+import pandas as pd
+runs = pd.read_parquet("/tmp/store/runs")
+tp, mem = pd.read_parquet("/tmp/store/throughput"), pd.read_parquet("/tmp/store/memory")
+with open(sys.argv[1], "w") as f:
+    # issue 20 item 7: the model cell's seconds (222-287 s before random weights were built on the GPU)
+    f.write(runs[runs.kind != "sweep"][["kind", "method", "batch_size", "status", "duration_s"]]
+            .sort_values(["kind", "method", "batch_size"]).to_string(index=False) + "\n\n")
+    t = tp.merge(mem[["method", "batch_size", "peak_device_memory_bytes"]], on=["method", "batch_size"])
+    t["peak_gib"] = t.peak_device_memory_bytes / 2**30
+    f.write(t[["method", "batch_size", "output_tokens_per_s", "decode_tokens_per_s", "ttft_s", "peak_gib"]]
+            .sort_values(["method", "batch_size"]).to_string(index=False) + "\n")
+PY
+  cat "$out/sweep_tables.md"
+  tar czf "$out/report.tgz" -C /tmp report
+  ;;
+*)
+  echo "usage: bash bench/pending_gpu_runs.sh fidelity|fp8" >&2
+  exit 2
+  ;;
+esac
