@@ -192,7 +192,8 @@ def _run_fidelity(node: Node, upstream: list[dict], cfg: dict, device: str) -> t
                 "text_fingerprint": text.fingerprint, "seq_len": text.seq_len, "device": device,
                 "dtype": method_engine.dtype, "weight_format": method_engine.weight_format,
                 "baseline_weight_format": baseline_engine.weight_format,
-                "engine": method_engine.details.get("engine"), "method_note": KL_HOW}
+                "engine": f"{method_engine.details.get('engine')}; logits: {method_engine.logits_how}",
+                "method_note": KL_HOW}
             rows = [{**provenance, **row} for row in measure(method_engine, baseline_engine, text)]
         finally:
             baseline_engine.close()

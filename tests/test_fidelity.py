@@ -176,6 +176,7 @@ def test_fidelity_cells_through_ray(tmp_path: Path) -> None:
     assert len(rows) == 3 * 6 and set(rows["baseline"]) == {"fp16"}
     assert (rows["tokens"] == 63).all() and rows["text_fingerprint"].nunique() == 1
     assert rows["weight_format"].str.contains("de-quantized").sum() == 12  # rtn8, rtn2 on the CPU reference
+    assert rows["engine"].str.endswith("logits: one forward pass over the whole window").all()
     by = rows.groupby("method")
     base = rows[rows["method"] == "fp16"]
     assert (base["kl_mean"] == 0.0).all() and (base["kl_max"] == 0.0).all() and (base["top1_agreement"] == 1.0).all()

@@ -62,6 +62,8 @@ class Engine(ABC):
         return f"stored {self.stored_dtype or 'unknown'}, computed {self.dtype} on {self.device}"
     weight_format: str  # e.g. "bfloat16", "int4-g128-asym"
     kv_cache_policy: str  # how the KV cache is sized, in words (rows record it)
+    #: how :meth:`prompt_logits` computes them, in words (fidelity rows record it)
+    logits_how: str = "one forward pass over the whole window"
     details: dict[str, Any]
 
     @abstractmethod

@@ -61,6 +61,8 @@ def kv_cache_bytes(meta: dict[str, Any], tokens: int) -> int:
 class TensorRTLLMEngine(Engine):
     """``Engine`` over a ``ModelRunnerCpp``; also the ``TokenScorer`` of the lm-eval wrapper."""
 
+    logits_how = "context logits of one forward pass (engine built with gather_context_logits)"
+
     def __init__(self, runner: Any, tokenizer: Any, device: str, meta: dict[str, Any], kv_cache_policy: str,
                  kv_cache_tokens: int):
         self.runner = runner

@@ -36,6 +36,9 @@ def describe_weights(model: Transformer, symmetric: bool | None = None) -> str:
 class CudaLlamaEngine(Engine):
     """A loaded :class:`Transformer` on one GPU plus its :class:`Generator`."""
 
+    logits_how = ("teacher-forced decode steps: one CUDA-graph replay of the decode step's kernels per token "
+                  "(for int4 the GEMV/mma kernels that generate)")
+
     def __init__(self, model: Transformer, device: str, checkpoint_dir: Path | None = None,
                  options: dict[str, Any] | None = None, symmetric: bool | None = None):
         options = options or {}
