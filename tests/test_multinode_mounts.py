@@ -136,6 +136,23 @@ def namespaced_gpu_node(cluster, hidden: list[Path]) -> Iterator[int]:
         log.close()
 
 
+def _namespaced_driver(hidden: Path, args: list[str], timeout: float) -> tuple[int, str, str]:
+    """``quantsweep ARGS`` as a driver whose ``hidden`` folder is an empty tmpfs: exit 97 if it still saw
+    the folder's contents (checked inside the namespace before the CLI starts)."""
+    check = f"test -z \"$(ls -A {shlex.quote(str(hidden))})\" || exit 97"
+    command = _unshare([hidden], ["sh", "-c", f"{check} && exec \"$0\" \"$@\"", sys.executable, "-m",
+                                  "orchestrator.cli", *args])
+    driver = subprocess.Popen(command, cwd=REPO, env={**os.environ, **DRIVER_ENV}, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)
+    try:
+        out, err = driver.communicate(timeout=timeout)
+    finally:
+        if driver.poll() is None:
+            _stop_namespace(driver, _mount_ns(driver.pid))
+    assert driver.returncode != 97, f"the namespaced driver could see {hidden}"
+    return driver.returncode, out, err
+
+
 def _runs(store: Path):
     return ResultStore(str(store)).read("runs").to_pandas()
 
@@ -205,21 +222,11 @@ def test_driver_without_the_artifacts_mount_reuses_what_the_nodes_see(cluster, t
         stored_artifacts = nodes.artifact_uri.dropna()
         assert len(stored_artifacts) >= 2 and all(str(artifacts) in u for u in stored_artifacts)
 
-        # the driver's view: an empty artifacts folder (checked from inside the namespace before the CLI starts)
-        check = f"test -z \"$(ls -A {shlex.quote(str(artifacts))})\" || exit 97"
-        command = _unshare([artifacts], ["sh", "-c", f"{check} && exec \"$0\" \"$@\"", sys.executable, "-m",
-                                         "orchestrator.cli", *args])
+        # the driver's view: an empty artifacts folder
         started = time.monotonic()
-        again = subprocess.Popen(command, cwd=REPO, env={**os.environ, **DRIVER_ENV}, stdout=subprocess.PIPE,
-                                 stderr=subprocess.PIPE, text=True)
-        try:
-            out, err = again.communicate(timeout=150)
-        finally:
-            if again.poll() is None:
-                _stop_namespace(again, _mount_ns(again.pid))
+        code, out, err = _namespaced_driver(artifacts, args, timeout=150)
         took = time.monotonic() - started
-        assert again.returncode != 97, "the namespaced driver could see the artifacts folder"
-        assert again.returncode == 0, err[-3000:]
+        assert code == 0, err[-3000:]
         assert f"all {len(nodes)} nodes already in the store" in out + err, (out + err)[-3000:]
         after = _runs(store)
         rerun = after[after.kind != "sweep"].set_index("node_key")
@@ -252,17 +259,8 @@ def test_driver_without_the_mmlu_folder_leaves_the_check_to_the_nodes_that_evalu
     gpu_node = cluster.add_node(**GPU_NODE)
     try:
         cluster.wait_for_nodes()
-        check = f"test ! -e {shlex.quote(str(mmlu / 'test'))} || exit 97"  # the driver really lacks it
-        command = _unshare([mmlu], ["sh", "-c", f"{check} && exec \"$0\" \"$@\"", sys.executable, "-m",
-                                    "orchestrator.cli", *args])
-        driver = subprocess.Popen(command, cwd=REPO, env={**os.environ, **DRIVER_ENV}, stdout=subprocess.PIPE,
-                                  stderr=subprocess.PIPE, text=True)
-        try:
-            out, err = driver.communicate(timeout=200)
-        finally:
-            if driver.poll() is None:
-                driver.kill()
-        assert driver.returncode == 0, (driver.returncode, err[-3000:])
+        code, out, err = _namespaced_driver(mmlu, args, timeout=200)  # the driver sees an empty folder
+        assert code == 0, err[-3000:]
         predictions = ResultStore(str(store)).read("mmlu_predictions").to_pandas()
         assert len(predictions) == 2 and set(predictions["subject"]) == {"anatomy"}
     finally:
