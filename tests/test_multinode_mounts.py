@@ -136,6 +136,28 @@ def namespaced_gpu_node(cluster, hidden: list[Path]) -> Iterator[int]:
         log.close()
 
 
+def _run_cli(args: list[str], timeout: float) -> tuple[int, str, str]:
+    """``quantsweep ARGS`` as the driver, killed if it outlives ``timeout``."""
+    driver = cli(args)
+    try:
+        out, err = driver.communicate(timeout=timeout)
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+    return driver.returncode, out, err
+
+
+@contextmanager
+def _gpu_node(cluster) -> Iterator[None]:
+    """An ordinary (not namespaced) L40 GPU node for the length of a test."""
+    node = cluster.add_node(**GPU_NODE)
+    try:
+        cluster.wait_for_nodes()
+        yield
+    finally:
+        cluster.remove_node(node, allow_graceful=False)
+
+
 def _namespaced_driver(hidden: Path, args: list[str], timeout: float) -> tuple[int, str, str]:
     """``quantsweep ARGS`` as a driver whose ``hidden`` folder is an empty tmpfs: exit 97 if it still saw
     the folder's contents (checked inside the namespace before the CLI starts)."""
@@ -179,14 +201,9 @@ def test_node_seeing_another_folder_is_a_config_error_before_any_cell(cluster, t
         node_view = Path(f"/proc/{pid}/root")
         assert not any((node_view / str(tmp_path / hide).lstrip("/")).iterdir()), "the node sees its own folder"
         started = time.monotonic()
-        driver = cli(args)
-        try:
-            out, err = driver.communicate(timeout=120)
-        finally:
-            if driver.poll() is None:
-                driver.kill()
+        driver_code, out, err = _run_cli(args, timeout=120)
         took = time.monotonic() - started
-        assert driver.returncode == 2, err[-3000:]
+        assert driver_code == 2, err[-3000:]
         assert f"invalid configuration: {field}: " in err, err[-3000:]
         assert "is not the same folder on every node" in err and "127.0.0.1" in err, err[-3000:]
         assert "Traceback" not in err, err[-3000:]
@@ -206,16 +223,9 @@ def test_driver_without_the_artifacts_mount_reuses_what_the_nodes_see(cluster, t
     artifacts.mkdir()
     args = sweep_args(cluster, str(store), tmp_path, [f"store.artifacts_dir={artifacts}", "sweep.methods=[fp16,rtn]",
                                                   "sweep.batch_sizes=[1]"])
-    gpu_node = cluster.add_node(**GPU_NODE)
-    try:
-        cluster.wait_for_nodes()
-        first = cli(args)
-        try:
-            out, err = first.communicate(timeout=200)
-        finally:
-            if first.poll() is None:
-                first.kill()
-        assert first.returncode == 0, err[-3000:]
+    with _gpu_node(cluster):
+        first_code, out, err = _run_cli(args, timeout=200)
+        assert first_code == 0, err[-3000:]
         before, measured = _runs(store), len(ResultStore(str(store)).read("throughput"))
         nodes = before[before.kind != "sweep"].set_index("node_key")
         assert set(nodes.status) == {"ok"} and nodes.index.is_unique
@@ -234,8 +244,6 @@ def test_driver_without_the_artifacts_mount_reuses_what_the_nodes_see(cluster, t
         assert (rerun.loc[nodes.index, "started_at"] == nodes.started_at).all(), "a stored node ran again"
         assert (after.kind == "sweep").sum() == 1
         assert measured == 2 and len(ResultStore(str(store)).read("throughput")) == measured  # 1 per profile cell
-    finally:
-        cluster.remove_node(gpu_node, allow_graceful=False)
     print(f"rerun from the namespaced driver: {took:.1f} s, {len(nodes)} nodes reused, 0 run")
 
 
@@ -256,15 +264,11 @@ def test_driver_without_the_mmlu_folder_leaves_the_check_to_the_nodes_that_evalu
                                                   f"eval.mmlu_dir={mmlu}", "sweep.stages=[evaluate]",
                                                   "sweep.subjects=[anatomy]", "eval.limit_per_subject=2",
                                                   "sweep.num_shards=1"])
-    gpu_node = cluster.add_node(**GPU_NODE)
-    try:
-        cluster.wait_for_nodes()
+    with _gpu_node(cluster):
         code, out, err = _namespaced_driver(mmlu, args, timeout=200)  # the driver sees an empty folder
         assert code == 0, err[-3000:]
         predictions = ResultStore(str(store)).read("mmlu_predictions").to_pandas()
         assert len(predictions) == 2 and set(predictions["subject"]) == {"anatomy"}
-    finally:
-        cluster.remove_node(gpu_node, allow_graceful=False)
 
 
 @pytest.mark.timeout(180)
@@ -274,17 +278,8 @@ def test_mmlu_folder_missing_on_the_nodes_that_evaluate_is_a_config_error(cluste
     args = sweep_args(cluster, str(store), tmp_path, [f"store.artifacts_dir={tmp_path / 'artifacts'}",
                                                   f"eval.mmlu_dir={tmp_path / 'no-mmlu'}", "sweep.stages=[evaluate]",
                                                   "sweep.subjects=[anatomy]", "sweep.num_shards=1"])
-    gpu_node = cluster.add_node(**GPU_NODE)
-    try:
-        cluster.wait_for_nodes()
-        driver = cli(args)
-        try:
-            out, err = driver.communicate(timeout=120)
-        finally:
-            if driver.poll() is None:
-                driver.kill()
-        assert driver.returncode == 2, err[-3000:]
+    with _gpu_node(cluster):
+        driver_code, out, err = _run_cli(args, timeout=120)
+        assert driver_code == 2, err[-3000:]
         assert "invalid configuration: eval.mmlu_dir" in err and "no test/ folder on this node" in err, err[-3000:]
         assert not (store / "runs").exists()
-    finally:
-        cluster.remove_node(gpu_node, allow_graceful=False)
