@@ -34,7 +34,7 @@ from orchestrator import cluster_checks, secrets
 from orchestrator.execute import execute_node, node_run_row, versions
 from orchestrator.plan import Node, SweepPlan, node_key
 from orchestrator.progress import SweepProgress
-from orchestrator.schema import DATA_TABLES, SCHEMA_VERSION
+from orchestrator.schema import DATA_TABLES, KIND_TABLES, SCHEMA_VERSION
 from orchestrator.store import ResultStore
 from orchestrator.validate import ConfigError
 from orchestrator.watchdog import GiveUp, Started, Watchdog
@@ -71,18 +71,25 @@ def _artifact_present(row: dict[str, Any], seen_by_nodes: dict[str, bool] | None
 
 
 def select_nodes_to_run(plan: SweepPlan, stored: dict[str, dict], rerun: str,
-                        seen_by_nodes: dict[str, bool] | None = None) -> tuple[list[Node], dict[str, dict]]:
+                        seen_by_nodes: dict[str, bool] | None = None,
+                        data_keys: dict[str, set[str]] | None = None) -> tuple[list[Node], dict[str, dict]]:
     """Which nodes run now, and the stored summaries of those reused.
 
     rerun=none reuses every stored node; failed also re-runs failed/oom/skipped ones; all re-runs
     everything.  A stored node whose artifact vanished is re-run, and so is anything below a node that
     runs again unless its own stored result is ok (its rows do not depend on where the artifact lives).
+    An ``ok`` node whose data files are missing (``data_keys``: table -> nodes with a file there) is re-run
+    too: a worker that outlived its lost node can commit ``ok`` after the driver cleared its rows.
     """
+    def data_missing(node: Node) -> bool:
+        return data_keys is not None and any(node.key not in data_keys.get(t, set())
+                                             for t in KIND_TABLES.get(node.kind, ()))
+
     to_run, reused = [], {}
     for node in plan.nodes.values():
         row = stored.get(node.key)
         again = (row is None or rerun == "all" or (rerun == "failed" and row["status"] != "ok")
-                 or (row["status"] == "ok" and not _artifact_present(row, seen_by_nodes)))
+                 or (row["status"] == "ok" and (not _artifact_present(row, seen_by_nodes) or data_missing(node))))
         if again:
             to_run.append(node)
         else:
@@ -311,7 +318,8 @@ def _run_nodes(plan: SweepPlan, cfg: dict[str, Any]) -> SweepOutcome:
     if cfg["cluster"].get("address"):  # a running cluster: its nodes, not the driver, say what they see
         _init_ray(cfg["cluster"])
         seen_by_nodes = _check_nodes(plan, stored, cfg)
-    to_run, reused = select_nodes_to_run(plan, stored, cfg["sweep"]["rerun"], seen_by_nodes)
+    data_keys = {table: store.node_keys(table) for table in DATA_TABLES}
+    to_run, reused = select_nodes_to_run(plan, stored, cfg["sweep"]["rerun"], seen_by_nodes, data_keys)
     outcome = SweepOutcome(results=dict(reused), reused=set(reused), plan=plan)
     progress = SweepProgress(plan, reused)
     if not to_run:

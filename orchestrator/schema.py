@@ -144,6 +144,8 @@ FIDELITY = pa.schema(_KEY_COLUMNS + [
 
 #: Tables a node fills before its ``runs`` row (which commits them).
 DATA_TABLES = ("mmlu_predictions", "throughput", "memory", "fidelity")
+#: The data tables each node kind writes: an ``ok`` node without its files is not complete.
+KIND_TABLES = {"evaluate": ("mmlu_predictions",), "fidelity": ("fidelity",), "profile": ("throughput", "memory")}
 
 TABLES: dict[str, pa.Schema] = {
     "runs": RUNS,

@@ -120,6 +120,13 @@ class ResultStore:
         dataset = ds.dataset(directory, filesystem=self._fs, format="parquet", schema=schema)
         return dataset.to_table(columns=columns, filter=filter)
 
+    def node_keys(self, table: str) -> set[str]:
+        """The nodes that have a committed file in ``table`` (temporary dot-files excluded)."""
+        selector = pafs.FileSelector(self._table_dir(table), allow_not_found=True)
+        return {Path(info.path).stem for info in self._fs.get_file_info(selector)
+                if info.type == pafs.FileType.File and info.path.endswith(".parquet")
+                and not Path(info.path).name.startswith((".", "_"))}
+
     def finished_nodes(self) -> dict[str, dict]:
         """node_key → its committed runs row (status, artifact_uri, ...)."""
         runs = self.read("runs", columns=["node_key", "status", "kind", "artifact_uri", "error", "result_json"])

@@ -110,12 +110,16 @@ def test_gpu_node_lost_mid_sweep_ends_within_stall_timeout_then_rerun_completes(
     assert took < stall + 45, f"the sweep took {took:.0f} s after the node died (stall timeout {stall} s)"
     runs = _rows(store)
     cells = runs[runs.kind == "profile"]
-    assert len(cells) == 3 and set(cells.status) == {"failed"}, cells[["status", "error"]]
-    assert cells.error.str.contains("no live Ray node can run this cell|no progress", regex=True).all()
-    assert cells.error.str.contains(lost_id).all(), "every row names the lost node"
+    assert len(cells) == 3, cells[["status", "error"]]
+    # the cell running there when the raylet died is recorded by the driver as failed, naming the node,
+    # unless its worker outlived the raylet and committed its own result first (then it is simply ok)
     ran_there = cells[cells.ray_node_id == lost_id]
-    assert len(ran_there) >= 1 and (ran_there.node_ip == "127.0.0.1").all()
-    assert (ran_there.attempt >= 1).all() and (cells[cells.ray_node_id != lost_id].attempt == 0).all()
+    assert len(ran_there) >= 1 and (ran_there.node_ip == "127.0.0.1").all() and (ran_there.attempt >= 1).all()
+    recorded = cells[cells.status != "ok"]
+    assert len(recorded) >= 2 and set(recorded.status) == {"failed"}, cells[["status", "error"]]
+    assert recorded.error.str.contains("no live Ray node can run this cell|no progress", regex=True).all()
+    assert recorded.error.str.contains(lost_id).all(), "every row the driver wrote names the lost node"
+    assert (cells[cells.ray_node_id != lost_id].attempt == 0).all()  # the queued cells never started
 
     # restart: a new GPU node, the same command
     _ensure_gpu_node(cluster)

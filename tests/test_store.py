@@ -44,3 +44,28 @@ def test_remote_uri_and_unknown_table(tmp_path: Path) -> None:
     assert store.finished_nodes()["model-x"]["status"] == "ok"
     with pytest.raises(ValueError, match="allowed"):
         store.read("nope")
+
+
+def test_an_ok_node_without_its_data_files_runs_again(tmp_path: Path, mmlu_dir: Path) -> None:
+    """A worker that outlived its lost node can commit ``ok`` after the driver cleared its rows; a rerun must
+    redo that node (and only it), or its throughput rows would be lost for good."""
+    from orchestrator.plan import plan_sweep
+    from orchestrator.schedule import select_nodes_to_run
+    from orchestrator.validate import validate
+    from tests.sweep_helpers import TINY, compose_config
+
+    cfg = validate(compose_config(TINY + [f"store.uri={tmp_path}", "sweep.stages=[profile,fidelity]",
+                                          "sweep.methods=[fp16,rtn]", "sweep.batch_sizes=[1,2]"]))
+    plan = plan_sweep(cfg)
+    store = ResultStore(str(tmp_path))
+    for node in plan.nodes.values():
+        for table in {"profile": ("throughput", "memory"), "fidelity": ("fidelity",)}.get(node.kind, ()):
+            store.write(table, node.key, [{"schema_version": 1, "node_key": node.key}])
+    stored = {k: {"status": "ok", "kind": n.kind, "artifact_uri": None} for k, n in plan.nodes.items()}
+    broken = plan.by_kind("profile")[1]
+    store.delete("throughput", broken.key)
+    keys = {t: store.node_keys(t) for t in ("mmlu_predictions", "throughput", "memory", "fidelity")}
+    assert broken.key not in keys["throughput"] and broken.key in keys["memory"]
+    to_run, reused = select_nodes_to_run(plan, stored, "failed", data_keys=keys)
+    assert [n.key for n in to_run] == [broken.key] and len(reused) == len(plan.nodes) - 1
+    assert select_nodes_to_run(plan, stored, "failed")[0] == []  # without the listing: trusts the runs rows
