@@ -79,7 +79,7 @@ def _stored_rows(plan: SweepPlan, cfg: dict[str, Any], kind: str, table: str) ->
     from orchestrator.store import ResultStore
 
     keys = [n.key for n in plan.by_kind(kind)]
-    return ResultStore(cfg["store"]["uri"]).read(table, filter=ds.field("node_key").isin(keys)).to_pandas()
+    return ResultStore.from_config(cfg["store"]).read(table, filter=ds.field("node_key").isin(keys)).to_pandas()
 
 
 def answer_flips_by_method(plan: SweepPlan, cfg: dict[str, Any]) -> dict[str, tuple[int, int]]:

@@ -322,9 +322,7 @@ def flips_table(preds: pd.DataFrame, baseline: str | None) -> pd.DataFrame:
     if preds.empty or baseline is None:
         return pd.DataFrame(columns=["series", "baseline", "questions", "right_to_wrong", "wrong_to_right",
                                      "answer_changed"])
-    base = preds[preds["method"] == baseline]
-    rest = preds[preds["method"] != baseline]
-    return answer_flips(pd.concat([base, rest]), baseline, by=("series",))
+    return answer_flips(preds, baseline, by=("series",))
 
 
 def failures_table(runs: pd.DataFrame) -> pd.DataFrame:

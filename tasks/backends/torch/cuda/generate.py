@@ -51,6 +51,7 @@ class Generator:
         self.prefill_graph: torch.cuda.CUDAGraph | None = None  # for the prompt shape of self.prompt
         self.prompt: torch.Tensor | None = None
         self.score_graph: torch.cuda.CUDAGraph | None = None  # teacher-forced decode step (scoring)
+        self.scores: torch.Tensor | None = None  # [S, V] fp32 logits it writes, and self.window [S] it reads
 
     def _decode_step(self) -> None:
         """tok [B, 1] at pos [1] -> next tok written back into tok; pos advanced (all on the device)."""
@@ -91,7 +92,7 @@ class Generator:
             return
         # release the previous graphs' memory pools before the new cache is allocated (and never replay a
         # prefill graph that writes into a freed cache)
-        self.graph, self.prefill_graph, self.prompt, self.score_graph = None, None, None, None
+        self.graph, self.prefill_graph, self.prompt, self.score_graph, self.scores = None, None, None, None, None
         self.model.setup_cache(batch, max_seq)
         self.tok = torch.zeros(batch, 1, dtype=torch.long, device=self.device)
         self.pos = torch.zeros(1, dtype=torch.long, device=self.device)
@@ -152,7 +153,7 @@ class Generator:
         length = ids.numel()
         if self.shape is None or self.shape[0] != 1 or self.shape[1] < length:
             self.setup(1, length)
-        if self.score_graph is None:
+        if self.scores is None:  # once per cache shape (setup drops them with the cache)
             self.window = torch.zeros(self.shape[1], dtype=torch.long, device=self.device)
             self.scores = torch.zeros(self.shape[1], self.model.args.vocab_size, dtype=torch.float32,
                                       device=self.device)
@@ -169,7 +170,7 @@ class Generator:
         return self.scores[:length].clone()
 
     def release(self) -> None:
-        self.graph, self.prefill_graph, self.prompt, self.score_graph = None, None, None, None
+        self.graph, self.prefill_graph, self.prompt, self.score_graph, self.scores = None, None, None, None, None
         self.model.caches = []
         self.model.cache_shape = None
         self.shape = None
