@@ -55,6 +55,7 @@ from tasks.backends.torch.cuda.generate import Generator  # noqa: E402
 from tasks.backends.torch.cuda.loader import random_llama  # noqa: E402
 from tasks.backends.torch.cuda.model import DEFAULT_GEMV_FUSION, kv_bytes_per_token, llama2_7b_args  # noqa: E402
 from tasks.backends.torch.cuda.rope import rope_tables  # noqa: E402
+from tasks import roofline  # noqa: E402
 
 GIB = 1024**3
 RANDOM_NOTICE = "*** RANDOM WEIGHTS: Llama-2-7B-shaped model, no checkpoint; outputs are meaningless ***"
@@ -75,23 +76,9 @@ def random_int4(k: int, n: int, gs: int = 128) -> tuple[torch.Tensor, ...]:
 
 
 def copy_bandwidth(nbytes: int = 2 * GIB, repeats: int = 20) -> float:
-    """Device-to-device copy bandwidth in bytes/s, counting bytes read plus bytes written (median)."""
-    src = torch.randint(0, 255, (nbytes,), dtype=torch.uint8, device="cuda")
-    dst = torch.empty_like(src)
-    for _ in range(3):
-        dst.copy_(src)
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        dst.copy_(src)
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
-    assert torch.equal(dst[:4096], src[:4096])
-    del src, dst
-    torch.cuda.empty_cache()
-    return 2 * nbytes / statistics.median(times)
+    """Device-to-device copy bandwidth in bytes/s, bytes read plus bytes written (median): the product's
+    own measurement (:func:`tasks.roofline.copy_bandwidth`) over a larger buffer."""
+    return roofline.copy_bandwidth("cuda", nbytes, repeats)
 
 
 # ------------------------------------------------------------------------------------ numerical check
@@ -601,12 +588,8 @@ def dense_sweep(ms: list[int], out_dir: Path, configs_out: Path | None) -> list[
 
 
 def decode_bytes_per_step(model, batch: int, input_len: int, output_len: int) -> float:
-    """Fewest bytes a decode step must move: every weight once (embedding: B rows), the KV cache of the
-    positions so far (averaged over the steps) read once, and one new K/V per sequence written."""
-    embed = model.tok_embeddings.weight
-    weights = model.weight_bytes() - embed.numel() * embed.element_size() + batch * model.args.dim * 2
-    avg_context = input_len + output_len / 2
-    return weights + batch * (avg_context + 1) * kv_bytes_per_token(model.args)
+    """Fewest bytes a decode step must move, as the product's profile rows count them (:mod:`tasks.roofline`)."""
+    return roofline.decode_bytes_per_step(model.decode_reads(), kv_bytes_per_token(model.args), batch, input_len, output_len)
 
 
 def decode_breakdown(gen: Generator, input_len: int, steps: int = 20, top: int = 12) -> list[dict]:

@@ -221,7 +221,7 @@ def _run_profile(node: Node, upstream: list[dict], cfg: dict, device: str) -> tu
     note = cfg["model"].get("note") or "real weights"
     throughput = {**_labels(node), **throughput, "weights_note": note}
     memory = {**_labels(node), **memory}
-    summary = {k: throughput[k] for k in ("output_tokens_per_s", "decode_tokens_per_s", "ttft_s")}
+    summary = {k: throughput[k] for k in ("output_tokens_per_s", "decode_tokens_per_s", "ttft_s", "roofline_pct")}
     summary["peak_memory_bytes"] = memory["peak_device_memory_bytes"] or memory["peak_process_memory_bytes"]
     summary.update(dtype=engine.dtype, stored_dtype=engine.stored_dtype, dtypes=engine.dtype_label())
     return summary, None, {"throughput": [throughput], "memory": [memory]}

@@ -128,7 +128,7 @@ def print_summary(outcome: Any, cfg: dict[str, Any]) -> None:
     for column in ("method", "questions", "correct", "accuracy", f"flips vs {baseline}: right->wrong / wrong->right"):
         accuracy.add_column(column)
     speed = Table(title="Throughput (output tokens/s, prefill included) and peak memory")
-    for column in ("method", "batch", "output tok/s", "decode tok/s", "TTFT s", "peak memory MiB"):
+    for column in ("method", "batch", "output tok/s", "decode tok/s", "% of roofline", "TTFT s", "peak memory MiB"):
         speed.add_column(column)
     for method in cfg["sweep"]["methods"]:
         totals = Counter()
@@ -149,7 +149,9 @@ def print_summary(outcome: Any, cfg: dict[str, Any]) -> None:
                 s = json.loads(r.get("result_json") or "{}")
                 peak = s.get("peak_memory_bytes")
                 speed.add_row(method, str(node.labels["batch_size"]), f"{s['output_tokens_per_s']:.1f}",
-                              f"{s['decode_tokens_per_s'] or 0:.1f}", f"{s['ttft_s']:.3f}",
+                              f"{s['decode_tokens_per_s'] or 0:.1f}",
+                              f"{s['roofline_pct']:.1f}" if s.get("roofline_pct") is not None else "-",
+                              f"{s['ttft_s']:.3f}",
                               f"{peak / 2**20:.0f}" if peak else "-")
     stages = cfg["sweep"]["stages"]
     if "evaluate" in stages:  # only the tables of stages that ran

@@ -239,7 +239,7 @@ def throughput_table(tp: pd.DataFrame, baseline: str | None) -> pd.DataFrame:
     """
     keys = ["series", "model", "method", "backend", "batch_size", "input_len", "output_len"]
     metrics = ["output_tokens_per_s", "decode_tokens_per_s", "e2e_s", "ttft_s", "itl_median_s",
-               "itl_p90_s", "energy_j_per_token"]
+               "itl_p90_s", "energy_j_per_token", "roofline_pct", "copy_bandwidth_bytes_per_s"]
     if tp.empty:
         return pd.DataFrame(columns=keys + metrics + ["n_rows", "device", "gpu_name", "dtype", "weight_format",
                                                       "speedup_vs_baseline"])
@@ -419,10 +419,20 @@ def provenance(data: StoreData, configs: list[dict]) -> list[tuple[str, str]]:
          if eval_cfg else "—"),
         ("Throughput shape (input/output tokens, warmup, repeats)", _shapes(tp)),
         ("How throughput was measured", distinct(tp, "method_note")),
+        ("Memory bandwidth of the roofline (copy test, per device)", _bandwidths(tp)),
         ("How memory was measured", distinct(mem, "method_note")),
         ("Software versions", _versions(runs)),
     ]
     return items
+
+
+def _bandwidths(tp: pd.DataFrame) -> str:
+    """``NVIDIA H200 (cuda:0): 4.21 TB/s`` per device: the median copy bandwidth its roofline_pct is against."""
+    if "copy_bandwidth_bytes_per_s" not in tp or tp["copy_bandwidth_bytes_per_s"].dropna().empty:
+        return "—"
+    rows = tp.dropna(subset=["copy_bandwidth_bytes_per_s"]).fillna({"gpu_name": "?", "device": "?"})
+    per = rows.groupby(["gpu_name", "device"])["copy_bandwidth_bytes_per_s"].median()
+    return "; ".join(f"{gpu} ({device}): {bw / 1e12:.3f} TB/s (bytes read + written)" for (gpu, device), bw in per.items())
 
 
 def _experiments(configs: list[dict]) -> str:
@@ -675,6 +685,10 @@ def _sections(res: Results, store_uri: str, made: dict[str, figs.Figure | None])
                   "input/output lengths; tokens/s is the median over the rows of a cell (each row itself a "
                   "median over repeats, as the rows' method note says)."
                   if baseline else "No unquantized baseline method found, so no speed-ups are shown.")
+    speed_note += (" <i>roofline_pct</i> is decode tokens/s as a percentage of the memory-bandwidth limit: batch "
+                   "× the copy bandwidth measured on the same device (setup table) ÷ the fewest bytes a decode "
+                   "step moves (every weight once, the KV cache so far); on CPU rows of de-quantized methods it "
+                   "is the limit of the dense weights that ran.")
     sweeps = ", ".join(res.data.sweep_names)
     wide = {lvl: _table_html(_accuracy_wide(df, res.order, lvl)) for lvl, df in res.accuracy.items()}
     return {
@@ -696,7 +710,7 @@ def _sections(res: Results, store_uri: str, made: dict[str, figs.Figure | None])
         "speed_note": speed_note,
         "table_throughput": _table_html(_columns(tput, [
             "series", "batch_size", "input_len", "output_len", "output_tokens_per_s", "decode_tokens_per_s",
-            "ttft_s", "itl_median_s", "speedup_vs_baseline", "device", "n_rows"])),
+            "ttft_s", "itl_median_s", "speedup_vs_baseline", "roofline_pct", "device", "n_rows"])),
         "fig_memory": _figure_html(made["memory"], "Peak memory against batch size"),
         "table_memory": _table_html(_columns(res.memory, [
             "series", "batch_size", "device", "memory_measure", "peak_memory_gib", "weights_memory_bytes",

@@ -98,6 +98,11 @@ THROUGHPUT = pa.schema(_KEY_COLUMNS + [
     pa.field("method_note", pa.string()),  # how the numbers were computed, in words
     # the checkpoint's dtype (config.json) as stored on disk; ``dtype`` above is the one that computed
     pa.field("stored_dtype", pa.string()),
+    # memory-bandwidth roofline (tasks/roofline.py); null where the engine does not report what it reads
+    pa.field("copy_bandwidth_bytes_per_s", pa.float64()),  # this device's copy: bytes read + written / time
+    pa.field("decode_bytes_per_step", pa.float64()),  # fewest bytes an average decode step moves
+    pa.field("roofline_decode_tokens_per_s", pa.float64()),  # batch * bandwidth / decode_bytes_per_step
+    pa.field("roofline_pct", pa.float64()),  # 100 * decode_tokens_per_s / roofline_decode_tokens_per_s
 ])
 
 MEMORY = pa.schema(_KEY_COLUMNS + [

@@ -14,11 +14,16 @@ import torch
 
 from tasks.backends.base import Engine, GenerationTiming
 from tasks.gpu_metrics import MemorySampler, device_info, energy_mj
+from tasks.roofline import copy_bandwidth, roofline_columns
 
 OUTPUT_TOKENS_NOTE = ("output_tokens_per_s = batch_size * output_len / e2e_s (prefill included, like the "
                       "study and trtllm-bench); decode_tokens_per_s = batch_size * (output_len - 1) / decode time; "
                       "ttft_s = prefill + first token; itl = per-decode-step latency over all steps of all "
                       "repeats; medians over repeats after warm-up; device synchronised around every step")
+
+
+ROOFLINE_NOTE = ("; roofline_pct = decode tokens/s / (batch x copy bandwidth of this device / fewest bytes a "
+                 "decode step moves: weights once, the KV cache so far, embedding rows)")
 
 
 def random_prompts(vocab_size: int, batch_size: int, input_len: int, seed: int) -> torch.Tensor:
@@ -45,6 +50,8 @@ def profile_engine(engine: Engine, batch_size: int, input_len: int, output_len: 
     """Return (throughput row, memory row) without the store's key columns."""
     prompts = random_prompts(engine.vocab_size(), batch_size, input_len, seed)
     on_cuda = engine.device.startswith("cuda")
+    # measured before the peak-memory window opens, so its buffers never count as the engine's memory
+    bandwidth = copy_bandwidth(engine.device)
     if on_cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -58,6 +65,7 @@ def profile_engine(engine: Engine, batch_size: int, input_len: int, output_len: 
         energy_end = energy_mj(engine.device)
     e2e = statistics.median(t.total_s for t in timings)
     decode = statistics.median(sum(t.decode_step_s) for t in timings)
+    decode_tps = batch_size * (output_len - 1) / decode if decode > 0 else None
     steps = [s for t in timings for s in t.decode_step_s]
     info = device_info(engine.device)
     output_tokens = batch_size * output_len * repeats
@@ -67,17 +75,20 @@ def profile_engine(engine: Engine, batch_size: int, input_len: int, output_len: 
         "batch_size": batch_size, "input_len": input_len, "output_len": output_len,
         "repeats": repeats, "warmup": warmup,
         "output_tokens_per_s": batch_size * output_len / e2e,
-        "decode_tokens_per_s": batch_size * (output_len - 1) / decode if decode > 0 else None,
+        "decode_tokens_per_s": decode_tps,
         "e2e_s": e2e,
         "ttft_s": statistics.median(t.first_token_s for t in timings),
         "itl_median_s": statistics.median(steps) if steps else None,
         "itl_p90_s": _percentile(steps, 0.9) if steps else None,
         "energy_j_per_token": energy,
+        **roofline_columns(engine.details, bandwidth, batch_size, input_len, output_len, decode_tps),
         "device": engine.device, "gpu_name": info["gpu_name"] or f"CPU ({info.get('cpu_count')} cores)",
         "driver_version": info["driver_version"], "dtype": engine.dtype, "stored_dtype": engine.stored_dtype,
         "weight_format": engine.weight_format, "kv_cache_policy": engine.kv_cache_policy,
-        "method_note": OUTPUT_TOKENS_NOTE + ("" if energy is not None else "; energy: not measured (no NVML)")
-        + _speed_note(engine),
+        "method_note": OUTPUT_TOKENS_NOTE + ROOFLINE_NOTE
+        + ("" if energy is not None else "; energy: not measured (no NVML)")
+        + ("" if engine.details.get("decode_reads") else "; roofline: not computed (the engine does not "
+           "report the bytes a decode step reads)") + _speed_note(engine),
     }
     peaks = sampler.peaks
     memory = {

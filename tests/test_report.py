@@ -127,7 +127,9 @@ def write_store(root: Path, *, profile: bool = True, device: str = "cuda:0") -> 
                 "gpu_name": "NVIDIA H100 80GB HBM3" if on_cuda else None,
                 "driver_version": "580.95.05" if on_cuda else None, "dtype": "float16",
                 "weight_format": "float16" if method == "fp16" else "int4-g128", "kv_cache_policy": "dynamic",
-                "weights_note": "real weights", "method_note": "median of 3 repeats after 1 warmup"}])
+                "weights_note": "real weights", "method_note": "median of 3 repeats after 1 warmup",
+                "copy_bandwidth_bytes_per_s": 3.9e12 if on_cuda else 2.0e10,
+                "roofline_pct": 30.0 + 10 * m_index + batch_size}])
             mem_bytes = int(2e9 / (1 + m_index) + batch_size * 1e7)
             _write(root, "memory", key, [{
                 **_common(key), "model": "smollm2-135m", "method": method, "backend": "torch",
@@ -243,6 +245,11 @@ def test_throughput_memory_and_failures_match_raw_rows(full_report: tuple[Path, 
     for (method, bs), tps in expected.items():
         assert got.loc[(method, bs), "output_tokens_per_s"] == pytest.approx(tps)
         assert got.loc[(method, bs), "speedup_vs_baseline"] == pytest.approx(tps / expected[("fp16", bs)])
+    roofline = raw_tp.groupby(["method", "batch_size"])["roofline_pct"].median()
+    for (method, bs), pct in roofline.items():
+        assert got.loc[(method, bs), "roofline_pct"] == pytest.approx(pct)
+    html = html_path.read_text()
+    assert "roofline_pct" in html and "3.900 TB/s (bytes read + written)" in html
 
     raw_mem = _raw(store, "memory")
     expected_mem = raw_mem.groupby(["method", "batch_size"])["peak_device_memory_bytes"].max()

@@ -40,7 +40,8 @@ def _outcome(cfg: dict) -> SimpleNamespace:
     results = {}
     for node in plan.by_kind("profile"):
         results[node.key] = {"status": "ok", "result_json": json.dumps(
-            {"output_tokens_per_s": 12.5, "decode_tokens_per_s": 13.0, "ttft_s": 0.01, "peak_memory_bytes": 2**20})}
+            {"output_tokens_per_s": 12.5, "decode_tokens_per_s": 13.0, "ttft_s": 0.01, "peak_memory_bytes": 2**20,
+             "roofline_pct": 41.3})}
     return SimpleNamespace(plan=plan, results=results, ran=list(results), reused=[], wall_s=1.0, all_ok=True)
 
 
@@ -52,6 +53,7 @@ def test_summary_header_and_only_the_tables_of_stages_that_ran(tmp_path: Path, m
     assert out.splitlines()[0] == EXPECTED.replace(
         "MMLU 3 subjects x 5 questions each, 1-shot; ", "")  # no evaluate stage: no MMLU part
     assert "Throughput" in out and "12.5" in out
+    assert "roofline" in out and "41.3" in out
     assert "MMLU accuracy" not in out
 
 

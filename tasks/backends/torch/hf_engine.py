@@ -17,6 +17,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from tasks.backends.base import Engine, GenerationTiming
 from tasks.models import DTYPES, checkpoint_dtype
+from tasks.roofline import decode_reads
 
 
 
@@ -58,10 +59,12 @@ class HFEngine(Engine):
         cfg = self.model.config
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         element = torch.finfo(DTYPES[dtype]).bits // 8
+        embedding, head = self.model.get_input_embeddings().weight, self.model.get_output_embeddings()
         self.details: dict[str, Any] = {
             "vocab_size": cfg.vocab_size,
             "weights_bytes": sum(p.numel() * p.element_size() for p in self.model.parameters()),
             "kv_bytes_per_token": 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * head_dim * element,
+            "decode_reads": decode_reads(self.model, embedding, head.weight if head is not None else None),
             "engine": "transformers eager",
         }
         if stored.startswith(("int", "fp8")):  # profile rows must not read as the format's own speed

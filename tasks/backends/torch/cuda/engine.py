@@ -60,6 +60,7 @@ class CudaLlamaEngine(Engine):
             "vocab_size": model.args.vocab_size,
             "weights_bytes": model.weight_bytes(),
             "kv_bytes_per_token": kv_bytes_per_token(model.args),
+            "decode_reads": model.decode_reads(),
             "engine": "quantsweep CUDA engine (gpt-fast style): static KV cache, CUDA-graph decode step, "
                       f"torch.compile'd blocks={self.generator.compiled}, cuda_graph={self.generator.cuda_graph}, "
                       f"gemv_fusion={model.gemv_fusion}",

@@ -28,6 +28,7 @@ from tasks.backends.torch.cuda import fused
 from tasks.backends.torch.cuda.attention import decode_attention
 from tasks.backends.torch.cuda.dense import DenseLinear
 from tasks.backends.torch.cuda.rope import apply_rope, rope_tables
+from tasks.roofline import DecodeReads, decode_reads, unique_bytes
 
 
 @dataclass(frozen=True)
@@ -273,13 +274,11 @@ class Transformer(nn.Module):
 
     def weight_bytes(self) -> int:
         """Bytes of all parameters and buffers the model reads (tied weights counted once)."""
-        seen: set[int] = set()
-        total = 0
-        for t in list(self.parameters()) + list(self.buffers()):
-            if t.data_ptr() not in seen:
-                seen.add(t.data_ptr())
-                total += t.numel() * t.element_size()
-        return total
+        return unique_bytes(self)
+
+    def decode_reads(self) -> DecodeReads:
+        """The weight bytes a decode step reads (the embedding table only as ``batch`` rows, unless tied)."""
+        return decode_reads(self, self.tok_embeddings.weight, self.output.weight)
 
 
 def kv_bytes_per_token(args: ModelArgs, dtype: torch.dtype = torch.bfloat16) -> int:
