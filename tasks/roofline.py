@@ -20,12 +20,13 @@ from torch import nn
 _MIB = 2**20
 
 
-def copy_bandwidth(device: str, nbytes: int | None = None, repeats: int = 20, warmup: int = 3) -> float:
+def copy_bandwidth(device: str, nbytes: int | None = None, repeats: int = 10, warmup: int = 3) -> float:
     """Memory bandwidth of ``device`` in bytes/s: a ``nbytes`` copy, bytes read plus bytes written, median.
 
     On CUDA the copy is timed with events and sized to 1 GiB (at most a quarter of the free memory); on CPU
-    with the wall clock over 256 MiB, large enough to leave the caches.  The buffers are freed before
-    returning, so a later peak-memory measurement does not see them.
+    with the wall clock over 128 MiB (source + destination 256 MiB, beyond a server's last-level cache),
+    about half a second on a 2-core machine.  The buffers are freed before returning, so a later
+    peak-memory measurement does not see them.
     """
     on_cuda = device.startswith("cuda")
     if nbytes is None:
@@ -33,7 +34,7 @@ def copy_bandwidth(device: str, nbytes: int | None = None, repeats: int = 20, wa
             free, _ = torch.cuda.mem_get_info(torch.device(device))
             nbytes = max(64 * _MIB, min(1024 * _MIB, free // 4))
         else:
-            nbytes = 256 * _MIB
+            nbytes = 128 * _MIB
     src = torch.randint(0, 255, (nbytes,), dtype=torch.uint8, device=device)
     dst = torch.empty_like(src)
     for _ in range(warmup):
