@@ -35,8 +35,10 @@ with open(sys.argv[1], "w") as f:
             .sort_values(["kind", "method", "batch_size"]).to_string(index=False) + "\n\n")
     t = tp.merge(mem[["method", "batch_size", "peak_device_memory_bytes"]], on=["method", "batch_size"])
     t["peak_gib"] = t.peak_device_memory_bytes / 2**30
-    f.write(t[["method", "batch_size", "output_tokens_per_s", "decode_tokens_per_s", "ttft_s", "peak_gib"]]
+    f.write(t[["method", "batch_size", "output_tokens_per_s", "decode_tokens_per_s", "roofline_pct", "ttft_s",
+               "peak_gib"]]
             .sort_values(["method", "batch_size"]).to_string(index=False) + "\n")
+    f.write(f"copy bandwidth (roofline): {tp.copy_bandwidth_bytes_per_s.median() / 1e12:.3f} TB/s\n")
 PY
   cat "$out/sweep_tables.md"
   tar czf "$out/report.tgz" -C /tmp report
