@@ -630,6 +630,7 @@ def build_report(store_uri: str, out_dir: Path, sweep_name: str | None = None) -
                                                    fig_dir / "accuracy_subcategory",
                                                    "MMLU accuracy by subcategory (95% CI)", wide=True),
         "throughput": figs.throughput_lines(res.throughput, res.order, fig_dir / "throughput", res.baseline),
+        "roofline": figs.roofline_lines(res.throughput, res.order, fig_dir / "roofline"),
         "memory": figs.memory_lines(res.memory, res.order, fig_dir / "memory"),
         "tradeoff": figs.tradeoff_scatter(res.tradeoff, res.order, fig_dir / "tradeoff"),
         "energy": figs.energy_lines(res.throughput, res.order, fig_dir / "energy", res.devices),
@@ -707,6 +708,7 @@ def _sections(res: Results, store_uri: str, made: dict[str, figs.Figure | None])
         "table_subcategory": wide["subcategory"],
         "table_subject": wide["subject"],
         "fig_throughput": _figure_html(made["throughput"], "Output tokens/s against batch size"),
+        "fig_roofline": _figure_html(made["roofline"], "Decode % of the memory-bandwidth roofline against batch size"),
         "speed_note": speed_note,
         "table_throughput": _table_html(_columns(tput, [
             "series", "batch_size", "input_len", "output_len", "output_tokens_per_s", "decode_tokens_per_s",

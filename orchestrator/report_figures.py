@@ -147,6 +147,24 @@ def throughput_lines(tput: pd.DataFrame, order: list[str], stem: Path, baseline:
     return _save(fig, stem)
 
 
+def roofline_lines(tput: pd.DataFrame, order: list[str], stem: Path) -> Figure:
+    """Decode tokens/s as a % of the memory-bandwidth roofline against batch size: how far each method's
+    kernels are from what the device's bandwidth allows (rows without a roofline are left out)."""
+    title = "Decode % of the memory-bandwidth roofline vs batch size"
+    if tput.empty or "roofline_pct" not in tput or tput["roofline_pct"].isna().all():
+        return _placeholder(stem, title, "not computed (no rows, or engines that do not report the bytes "
+                                         "a decode step reads)")
+    rows, shape = _main_shape(tput)
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    _lines(ax, rows, order, "roofline_pct")
+    ax.set_ylim(0, max(100.0, float(rows["roofline_pct"].max()) * 1.08))
+    ax.axhline(100, color="#999", lw=0.8, ls="--")
+    ax.set_ylabel("% of roofline (decode tokens/s)")
+    ax.set_title(f"{title} ({shape})", fontsize=10)
+    ax.legend(fontsize=8)
+    return _save(fig, stem)
+
+
 def memory_lines(mem: pd.DataFrame, order: list[str], stem: Path) -> Figure:
     """Peak memory (GiB) against batch size; the axis says whether it is device memory or process RSS."""
     title = "Peak memory vs batch size"

@@ -31,7 +31,8 @@ METHODS = {"fp16": 0.62, "awq": 0.58, "rtn": 0.35}  # method -> probability of a
 SUBJECTS = ["anatomy", "abstract_algebra", "high_school_us_history", "sociology", "marketing", "virology"]
 BATCH_SIZES = [1, 8]
 QUESTIONS = 30
-FIGURES = ["accuracy_category", "accuracy_subcategory", "throughput", "memory", "tradeoff", "energy", "fidelity"]
+FIGURES = ["accuracy_category", "accuracy_subcategory", "throughput", "roofline", "memory", "tradeoff", "energy",
+           "fidelity"]
 FIDELITY_WINDOWS = 4
 SECTIONS = ["setup", "categories", "subcategories", "fidelity", "throughput", "memory", "tradeoff", "significance",
             "failures", "missing"]
