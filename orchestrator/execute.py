@@ -132,7 +132,8 @@ def _run_build(node: Node, upstream: list[dict], cfg: dict, device: str) -> tupl
     backend = get_backend(node.config["backend"])
     with _artifact(cfg, "build", node.key) as artifact:
         result = backend.build(Path(upstream[0]["artifact_uri"]), artifact.tmp,
-                               EngineShape(**node.config["shape"]), node.config["method"],
+                               EngineShape(**node.config["shape"]) if node.config["shape"] else None,
+                               node.config["method"],
                                node.config["options"])
         engine_dir = artifact.keep(artifact.tmp)
     return result, engine_dir, {}

@@ -4,7 +4,7 @@
                                                               ├─► fidelity(vs the baseline's build)
                                                               └─► profile(batch size)
 
-Quantize runs once per (model, method), build once per (model, method, engine shape), and every
+Quantize runs once per (model, method), build once per (model, method[, engine shape]), and every
 evaluate/profile cell hangs off its engine.  A node's key is a hash of its kind, everything in its own
 config that changes its result, its upstream keys and the result schema version; reruns with the same
 inputs therefore find the stored result, and changing one method's group size re-runs exactly that
@@ -15,11 +15,27 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from orchestrator.schema import SCHEMA_VERSION
 
 KINDS = ("model", "quantize", "build", "evaluate", "fidelity", "profile")
+
+
+def file_sha256(source: str | None) -> str | None:
+    """SHA-256 of ``source`` when it names a local file (a text or calibration source), else None.
+
+    Node keys hash configs, and a config only holds the file's path: without its content in the key an
+    edited file would silently reuse the results measured on the old text.
+    """
+    if not source or not Path(source).is_file():
+        return None
+    digest = hashlib.sha256()
+    with open(source, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 @dataclass(frozen=True)
@@ -87,16 +103,23 @@ def plan_sweep(cfg: dict[str, Any]) -> SweepPlan:
     # a random-weight model is made on the node's GPU when the cluster has one (seconds, not minutes on CPUs)
     model_node = add("model", {"model": {k: v for k, v in model_cfg.items() if k != "note"}}, (),
                      model_cfg["source"] == "random", {})
-    shape = {"max_batch_size": max(sweep["batch_sizes"]), "max_input_len": sweep["input_len"],
-             "max_seq_len": sweep["input_len"] + sweep["output_len"]}
+    # TensorRT-LLM compiles its engine for the largest batch and lengths; the torch backend's engine does not
+    # depend on them (each profile cell sizes its own KV cache), so adding a batch size or changing the
+    # lengths must not rebuild it, nor re-run the evaluate and fidelity cells below it
+    shape = None if backend["name"] == "torch" else {
+        "max_batch_size": max(sweep["batch_sizes"]), "max_input_len": sweep["input_len"],
+        "max_seq_len": sweep["input_len"] + sweep["output_len"]}
     shards = shard_subjects(cfg["subjects_resolved"], sweep["num_shards"])
 
     builds: dict[str, Node] = {}
     for method_name in sweep["methods"]:  # every engine first: fidelity cells also hang off the baseline's
         method = cfg["methods"][method_name]
         labels = {"method": method_name, "backend": backend["name"]}
-        quant = add("quantize", {"method": method, "seed": sweep["seed"]}, (model_node.key,),
-                    _needs_gpu_quantize(method), labels)
+        quant_cfg = {"method": method, "seed": sweep["seed"]}
+        calibration_file = file_sha256((method.get("calibration") or {}).get("dataset"))
+        if calibration_file:  # a local file: its content, not only its path, decides the result
+            quant_cfg["calibration_sha256"] = calibration_file
+        quant = add("quantize", quant_cfg, (model_node.key,), _needs_gpu_quantize(method), labels)
         builds[method_name] = add("build", {"backend": backend["name"], "options": backend["options"],
                                             "shape": shape, "method": method, "hardware": hardware},
                                   (quant.key,), backend["name"] != "torch", labels)
@@ -112,8 +135,12 @@ def plan_sweep(cfg: dict[str, Any]) -> SweepPlan:
         if "fidelity" in sweep["stages"]:
             baseline = sweep["baseline"]
             # upstream: (the method's engine, the baseline's engine), in that order
-            add("fidelity", {"fidelity": cfg["fidelity"], "baseline": baseline, "hardware": hardware,
-                             "seed": sweep["seed"]},
+            fidelity_cfg = {"fidelity": cfg["fidelity"], "baseline": baseline, "hardware": hardware,
+                            "seed": sweep["seed"]}
+            text_file = file_sha256(cfg["fidelity"]["text"])
+            if text_file:  # editing the file must re-measure, not reuse the old text's rows
+                fidelity_cfg["text_sha256"] = text_file
+            add("fidelity", fidelity_cfg,
                 (build.key, builds[baseline].key), True, {**labels, "baseline": baseline})
         if "profile" in sweep["stages"]:
             for batch_size in sweep["batch_sizes"]:

@@ -95,9 +95,11 @@ class Backend(ABC):
     name: ClassVar[str]
 
     @abstractmethod
-    def build(self, checkpoint_dir: Path, engine_dir: Path, shape: EngineShape,
+    def build(self, checkpoint_dir: Path, engine_dir: Path, shape: EngineShape | None,
               method: dict[str, Any], options: dict[str, Any]) -> dict[str, Any]:
-        """Write an engine for ``checkpoint_dir`` into ``engine_dir``; return metadata for the runs row."""
+        """Write an engine for ``checkpoint_dir`` into ``engine_dir``; return metadata for the runs row.
+
+        ``shape`` is None for backends whose engines do not depend on it (the planner's choice)."""
 
     @abstractmethod
     def load(self, engine_dir: Path, device: str, options: dict[str, Any]) -> Engine:

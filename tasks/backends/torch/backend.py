@@ -19,13 +19,16 @@ MANIFEST = "quantsweep_engine.json"
 class TorchBackend(Backend):
     name = "torch"
 
-    def build(self, checkpoint_dir: Path, engine_dir: Path, shape: EngineShape,
+    def build(self, checkpoint_dir: Path, engine_dir: Path, shape: EngineShape | None,
               method: dict[str, Any], options: dict[str, Any]) -> dict[str, Any]:
-        manifest = {"backend": self.name, "checkpoint_dir": str(checkpoint_dir), "shape": asdict(shape),
+        """``shape`` is None from the planner: this engine sizes its KV cache per cell, so one build serves
+        every batch size and length (a shape, if given, pre-sizes the cache of engines loaded without one)."""
+        shape_dict = asdict(shape) if shape is not None else None
+        manifest = {"backend": self.name, "checkpoint_dir": str(checkpoint_dir), "shape": shape_dict,
                     "method": method, "options": options}
         engine_dir.mkdir(parents=True, exist_ok=True)
         (engine_dir / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
-        return {"checkpoint_dir": str(checkpoint_dir), "shape": asdict(shape)}
+        return {"checkpoint_dir": str(checkpoint_dir), "shape": shape_dict}
 
     def load(self, engine_dir: Path, device: str, options: dict[str, Any]) -> Engine:
         manifest = json.loads((engine_dir / MANIFEST).read_text())
