@@ -93,16 +93,97 @@ def load_store(store_uri: str, sweep_name: str | None = None) -> StoreData:
         if dropped:
             notes.append(f"{dropped} duplicate MMLU predictions (same series, subject and question from "
                          "more than one node) were dropped, keeping the latest node's.")
+    fidelity, replaced = _latest_fidelity(frames["fidelity"], frames["runs"])
+    if replaced:
+        notes.append(f"{replaced} fidelity rows measured earlier (another text, window length or baseline "
+                     "engine, or the same windows again) were left out, keeping each series' latest.")
     return StoreData(runs=frames["runs"], predictions=preds, throughput=frames["throughput"],
-                     memory=frames["memory"], fidelity=frames["fidelity"], sweep_names=sweeps, notes=notes)
+                     memory=frames["memory"], fidelity=fidelity, sweep_names=sweeps, notes=notes)
+
+
+def _finish_order(rows: pd.DataFrame, runs: pd.DataFrame) -> pd.Series:
+    """When each row's node finished (its latest runs row), to keep the latest of repeated measurements."""
+    finished = runs.set_index("node_key")["finished_at"] if len(runs) else pd.Series(dtype="object")
+    finished = finished[~finished.index.duplicated(keep="last")]
+    return rows["node_key"].map(finished)
+
+
+def _latest_fidelity(fid: pd.DataFrame, runs: pd.DataFrame) -> tuple[pd.DataFrame, int]:
+    """Per (series, baseline), the rows of its latest fidelity setup (text and window length), one per window.
+
+    A store can hold the same method measured on two texts, or the same windows twice (a changed baseline
+    engine); pooling them would count windows twice and narrow the intervals falsely.
+    """
+    if fid.empty:
+        return fid, 0
+    fid = fid.assign(_order=_finish_order(fid, runs)).sort_values("_order", na_position="first", kind="stable")
+    latest = fid.groupby(["series", "baseline"], dropna=False)[["text_fingerprint", "seq_len"]].transform("last")
+    same_setup = ((fid["text_fingerprint"].fillna("") == latest["text_fingerprint"].fillna(""))
+                  & (fid["seq_len"].fillna(-1) == latest["seq_len"].fillna(-1)))
+    kept = fid[same_setup].drop_duplicates(["series", "baseline", "sequence_index"], keep="last")
+    return kept.drop(columns="_order").sort_index().reset_index(drop=True), len(fid) - len(kept)
+
+
+def _quantize_of(runs: pd.DataFrame) -> dict[str, str]:
+    """node key -> the key of the quantize node it descends from (first upstream at each step)."""
+    if runs.empty:
+        return {}
+    latest = runs.drop_duplicates("node_key", keep="last")
+    kinds = dict(zip(latest["node_key"], latest["kind"]))
+    ups = {k: list(u) if u is not None else [] for k, u in zip(latest["node_key"], latest["upstream_keys"])}
+    out: dict[str, str] = {}
+    for key in kinds:
+        k: str | None = key
+        for _ in range(8):  # cell -> build -> quantize: a few steps at most
+            if k is None or kinds.get(k) == "quantize":
+                break
+            k = ups.get(k, [None])[0] if ups.get(k) else None
+        if k is not None and kinds.get(k) == "quantize":
+            out[key] = k
+    return out
+
+
+def _flatten(config: dict, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in config.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = json.dumps(v) if isinstance(v, list) else v
+    return out
+
+
+def _method_config_tags(runs: pd.DataFrame) -> dict[str, str]:
+    """quantize node key -> ``group_size=32`` when one method name was quantized with several configs in
+    the store: the settings that differ, so each config is its own series instead of a median of both."""
+    quants = runs[runs["kind"] == "quantize"].drop_duplicates("node_key", keep="last") if len(runs) else runs
+    tags: dict[str, str] = {}
+    for _, group in quants.groupby(["model", "method"], dropna=False):
+        if group["node_key"].nunique() < 2:
+            continue
+        configs = {}
+        for key, text in zip(group["node_key"], group["config_json"]):
+            try:
+                flat = _flatten(json.loads(text or "{}"))
+            except (TypeError, ValueError):
+                flat = {}
+            configs[key] = {k.removeprefix("method."): v for k, v in flat.items()}
+        fields = sorted(f for f in set().union(*configs.values())
+                        if len({json.dumps(c.get(f), default=str) for c in configs.values()}) > 1)
+        for key, config in configs.items():
+            tags[key] = ", ".join(f"{f}={config.get(f)}" for f in fields) or key
+    return tags
 
 
 def _add_series(frames: dict[str, pd.DataFrame]) -> None:
     """Label what a line or bar stands for: the method, plus model/backend/scoring only when they vary.
 
     One model and one engine (the usual sweep) gives plain method names; otherwise e.g.
-    ``llama-7b/awq@tensorrt_llm``, so rows of different setups are never averaged together.
+    ``llama-7b/awq@tensorrt_llm``, and a method quantized with several configs in one store is one series
+    per config (``rtn (group_size=32)``), so rows of different setups are never averaged together.
     """
+    runs = frames["runs"]
+    lineage, tags = _quantize_of(runs), _method_config_tags(runs)
     def distinct(col: str, tables: tuple[str, ...]) -> set:
         return {v for t in tables for v in frames[t][col].dropna().unique()} if tables else set()
 
@@ -113,6 +194,9 @@ def _add_series(frames: dict[str, pd.DataFrame]) -> None:
     multi_eval = len(preds[["scoring", "num_fewshot"]].drop_duplicates()) > 1 if len(preds) else False
     for name, df in frames.items():
         label = df["method"].fillna("?").astype(str)
+        if tags:
+            tag = df["node_key"].map(lineage).map(tags)
+            label = label.where(tag.isna(), label + " (" + tag.fillna("") + ")")
         if multi_model:
             label = df["model"].fillna("?").astype(str) + "/" + label
         if multi_backend:
@@ -125,10 +209,7 @@ def _add_series(frames: dict[str, pd.DataFrame]) -> None:
 
 def _dedupe_predictions(preds: pd.DataFrame, runs: pd.DataFrame) -> tuple[pd.DataFrame, int]:
     """One prediction per (series, subject, question): a re-sharded rerun must not count a question twice."""
-    finished = runs.set_index("node_key")["finished_at"] if len(runs) else pd.Series(dtype="object")
-    finished = finished[~finished.index.duplicated(keep="last")]
-    order = preds["node_key"].map(finished)
-    preds = preds.assign(_order=order).sort_values("_order", na_position="first", kind="stable")
+    preds = preds.assign(_order=_finish_order(preds, runs)).sort_values("_order", na_position="first", kind="stable")
     before = len(preds)
     preds = preds.drop_duplicates(["series", "subject", "question_index"], keep="last")
     return preds.drop(columns="_order").sort_index().reset_index(drop=True), before - len(preds)
