@@ -73,7 +73,9 @@ def load_store(store_uri: str, sweep_name: str | None = None) -> StoreData:
     all_sweeps = sorted({s for df in frames.values() for s in df["sweep_name"].dropna().unique()})
     notes: list[str] = []
     if sweep_name is not None:
-        frames = {k: df[df["sweep_name"] == sweep_name].reset_index(drop=True) for k, df in frames.items()}
+        keys = _sweep_node_keys(frames["runs"], sweep_name)  # reused nodes keep their first sweep's name
+        frames = {k: df[(df["sweep_name"] == sweep_name) | df["node_key"].isin(keys)].reset_index(drop=True)
+                  for k, df in frames.items()}
         sweeps = [sweep_name]
     else:
         sweeps = all_sweeps
@@ -99,6 +101,18 @@ def load_store(store_uri: str, sweep_name: str | None = None) -> StoreData:
                      "engine, or the same windows again) were left out, keeping each series' latest.")
     return StoreData(runs=frames["runs"], predictions=preds, throughput=frames["throughput"],
                      memory=frames["memory"], fidelity=fidelity, sweep_names=sweeps, notes=notes)
+
+
+def _sweep_node_keys(runs: pd.DataFrame, sweep_name: str) -> set[str]:
+    """Every node key the sweep rows named ``sweep_name`` planned (their ``result_json``'s ``node_keys``)."""
+    keys: set[str] = set()
+    rows = runs[(runs["kind"] == "sweep") & (runs["sweep_name"] == sweep_name)] if len(runs) else runs
+    for text in rows["result_json"] if len(rows) else []:
+        try:
+            keys.update(json.loads(text or "{}").get("node_keys") or [])
+        except (TypeError, ValueError):
+            continue
+    return keys
 
 
 def _finish_order(rows: pd.DataFrame, runs: pd.DataFrame) -> pd.Series:
@@ -239,11 +253,12 @@ def _sweep_section(configs: list[dict], key: str) -> dict:
 
 
 def method_order(data: StoreData, configs: list[dict]) -> list[str]:
-    """Methods in the sweep's own order (``sweep.methods``), then any others alphabetically."""
-    declared = [str(m) for m in _sweep_section(configs, "sweep").get("methods", []) or []]
+    """Methods in the sweep's own order (``sweep.methods``, measured yet or not: an interrupted sweep's
+    missing cells are listed by them), then any others alphabetically."""
+    declared = list(dict.fromkeys(str(m) for m in _sweep_section(configs, "sweep").get("methods", []) or []))
     seen = {m for df in (data.runs, data.predictions, data.throughput, data.memory)
             for m in df["method"].dropna().unique()}
-    return [m for m in declared if m in seen] + sorted(seen - set(declared))
+    return declared + sorted(seen - set(declared))
 
 
 def baseline_method(data: StoreData, configs: list[dict]) -> str | None:
@@ -413,7 +428,7 @@ def failures_table(runs: pd.DataFrame) -> pd.DataFrame:
     if runs.empty:
         return pd.DataFrame(columns=cols)
     latest = runs.sort_values("finished_at", na_position="first").drop_duplicates("node_key", keep="last")
-    bad = latest[latest["status"] != "ok"]
+    bad = latest[(latest["status"] != "ok") & (latest["kind"] != "sweep")]  # cells, not the sweep's own row
     out = bad[cols].sort_values(["status", "kind", "method", "batch_size", "shard"]).reset_index(drop=True)
     return out.astype({"batch_size": "Int64", "shard": "Int64", "attempt": "Int64"})
 
@@ -426,7 +441,7 @@ def missing_table(data: StoreData, configs: list[dict], methods: list[str]) -> p
     product of the methods and batch sizes seen anywhere in the store.
     """
     sweep = _sweep_section(configs, "sweep")
-    stages = set(sweep.get("stages") or ["evaluate", "profile"])
+    stages = set(sweep.get("stages") or ["evaluate", "profile"] + (["fidelity"] if len(data.fidelity) else []))
     batch_sizes = sorted({int(b) for b in sweep.get("batch_sizes") or []}
                          | {int(b) for df in (data.runs, data.throughput, data.memory)
                             for b in df["batch_size"].dropna().unique()})
@@ -451,6 +466,10 @@ def missing_table(data: StoreData, configs: list[dict], methods: list[str]) -> p
                     if (m, bs) not in cells:
                         rows.append({"table": table, "method": m, "batch_size": bs, "shard": None,
                                      "reason": reason("profile", m, bs)})
+    if "fidelity" in stages:
+        measured = set(data.fidelity["method"]) if len(data.fidelity) else set()
+        rows += [{"table": "fidelity", "method": m, "batch_size": None, "shard": None,
+                  "reason": reason("fidelity", m)} for m in methods if m not in measured]
     if "evaluate" in stages:
         num_shards = sweep.get("num_shards")
         shards = set(range(int(num_shards))) if num_shards else set()
@@ -741,8 +760,9 @@ def _missing_notes(res: Results) -> list[str]:
 
 
 def _summary(data: StoreData) -> str:
-    counts = data.runs["status"].value_counts().to_dict() if len(data.runs) else {}
-    text = (f"{len(data.runs)} runs rows ({', '.join(f'{k}: {v}' for k, v in sorted(counts.items())) or 'none'}), "
+    cells = data.runs[data.runs["kind"] != "sweep"] if len(data.runs) else data.runs
+    counts = cells["status"].value_counts().to_dict() if len(cells) else {}
+    text = (f"{len(cells)} runs rows of cells ({', '.join(f'{k}: {v}' for k, v in sorted(counts.items())) or 'none'}), "
             f"{len(data.predictions)} MMLU predictions, {len(data.throughput)} throughput rows, "
             f"{len(data.memory)} memory rows.")
     unknown = sorted(set(counts) - set(STATUSES))

@@ -277,24 +277,31 @@ def _lost_task_row(node: Node, cfg: dict[str, Any], err: BaseException | str, st
             "artifact_uri": None, "result_json": "{}"}
 
 
-def _record_sweep(cfg: dict[str, Any], outcome: SweepOutcome, started: Any) -> None:
+def _record_sweep(cfg: dict[str, Any], plan: SweepPlan, outcome: SweepOutcome | None, started: Any,
+                  status: str) -> None:
     """One ``runs`` row of kind ``sweep`` per (sweep name, config): what was asked for, as a whole.
 
-    The report reads the experiment, the expected grid and the eval settings from it; its key depends
-    only on the config, so a resumed sweep replaces its row instead of adding one.
+    The report reads the experiment, the expected grid, the eval settings and the sweep's node keys (a
+    reused node keeps the sweep name it was first run under) from it.  It is written before any cell
+    (``running``), so an interrupted sweep still says what it expected, and again at the end (``ok``, or
+    ``failed`` when some cell did not succeed, ``interrupted``).  Its key depends only on the config (not
+    on ``sweep.rerun``), so a resumed sweep replaces its row instead of adding one.
     """
     described = {k: cfg[k] for k in ("experiment", "model", "methods", "backend", "cluster", "eval", "sweep")}
     described["methods"] = {m: cfg["methods"][m] for m in cfg["sweep"]["methods"]}
     described = secrets.redact_config(described)  # runtime_env values (tokens, keys) are never stored
     # how the sweep reached the cluster is not what it asked for: not part of the row's key
     keyed = {**described, "cluster": {k: v for k, v in described["cluster"].items()
-                                      if k not in ("runtime_env", "stall_timeout_s")}}
-    statuses = [r["status"] for r in outcome.results.values()]
-    summary = {"nodes": len(outcome.results), "ran": len(outcome.ran), "reused": len(outcome.reused),
-               "wall_s": outcome.wall_s, **{s: statuses.count(s) for s in ("ok", "failed", "oom", "skipped")}}
+                                      if k not in ("runtime_env", "stall_timeout_s")},
+             "sweep": {k: v for k, v in described["sweep"].items() if k != "rerun"}}
+    summary: dict[str, Any] = {"nodes": len(plan.nodes), "node_keys": sorted(plan.nodes)}
+    if outcome is not None:
+        statuses = [r["status"] for r in outcome.results.values()]
+        summary.update(ran=len(outcome.ran), reused=len(outcome.reused), wall_s=outcome.wall_s,
+                       **{s: statuses.count(s) for s in ("ok", "failed", "oom", "skipped")})
     finished = datetime.now(timezone.utc)
     row = {"schema_version": SCHEMA_VERSION, "sweep_name": cfg["sweep"]["name"],
-           "node_key": node_key("sweep", keyed, ()), "kind": "sweep", "status": "ok",
+           "node_key": node_key("sweep", keyed, ()), "kind": "sweep", "status": status,
            "backend": cfg["backend"]["name"], "model": cfg["model"]["name"],
            "config_json": json.dumps(described, sort_keys=True, default=str),
            "result_json": json.dumps(summary, sort_keys=True), "hostname": socket.gethostname(),
@@ -305,8 +312,16 @@ def _record_sweep(cfg: dict[str, Any], outcome: SweepOutcome, started: Any) -> N
 
 def run_sweep(plan: SweepPlan, cfg: dict[str, Any]) -> SweepOutcome:
     started = datetime.now(timezone.utc)
-    outcome = _run_nodes(plan, cfg)
-    _record_sweep(cfg, outcome, started)
+    _record_sweep(cfg, plan, None, started, "running")
+    try:
+        outcome = _run_nodes(plan, cfg)
+    except BaseException:  # Ctrl-C, SIGTERM, a lost cluster: the row must not go on saying "running"
+        try:
+            _record_sweep(cfg, plan, None, started, "interrupted")
+        except Exception as exc:  # the store may be what failed; the original error is the one to show
+            log.warning("could not mark the sweep row interrupted: %s", exc)
+        raise
+    _record_sweep(cfg, plan, outcome, started, "ok" if outcome.all_ok else "failed")
     return outcome
 
 

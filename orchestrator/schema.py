@@ -15,6 +15,9 @@ SCHEMA_VERSION = 1
 #: Node statuses.  ``oom`` is split from ``failed`` because an OOM cell is a *result* (this method does
 #: not fit at this batch size on this GPU), not a bug.
 STATUSES = ("ok", "failed", "oom", "skipped")
+#: Statuses of a ``kind = sweep`` row: written ``running`` before the first cell, then the sweep's outcome
+#: (``failed``: some cell did not succeed).
+SWEEP_STATUSES = ("running", "ok", "failed", "interrupted")
 
 _KEY_COLUMNS = [
     pa.field("schema_version", pa.int32(), nullable=False),
@@ -26,7 +29,7 @@ RUNS = pa.schema(_KEY_COLUMNS + [
     # model | quantize | build | evaluate | profile; plus one row of kind "sweep" per (sweep name, config)
     # whose config_json holds what the sweep asked for (experiment, methods, grid, eval settings).
     pa.field("kind", pa.string()),
-    pa.field("status", pa.string()),  # one of STATUSES
+    pa.field("status", pa.string()),  # one of STATUSES (sweep rows: SWEEP_STATUSES)
     pa.field("error", pa.string()),  # exception type + message (+ log excerpt) when not ok
     pa.field("model", pa.string()),
     pa.field("method", pa.string()),

@@ -1,0 +1,82 @@
+"""The sweep's own runs row: written before any cell so an interrupted sweep still says what it expected,
+replaced (not duplicated) on resume, and the way ``--sweep NAME`` finds nodes reused from another sweep."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from orchestrator import schedule
+from orchestrator.cli import CONF_DIR
+from orchestrator.plan import plan_sweep
+from orchestrator.report import compute
+from orchestrator.validate import validate
+from tests.sweep_helpers import TINY, compose_config
+
+SMALL = ["backend.device=cpu", "sweep.methods=[fp16,rtn]", "sweep.subjects=[econometrics,world_religions]",
+         "sweep.num_shards=2", "sweep.batch_sizes=[1,2]", "fidelity.num_sequences=2", "fidelity.seq_len=32",
+         "eval.limit_per_subject=2"]
+
+
+def _sweep_rows(store: Path) -> pd.DataFrame:
+    runs = pd.read_parquet(store / "runs")
+    return runs[runs["kind"] == "sweep"]
+
+
+def test_an_interrupted_sweep_leaves_a_row_that_lists_what_is_missing(tmp_path: Path, mmlu_dir: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    store = tmp_path / "store"
+    cfg = validate(compose_config(TINY + SMALL + [f"store.uri={store}", f"eval.mmlu_dir={mmlu_dir}"]))
+    plan = plan_sweep(cfg)
+    seen: list[str] = []
+
+    def interrupted(plan_, cfg_):  # Ctrl-C before the first cell finished
+        seen.extend(_sweep_rows(store)["status"])
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(schedule, "_run_nodes", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        schedule.run_sweep(plan, cfg)
+    assert seen == ["running"]  # the row existed while the cells ran
+    rows = _sweep_rows(store)
+    assert list(rows["status"]) == ["interrupted"]
+    assert set(json.loads(rows["result_json"].iloc[0])["node_keys"]) == set(plan.nodes)
+
+    res = compute(str(store))
+    missing = res.missing
+    assert set(missing["table"]) == {"mmlu_predictions", "fidelity", "throughput", "memory"}
+    assert len(missing[missing["table"] == "throughput"]) == 4  # 2 methods x 2 batch sizes
+    assert len(missing[missing["table"] == "mmlu_predictions"]) == 4  # 2 methods x 2 shards
+    assert set(missing.loc[missing["table"] == "fidelity", "method"]) == {"fp16", "rtn"}
+    assert res.failed.empty  # the sweep's own row is not a failed cell
+
+
+@pytest.mark.slow
+def test_a_renamed_rerun_and_rerun_all_keep_one_row_and_the_sweep_filter_finds_reused_nodes(
+        tmp_path: Path, mmlu_dir: Path) -> None:
+    store = tmp_path / "store"
+
+    def cli(*extra: str) -> None:
+        result = subprocess.run(
+            [sys.executable, "-m", "orchestrator.cli", *TINY, *SMALL, f"store.uri={store}",
+             f"eval.mmlu_dir={mmlu_dir}", f"hydra.run.dir={store}/hydra", *extra],
+            capture_output=True, text=True, timeout=600, cwd=CONF_DIR.parent,
+            env={**os.environ, "RAY_AUTH_MODE": "disabled"})
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+
+    cli("sweep.name=first")
+    cli("sweep.name=second")  # every node reused: its rows keep the name "first"
+    cli("sweep.name=first", "sweep.rerun=all")  # runs everything again, same sweep
+    rows = _sweep_rows(store)
+    assert sorted(rows["sweep_name"]) == ["first", "second"] and set(rows["status"]) == {"ok"}
+    second = compute(str(store), "second")
+    first = compute(str(store), "first")
+    for res in (first, second):
+        assert len(res.data.predictions) == 2 * 2 * 2  # methods x subjects x questions
+        assert len(res.data.throughput) == 4 and len(res.fidelity) == 2
+        assert res.missing.empty
