@@ -75,6 +75,10 @@ class _Artifact:
 
     def __init__(self, artifacts_dir: str, kind: str, key: str):
         self.final = Path(artifacts_dir) / kind / key
+        # what an earlier attempt of this node left when its process was killed (a 7B checkpoint is GBs);
+        # the node runs again only because that attempt never committed
+        for stale in (Path(artifacts_dir) / kind).glob(f".tmp-{key}-*"):
+            shutil.rmtree(stale, ignore_errors=True)
         self.tmp = Path(artifacts_dir) / kind / f".tmp-{key}-{uuid.uuid4().hex[:8]}"
         self.tmp.mkdir(parents=True)
 
