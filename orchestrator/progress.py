@@ -74,11 +74,12 @@ class SweepProgress:
 
 def _stored_rows(plan: SweepPlan, cfg: dict[str, Any], kind: str, table: str) -> Any:
     """This sweep's rows of one store table (its ``kind`` nodes only), as a DataFrame."""
+    import pyarrow as pa
     import pyarrow.dataset as ds
 
     from orchestrator.store import ResultStore
 
-    keys = [n.key for n in plan.by_kind(kind)]
+    keys = pa.array([n.key for n in plan.by_kind(kind)], pa.string())  # typed: an empty list is not "null"
     return ResultStore.from_config(cfg["store"]).read(table, filter=ds.field("node_key").isin(keys)).to_pandas()
 
 

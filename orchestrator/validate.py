@@ -122,7 +122,12 @@ def _check_sweep(cfg: dict[str, Any]) -> list[str]:
     _require(len(sweep["stages"]) > 0, "sweep.stages", "is empty: nothing would be measured", STAGES)
     for stage in sweep["stages"]:
         _require(stage in STAGES, "sweep.stages", f"unknown stage {stage!r}", STAGES)
-    subjects = list(SUBJECTS) if list(sweep["subjects"]) == ["all"] else list(sweep["subjects"])
+    requested = list(sweep["subjects"])
+    _require(len(requested) > 0 or "evaluate" not in sweep["stages"], "sweep.subjects",
+             "is empty but the evaluate stage is on: give subjects, [all], or leave evaluate out of sweep.stages")
+    _require(requested == ["all"] or "all" not in requested, "sweep.subjects",
+             f"'all' must be the only entry (got {requested}): it already means all 57 subjects")
+    subjects = list(SUBJECTS) if requested == ["all"] else requested
     for s in subjects:
         _require(s in SUBJECTS, "sweep.subjects", f"unknown MMLU subject {s!r}", ("all",) + tuple(SUBJECTS))
     _require(1 <= sweep["num_shards"], "sweep.num_shards", f"must be >= 1, got {sweep['num_shards']}")

@@ -96,3 +96,31 @@ def test_no_stages_is_a_config_error(tmp_path: Path, mmlu_dir: Path) -> None:
                   tmp_path)
     assert result.returncode == 2, result.stderr[-2000:]
     assert _last_line(result).startswith(f"{PREFIX}sweep.stages: is empty"), result.stderr
+
+
+@pytest.mark.parametrize("subjects, says", [
+    ("[]", "is empty but the evaluate stage is on"),
+    ("[all,econometrics]", "'all' must be the only entry"),
+])
+def test_subjects_that_cannot_mean_a_grid_are_config_errors(tmp_path: Path, mmlu_dir: Path, subjects: str,
+                                                             says: str) -> None:
+    result = _cli([*TINY, f"store.uri={tmp_path / 'store'}", f"eval.mmlu_dir={mmlu_dir}",
+                   f"sweep.subjects={subjects}"], tmp_path)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert _last_line(result).startswith(f"{PREFIX}sweep.subjects: ") and says in _last_line(result)
+    assert not (tmp_path / "store" / "runs").exists()
+
+
+def test_no_subjects_is_fine_without_the_evaluate_stage(tmp_path: Path, mmlu_dir: Path) -> None:
+    """And the summary's read of this sweep's MMLU rows (none planned) is empty, not a type error."""
+    from orchestrator.plan import plan_sweep
+    from orchestrator.progress import _stored_rows
+    from orchestrator.store import ResultStore
+
+    cfg = validate(compose_config(TINY + [f"store.uri={tmp_path}", f"eval.mmlu_dir={mmlu_dir}",
+                                          "sweep.subjects=[]", "sweep.stages=[profile]"]))
+    ResultStore.from_config(cfg["store"]).write("mmlu_predictions", "evaluate-earlier", [
+        {"schema_version": 1, "node_key": "evaluate-earlier", "method": "fp16", "subject": "econometrics"}])
+    plan = plan_sweep(cfg)
+    assert not plan.by_kind("evaluate")
+    assert _stored_rows(plan, cfg, "evaluate", "mmlu_predictions").empty
