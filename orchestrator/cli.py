@@ -32,9 +32,10 @@ def run(cfg: Config | DictConfig) -> int:
     """Validate, plan, schedule and summarise one sweep; returns a process exit code."""
     from orchestrator.plan import plan_sweep
     from orchestrator.progress import print_summary
-    from orchestrator.schedule import run_sweep
+    from orchestrator.schedule import interrupt_on_sigterm, run_sweep
     from orchestrator.validate import ConfigError, validate
 
+    interrupt_on_sigterm()
     try:
         resolved = validate(cfg)
         # run_sweep also raises ConfigError when the cluster cannot run the plan, before submitting anything
@@ -42,7 +43,7 @@ def run(cfg: Config | DictConfig) -> int:
     except ConfigError as err:
         return config_error_exit(err)
     except KeyboardInterrupt:
-        # Ctrl-C: running and queued cells were cancelled; every finished cell is in the store.
+        # Ctrl-C or SIGTERM: running and queued cells were cancelled; every finished cell is in the store.
         print(f"quantsweep: interrupted; {RESUME}", file=sys.stderr)
         return 130
     print_summary(outcome, resolved)

@@ -97,6 +97,22 @@ def select_nodes_to_run(plan: SweepPlan, stored: dict[str, dict], rerun: str,
     return to_run, reused
 
 
+def interrupt_on_sigterm() -> None:
+    """Make SIGTERM (``timeout``, Slurm, Kubernetes, ``kill``) take Ctrl-C's path: cells cancelled, the
+    sweep row marked interrupted, exit 130 with the resume hint, instead of Ray's abort (exit 134).
+
+    Called again after ``ray.init``, whose core worker installs a SIGTERM handler of its own.
+    """
+    import signal
+    import threading
+
+    def stop(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, stop)
+
+
 def _init_ray(cluster: dict[str, Any]) -> None:
     import ray
 
@@ -118,6 +134,7 @@ def _init_ray(cluster: dict[str, Any]) -> None:
         ray.init(num_cpus=cluster.get("num_cpus"), num_gpus=cluster.get("num_gpus"),
                  include_dashboard=cluster.get("include_dashboard", False),
                  runtime_env=runtime_env or None, log_to_driver=cluster.get("show_task_logs", False))
+    interrupt_on_sigterm()
 
 
 def task_options(node: Node, cluster: dict[str, Any], cluster_gpus: float) -> dict[str, Any]:

@@ -80,3 +80,29 @@ def test_a_renamed_rerun_and_rerun_all_keep_one_row_and_the_sweep_filter_finds_r
         assert len(res.data.predictions) == 2 * 2 * 2  # methods x subjects x questions
         assert len(res.data.throughput) == 4 and len(res.fidelity) == 2
         assert res.missing.empty
+
+
+@pytest.mark.slow
+def test_sigterm_takes_the_interrupt_path_and_the_same_command_resumes(tmp_path: Path, mmlu_dir: Path) -> None:
+    """What ``timeout``, Slurm and Kubernetes send: exit 130 with the resume hint, not Ray's abort (134)."""
+    import signal
+    import time
+
+    store = tmp_path / "store"
+    args = [sys.executable, "-m", "orchestrator.cli", *TINY, *SMALL, f"store.uri={store}",
+            f"eval.mmlu_dir={mmlu_dir}", f"hydra.run.dir={store}/hydra"]
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    proc = subprocess.Popen(args, cwd=CONF_DIR.parent, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and len(list((store / "runs").glob("*.parquet"))) < 2:
+        time.sleep(0.5)  # the sweep row, then the first finished cell: Ray is up and cells are running
+    assert proc.poll() is None, proc.communicate()
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, (proc.returncode, err[-3000:])
+    assert "interrupted; rerun the same command to resume" in err
+    assert list(_sweep_rows(store)["status"]) == ["interrupted"]
+    again = subprocess.run(args, cwd=CONF_DIR.parent, env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert list(_sweep_rows(store)["status"]) == ["ok"]
