@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 import hydra
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from orchestrator.config import Config, register_configs
 
@@ -114,7 +114,8 @@ def _override_sets(overrides: list[str]) -> list[list[str]]:
 
 def check_overrides(argv: list[str]) -> None:
     """Compose the config every run of this command line will get, and raise ``ConfigError`` if Hydra or
-    OmegaConf reject it.
+    OmegaConf reject it, or, for a multirun, if any job's config is invalid: a bad job must stop the whole
+    multirun before its first job runs, not after the jobs before it have.
 
     Hydra composes inside ``hydra.main`` and answers a type error (``sweep.batch_sizes=[a]``) or an unknown
     key with a traceback and exit code 1; composing first here lets those errors take the same path as
@@ -124,7 +125,7 @@ def check_overrides(argv: list[str]) -> None:
     from hydra import compose, initialize_config_dir
     from hydra._internal.utils import get_args_parser
 
-    from orchestrator.validate import hydra_config_error
+    from orchestrator.validate import hydra_config_error, validate
 
     try:
         args = get_args_parser().parse_args(argv)
@@ -132,12 +133,19 @@ def check_overrides(argv: list[str]) -> None:
         return
     if args.config_name or args.config_path or args.config_dir or args.help or args.hydra_help:
         return
-    for overrides in _override_sets(args.overrides):
+    composed = []
+    for overrides in _override_sets(args.overrides):  # every composition error first, then the values
         try:
             with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-                compose(config_name="config", overrides=overrides)
+                composed.append(compose(config_name="config", overrides=overrides))
         except Exception as err:  # noqa: BLE001 - translated; anything unknown is re-raised by hydra_config_error
             raise hydra_config_error(err) from err
+    for cfg in composed:
+        if args.multirun:
+            # the default name interpolates Hydra's runtime, which exists only inside a job; checks ignore it
+            if OmegaConf.is_interpolation(cfg.sweep, "name"):
+                cfg.sweep.name = "preflight"
+            validate(cfg, touch_store=False)
 
 
 def main() -> None:

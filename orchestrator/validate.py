@@ -330,8 +330,12 @@ def hydra_config_error(err: Exception) -> ConfigError:
     raise err
 
 
-def validate(cfg: DictConfig | dict[str, Any]) -> dict[str, Any]:
-    """Return the resolved config as a plain dict, or raise :class:`ConfigError`."""
+def validate(cfg: DictConfig | dict[str, Any], touch_store: bool = True) -> dict[str, Any]:
+    """Return the resolved config as a plain dict, or raise :class:`ConfigError`.
+
+    ``touch_store=False`` leaves out the store check, which creates the store and artifact folders: the
+    multirun pre-flight validates every job before any runs and must create nothing.
+    """
     resolved: dict[str, Any] = (OmegaConf.to_container(cfg, resolve=True)  # type: ignore[assignment]
                                 if isinstance(cfg, DictConfig) else dict(cfg))
     _check_methods(resolved)
@@ -341,6 +345,7 @@ def validate(cfg: DictConfig | dict[str, Any]) -> dict[str, Any]:
     _check_sequence_fits(resolved)
     _check_group_sizes(resolved)
     _check_fidelity(resolved)
-    _check_store(resolved)
+    if touch_store:
+        _check_store(resolved)
     _check_eval(resolved)
     return resolved

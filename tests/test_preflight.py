@@ -124,3 +124,16 @@ def test_no_subjects_is_fine_without_the_evaluate_stage(tmp_path: Path, mmlu_dir
     plan = plan_sweep(cfg)
     assert not plan.by_kind("evaluate")
     assert _stored_rows(plan, cfg, "evaluate", "mmlu_predictions").empty
+
+
+@pytest.mark.parametrize("sweep_value, field", [
+    ("sweep.methods=[fp16],[fp16,bogus]", "sweep.methods"),
+    ("sweep.input_len=8,5000", "sweep.input_len"),
+])
+def test_a_multirun_with_one_invalid_job_runs_no_job(tmp_path: Path, mmlu_dir: Path, sweep_value: str,
+                                                      field: str) -> None:
+    result = _cli(["-m", *TINY, f"store.uri={tmp_path / 'store'}", f"eval.mmlu_dir={mmlu_dir}",
+                   "backend.device=cpu", "sweep.stages=[profile]", sweep_value], tmp_path)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert _last_line(result).startswith(f"{PREFIX}{field}: "), result.stderr[-2000:]
+    assert not (tmp_path / "store").exists()  # not even the first job's store
