@@ -234,7 +234,10 @@ def _check_store(cfg: dict[str, Any]) -> None:
 
 
 def _check_fidelity(cfg: dict[str, Any]) -> None:
-    """The baseline exists in the sweep, and the windows fit the text source and the model's positions."""
+    """The baseline is in the sweep; a local text file parses (.txt, or .jsonl of strings or {"text": ...}
+    objects) and holds some text; the windows fit the model's positions.  Whether the text has enough tokens
+    for ``num_sequences`` windows needs the model's tokenizer, which may not exist before the model cell:
+    the fidelity cell says so if not."""
     sweep, fid = cfg["sweep"], cfg["fidelity"]
     if "fidelity" not in sweep["stages"]:
         return
@@ -253,6 +256,14 @@ def _check_fidelity(cfg: dict[str, Any]) -> None:
         _require(path.suffix in (".txt", ".jsonl") and path.is_file(), "fidelity.text",
                  f"{text!r} is not a local .txt or .jsonl file", (PYDOC_HELDOUT, "/path/to/text.txt|.jsonl"))
         fid["text"] = str(path.resolve())
+        from tasks.fidelity import fidelity_texts
+
+        try:
+            texts = fidelity_texts(fid["text"])
+        except (ValueError, KeyError, TypeError) as err:  # JSON and UTF-8 decode errors are ValueErrors
+            raise ConfigError("fidelity.text", f"cannot read {text!r}: {type(err).__name__}: {err} (a .jsonl "
+                              "line must be a JSON string or an object with a \"text\" string)") from err
+        _require(any(str(t).strip() for t in texts), "fidelity.text", f"{text!r} holds no text")
     positions = model_max_positions(cfg["model"])
     _require(positions is None or fid["seq_len"] <= positions, "fidelity.seq_len",
              f"{fid['seq_len']} tokens exceed the model's {positions} positions", (f"2..{positions}",))

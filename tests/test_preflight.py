@@ -137,3 +137,19 @@ def test_a_multirun_with_one_invalid_job_runs_no_job(tmp_path: Path, mmlu_dir: P
     assert result.returncode == 2, result.stderr[-2000:]
     assert _last_line(result).startswith(f"{PREFIX}{field}: "), result.stderr[-2000:]
     assert not (tmp_path / "store").exists()  # not even the first job's store
+
+
+@pytest.mark.parametrize("name, content, says", [
+    ("empty.txt", "\n\n  \n", "holds no text"),
+    ("no_key.jsonl", '{"body": "text under another key"}\n', "KeyError"),
+    ("not_json.jsonl", '{"text": "fine"}\nthis line is not JSON\n', "JSONDecodeError"),
+])
+def test_a_fidelity_text_file_that_cannot_give_windows_is_a_config_error(
+        tmp_path: Path, mmlu_dir: Path, name: str, content: str, says: str) -> None:
+    text = tmp_path / name
+    text.write_text(content)
+    result = _cli([*TINY, f"store.uri={tmp_path / 'store'}", f"eval.mmlu_dir={mmlu_dir}",
+                   f"fidelity.text={text}"], tmp_path)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert _last_line(result).startswith(f"{PREFIX}fidelity.text: ") and says in _last_line(result)
+    assert not (tmp_path / "store" / "runs").exists()
