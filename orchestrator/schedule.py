@@ -28,7 +28,7 @@ import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from orchestrator import cluster_checks, secrets
 from orchestrator.execute import execute_node, node_run_row, versions
@@ -300,7 +300,8 @@ def _record_sweep(cfg: dict[str, Any], plan: SweepPlan, outcome: SweepOutcome | 
 
     The report reads the experiment, the expected grid, the eval settings and the sweep's node keys (a
     reused node keeps the sweep name it was first run under) from it.  It is written before any cell
-    (``running``), so an interrupted sweep still says what it expected, and again at the end (``ok``, or
+    (``running``, once the pre-flight cluster checks have passed: a sweep refused by them writes nothing),
+    so an interrupted sweep still says what it expected, and again at the end (``ok``, or
     ``failed`` when some cell did not succeed, ``interrupted``).  Its key depends only on the config (not
     on ``sweep.rerun``), so a resumed sweep replaces its row instead of adding one.
     """
@@ -329,20 +330,27 @@ def _record_sweep(cfg: dict[str, Any], plan: SweepPlan, outcome: SweepOutcome | 
 
 def run_sweep(plan: SweepPlan, cfg: dict[str, Any]) -> SweepOutcome:
     started = datetime.now(timezone.utc)
-    _record_sweep(cfg, plan, None, started, "running")
+    recorded: list[bool] = []
+
+    def record_start() -> None:
+        _record_sweep(cfg, plan, None, started, "running")
+        recorded.append(True)
+
     try:
-        outcome = _run_nodes(plan, cfg)
+        outcome = _run_nodes(plan, cfg, on_submit=record_start)
     except BaseException:  # Ctrl-C, SIGTERM, a lost cluster: the row must not go on saying "running"
-        try:
-            _record_sweep(cfg, plan, None, started, "interrupted")
-        except Exception as exc:  # the store may be what failed; the original error is the one to show
-            log.warning("could not mark the sweep row interrupted: %s", exc)
+        if recorded:
+            try:
+                _record_sweep(cfg, plan, None, started, "interrupted")
+            except Exception as exc:  # the store may be what failed; the original error is the one to show
+                log.warning("could not mark the sweep row interrupted: %s", exc)
         raise
     _record_sweep(cfg, plan, outcome, started, "ok" if outcome.all_ok else "failed")
     return outcome
 
 
-def _run_nodes(plan: SweepPlan, cfg: dict[str, Any]) -> SweepOutcome:
+def _run_nodes(plan: SweepPlan, cfg: dict[str, Any], on_submit: Callable[[], None] = lambda: None) -> SweepOutcome:
+    """Run what the store lacks; ``on_submit`` is called once the checks passed, before the first task."""
     start = time.perf_counter()
     store = ResultStore.from_config(cfg["store"])
     stored = {k: v for k, v in store.finished_nodes().items() if v["kind"] != "sweep"}
@@ -365,6 +373,7 @@ def _run_nodes(plan: SweepPlan, cfg: dict[str, Any]) -> SweepOutcome:
     ray_nodes = ray.nodes()
     cluster_gpus = sum((n.get("Resources") or {}).get("GPU", 0) for n in cluster_checks.live_nodes(ray_nodes))
     check_cluster_can_run(to_run, cfg["cluster"], ray_nodes)
+    on_submit()
     remotes = {True: ray.remote(max_calls=1)(_remote_execute), False: ray.remote(_remote_execute)}
     board = _progress_board()
     cfg_ref = ray.put(cfg)

@@ -176,6 +176,8 @@ def test_hydra_multirun_runs_one_sweep_per_value_into_one_store(tmp_path: Path) 
     throughput = store.read("throughput").to_pandas()
     assert sorted(throughput["input_len"]) == [8, 16]
     runs = store.read("runs").to_pandas()
-    # the model and its fp16 quantize node are shared by both jobs; each input length has its own engine shape
+    # the model, its fp16 quantize node and the torch engine (sized per cell, not per input length) are
+    # shared by both jobs; each job has its own profile cell and sweep row
     assert (runs.kind == "model").sum() == 1 and (runs.kind == "quantize").sum() == 1
-    assert (runs.kind == "build").sum() == 2 and (runs.kind == "sweep").sum() == 2
+    assert (runs.kind == "build").sum() == 1 and (runs.kind == "profile").sum() == 2
+    assert (runs.kind == "sweep").sum() == 2

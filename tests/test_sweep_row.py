@@ -35,7 +35,8 @@ def test_an_interrupted_sweep_leaves_a_row_that_lists_what_is_missing(tmp_path: 
     plan = plan_sweep(cfg)
     seen: list[str] = []
 
-    def interrupted(plan_, cfg_):  # Ctrl-C before the first cell finished
+    def interrupted(plan_, cfg_, on_submit):  # the checks pass, then Ctrl-C before the first cell finished
+        on_submit()
         seen.extend(_sweep_rows(store)["status"])
         raise KeyboardInterrupt
 
