@@ -5,9 +5,13 @@ work as users expect.  Validation runs before Ray starts: a bad grid never costs
 """
 from __future__ import annotations
 
+import contextlib
 import logging
+import signal
 import sys
+import threading
 from pathlib import Path
+from typing import Iterator
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
@@ -32,14 +36,14 @@ def run(cfg: Config | DictConfig) -> int:
     """Validate, plan, schedule and summarise one sweep; returns a process exit code."""
     from orchestrator.plan import plan_sweep
     from orchestrator.progress import print_summary
-    from orchestrator.schedule import interrupt_on_sigterm, run_sweep
+    from orchestrator.schedule import run_sweep
     from orchestrator.validate import ConfigError, validate
 
-    interrupt_on_sigterm()
     try:
-        resolved = validate(cfg)
-        # run_sweep also raises ConfigError when the cluster cannot run the plan, before submitting anything
-        outcome = run_sweep(plan_sweep(resolved), resolved)
+        with sigterm_interrupts():
+            resolved = validate(cfg)
+            # run_sweep also raises ConfigError when the cluster cannot run the plan, before submitting anything
+            outcome = run_sweep(plan_sweep(resolved), resolved)
     except ConfigError as err:
         return config_error_exit(err)
     except KeyboardInterrupt:
@@ -56,6 +60,29 @@ def run(cfg: Config | DictConfig) -> int:
 
 #: what a user reads whenever a sweep ends with work left: resuming is the same command
 RESUME = "rerun the same command to resume (finished cells are kept, only the rest runs)"
+
+
+@contextlib.contextmanager
+def sigterm_interrupts() -> Iterator[None]:
+    """SIGTERM (``timeout``, Slurm, Kubernetes, ``kill``) raises ``KeyboardInterrupt`` inside the block, so it
+    takes Ctrl-C's path (cells cancelled, exit 130, the resume hint) instead of Ray's abort (exit 134).
+
+    The handler is :func:`orchestrator.schedule.interrupt_on_sigterm`'s, which the scheduler installs again
+    right after ``ray.init`` (Ray's core worker sets a SIGTERM handler of its own).  The handler in place
+    before the block is put back after it, so a caller of :func:`run` (a test, a notebook) keeps its own.
+    Signals reach only the main thread: elsewhere this does nothing."""
+    from orchestrator.schedule import interrupt_on_sigterm
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.getsignal(signal.SIGTERM)
+    interrupt_on_sigterm()
+    try:
+        yield
+    finally:
+        # None: a handler not set from Python, which cannot be put back; the default is the nearest
+        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
 
 
 def _scrub_hydra_output(cfg: DictConfig) -> None:
@@ -87,8 +114,12 @@ def _hydra_main(cfg: DictConfig) -> int:
 
 
 def _override_sets(overrides: list[str]) -> list[list[str]]:
-    """The override lists a (multi)run will compose: each value of each discrete sweep (``a=1,2``) once,
-    the other sweeps at their first value.  Non-discrete sweeps (glob) are left to Hydra."""
+    """The override lists a (multi)run will compose: one per job, every combination of the discrete sweeps'
+    values (``a=1,2 b=3,4``: four), in the order Hydra's basic sweeper runs them, so a value that is bad only
+    beside another (``sweep.input_len`` + ``sweep.output_len`` beyond the model) is found before the first
+    job runs.  Non-discrete sweeps (glob) are left to Hydra."""
+    import itertools
+
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import OverrideParseException
 
@@ -104,12 +135,7 @@ def _override_sets(overrides: list[str]) -> list[list[str]]:
     values = [[o.input_line] if not o.is_sweep_override() else
               [f"{o.get_key_element()}={v}" for v in o.sweep_string_iterator()] if o.is_discrete_sweep() else []
               for o in parsed]
-    base = [v[0] for v in values if v]
-    sets = [base]
-    for i, choices in enumerate(values):
-        for choice in choices[1:]:
-            sets.append([choice if j == i else v[0] for j, v in enumerate(values) if v])
-    return sets
+    return [list(job) for job in itertools.product(*[v for v in values if v])]
 
 
 def check_overrides(argv: list[str]) -> None:
@@ -153,10 +179,16 @@ def main() -> None:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        check_overrides(sys.argv[1:])
+        # from the first line on, SIGTERM is Ctrl-C: the up-front checks and Hydra's start included
+        with sigterm_interrupts():
+            check_overrides(sys.argv[1:])
+            _hydra_main()
     except ConfigError as err:
         sys.exit(config_error_exit(err))
-    _hydra_main()
+    except KeyboardInterrupt:
+        # outside a sweep (run() answers those itself): before the first job, or between multirun jobs
+        print(f"quantsweep: interrupted; {RESUME}", file=sys.stderr)
+        sys.exit(130)
 
 
 if __name__ == "__main__":

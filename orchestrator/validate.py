@@ -234,10 +234,17 @@ def _check_store(cfg: dict[str, Any]) -> None:
 
 
 def _check_fidelity(cfg: dict[str, Any]) -> None:
-    """The baseline is in the sweep; a local text file parses (.txt, or .jsonl of strings or {"text": ...}
-    objects) and holds some text; the windows fit the model's positions.  Whether the text has enough tokens
-    for ``num_sequences`` windows needs the model's tokenizer, which may not exist before the model cell:
-    the fidelity cell says so if not."""
+    """With the fidelity stage on (nothing otherwise): ``sweep.baseline`` is one of ``sweep.methods``;
+    ``fidelity.num_sequences >= 1`` and ``fidelity.seq_len >= 2``; ``fidelity.text`` is the held-out pydoc
+    split or an existing local ``.txt``/``.jsonl`` file (then resolved to an absolute path) that the fidelity
+    task's own reader (:func:`tasks.fidelity.fidelity_texts`) reads: UTF-8, every non-blank ``.jsonl`` line
+    JSON, a string or an object whose ``"text"`` is a string, and not all of it blank; and ``seq_len`` is
+    within the model's positions where its config tells them.
+
+    Not checked: whether the text has enough tokens for ``num_sequences`` windows of ``seq_len``.  That needs
+    the model's tokenizer, which may not exist before the model cell runs, and no character count bounds it
+    (a byte-level tokenizer can split one character into several tokens); the fidelity cell fails with the
+    counts if not."""
     sweep, fid = cfg["sweep"], cfg["fidelity"]
     if "fidelity" not in sweep["stages"]:
         return
@@ -258,12 +265,18 @@ def _check_fidelity(cfg: dict[str, Any]) -> None:
         fid["text"] = str(path.resolve())
         from tasks.fidelity import fidelity_texts
 
+        hint = "a .jsonl line must be a JSON string or an object with a \"text\" string"
         try:
             texts = fidelity_texts(fid["text"])
-        except (ValueError, KeyError, TypeError) as err:  # JSON and UTF-8 decode errors are ValueErrors
-            raise ConfigError("fidelity.text", f"cannot read {text!r}: {type(err).__name__}: {err} (a .jsonl "
-                              "line must be a JSON string or an object with a \"text\" string)") from err
-        _require(any(str(t).strip() for t in texts), "fidelity.text", f"{text!r} holds no text")
+        except KeyError as err:
+            raise ConfigError("fidelity.text", f"cannot read {text!r}: a .jsonl line is an object without a "
+                              f"\"text\" key (KeyError: {err}; {hint})") from err
+        except (OSError, ValueError, TypeError) as err:  # JSON and UTF-8 decode errors are ValueErrors
+            raise ConfigError("fidelity.text", f"cannot read {text!r}: {type(err).__name__}: {err} ({hint})") \
+                from err
+        odd = [t for t in texts if not isinstance(t, str)]
+        _require(not odd, "fidelity.text", f"{text!r} has a \"text\" that is not a string: {odd[:1]} ({hint})")
+        _require(any(t.strip() for t in texts), "fidelity.text", f"{text!r} holds no text")
     positions = model_max_positions(cfg["model"])
     _require(positions is None or fid["seq_len"] <= positions, "fidelity.seq_len",
              f"{fid['seq_len']} tokens exceed the model's {positions} positions", (f"2..{positions}",))
