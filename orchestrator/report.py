@@ -151,19 +151,9 @@ def _quantize_of(runs: pd.DataFrame) -> dict[str, str]:
         for _ in range(8):  # cell -> build -> quantize: a few steps at most
             if k is None or kinds.get(k) == "quantize":
                 break
-            k = ups.get(k, [None])[0] if ups.get(k) else None
+            k = (ups.get(k) or [None])[0]
         if k is not None and kinds.get(k) == "quantize":
             out[key] = k
-    return out
-
-
-def _flatten(config: dict, prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in config.items():
-        if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = json.dumps(v) if isinstance(v, list) else v
     return out
 
 
@@ -178,8 +168,8 @@ def _method_config_tags(runs: pd.DataFrame) -> dict[str, str]:
         configs = {}
         for key, text in zip(group["node_key"], group["config_json"]):
             try:
-                flat = _flatten(json.loads(text or "{}"))
-            except (TypeError, ValueError):
+                flat = pd.json_normalize(json.loads(text or "{}")).iloc[0].to_dict()
+            except (TypeError, ValueError, IndexError):
                 flat = {}
             configs[key] = {k.removeprefix("method."): v for k, v in flat.items()}
         fields = sorted(f for f in set().union(*configs.values())
@@ -577,15 +567,18 @@ def _model_sources(configs: list[dict]) -> str:
 
 
 def _method_configs(configs: list[dict]) -> str:
-    """Each method's algorithm, bits, group size and symmetry, as its quantize node recorded them."""
-    seen: dict[str, str] = {}
+    """Each method's algorithm, bits, group size and symmetry, as its quantize nodes recorded them (every
+    distinct config of a method, as the series do)."""
+    seen: dict[str, list[str]] = {}
     for cfg in configs:
         method = cfg.get("method")
         if isinstance(method, dict) and method.get("name") is not None:
-            parts = [f"{k}={method[k]}" for k in ("algorithm", "bits", "group_size", "symmetric", "dtype")
-                     if method.get(k) is not None]
-            seen.setdefault(str(method["name"]), ", ".join(parts))
-    return "; ".join(f"{name}: {desc}" for name, desc in seen.items()) or "—"
+            parts = ", ".join(f"{k}={method[k]}" for k in ("algorithm", "bits", "group_size", "symmetric", "dtype")
+                              if method.get(k) is not None)
+            descs = seen.setdefault(str(method["name"]), [])
+            if parts not in descs:
+                descs.append(parts)
+    return "; ".join(f"{name}: {' | '.join(descs)}" for name, descs in seen.items()) or "—"
 
 
 def _hardware(runs: pd.DataFrame, tp: pd.DataFrame, mem: pd.DataFrame) -> str:
