@@ -3,7 +3,10 @@
 # (item 7: the random model cell), each sized for one device call of at most 10 minutes.  On the device
 # machine, from the project root, after `../shared/tools/device-carry` here:
 #   . .device-carry/setup.sh && bash bench/pending_gpu_runs.sh fidelity   # ~6 min: fidelity CUDA vs CPU + GPU tests
-#   . .device-carry/setup.sh && bash bench/pending_gpu_runs.sh fp8        # ~8 min: speed_random_7b fp16/rtn/fp8 + report
+#   . .device-carry/setup.sh && bash bench/pending_gpu_runs.sh fp8        # speed_random_7b fp16/rtn/fp8 + report
+#   . .device-carry/setup.sh && bash bench/pending_gpu_runs.sh gputests   # every test marked gpu
+# The fp8 sweep's 28 cells take longer than one call: it stops itself after SWEEP_TIMEOUT seconds (default 500)
+# and the same command on the same (still warm) machine resumes the store in /tmp/store where it stopped.
 # Everything it reports lands under $OUT (at most 8 files come back: the report is one tarball).
 set -uo pipefail
 export PYTHONUNBUFFERED=1
@@ -20,7 +23,7 @@ fidelity)
   ;;
 fp8)
   start=$(date +%s)
-  timeout 420 python3 -m orchestrator.cli experiment=speed_random_7b 'sweep.methods=[fp16,rtn,fp8]' \
+  timeout "${SWEEP_TIMEOUT:-500}" python3 -m orchestrator.cli experiment=speed_random_7b 'sweep.methods=[fp16,rtn,fp8]' \
     store.uri=/tmp/store hydra.run.dir=/tmp/store/hydra 2>&1 | grep -v "^(raylet)" | tee "$out/sweep.log" | tail -40
   echo "sweep wall: $(( $(date +%s) - start )) s" | tee -a "$out/sweep.log"
   timeout 60 python3 -m orchestrator.report /tmp/store --out /tmp/report
@@ -43,8 +46,11 @@ PY
   cat "$out/sweep_tables.md"
   tar czf "$out/report.tgz" -C /tmp report
   ;;
+gputests)
+  python3 -m pytest -q -p no:cacheprovider -m gpu tests 2>&1 | tee "$out/pytest_gpu.txt" | tail -15
+  ;;
 *)
-  echo "usage: bash bench/pending_gpu_runs.sh fidelity|fp8" >&2
+  echo "usage: bash bench/pending_gpu_runs.sh fidelity|fp8|gputests" >&2
   exit 2
   ;;
 esac
