@@ -52,7 +52,7 @@ import torch.nn.functional as F  # noqa: E402
 
 from tasks.backends.torch.cuda import dense, fused, int4, int4_mma  # noqa: E402
 from tasks.backends.torch.cuda.generate import Generator  # noqa: E402
-from tasks.backends.torch.cuda.loader import random_llama  # noqa: E402
+from tasks.backends.torch.cuda.loader import random_model  # noqa: E402
 from tasks.backends.torch.cuda.model import DEFAULT_GEMV_FUSION, kv_bytes_per_token, llama2_7b_args  # noqa: E402
 from tasks.backends.torch.cuda.rope import rope_tables  # noqa: E402
 from tasks import roofline  # noqa: E402
@@ -160,7 +160,7 @@ def attention_check(batch_sizes: list[int], cache_len: int, out_dir: Path) -> li
 
     a = llama2_7b_args()
     rows = []
-    cos, sin = rope_tables(a.head_dim, a.rope_theta, cache_len, "cuda")
+    cos, sin = rope_tables(a.head_dim, a.rope, cache_len, "cuda")
     for b in batch_sizes:
         for pos in (0, cache_len // 2 + 3, cache_len - 1):
             torch.manual_seed(b * 7919 + pos)
@@ -215,7 +215,7 @@ def attention_sweep(batch_sizes: list[int], cache_len: int, pos: int, out_dir: P
         cache_bytes = 2 * b * a.n_kv_heads * cache_len * a.head_dim * 2
         copies = max(2, -(-200_000_000 // cache_bytes))
         qkv = torch.randn(b, (a.n_heads + 2 * a.n_kv_heads) * a.head_dim, device="cuda", dtype=torch.bfloat16)
-        cos, sin = rope_tables(a.head_dim, a.rope_theta, cache_len, "cuda")
+        cos, sin = rope_tables(a.head_dim, a.rope, cache_len, "cuda")
         caches = [(torch.randn(b, a.n_kv_heads, cache_len, a.head_dim, device="cuda", dtype=torch.bfloat16),
                    torch.randn(b, a.n_kv_heads, cache_len, a.head_dim, device="cuda", dtype=torch.bfloat16))
                   for _ in range(copies)]
@@ -632,7 +632,7 @@ def run_method(method: str, batch_sizes: list[int], input_len: int, output_len: 
     base = method if base == "int4" and suffix == "triton" else base
     fusion = {"nofuse": "off", "silu": "all"}.get(suffix, DEFAULT_GEMV_FUSION)
     weights = {"fp16": "bfloat16", "fp8": "fp8"}.get(base, "int4")
-    model = random_llama(args, weights, "cuda", group_size=128,
+    model = random_model(args, weights, "cuda", group_size=128,
                          int4_kernels="triton" if base == "int4-triton" else "auto", gemv_fusion=fusion)
     gen = Generator(model, compile=compile_blocks, cuda_graph=True)
     print(f"[{method}] built in {time.perf_counter() - t0:.1f} s; weights {model.weight_bytes() / GIB:.2f} GiB")

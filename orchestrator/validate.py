@@ -159,7 +159,7 @@ def _check_eval(cfg: dict[str, Any]) -> None:
 
 
 #: torch backend options with a closed set of values (the rest are free-form)
-TORCH_OPTION_VALUES = {"engine": ("fast", "hf"), "int4_kernels": ("auto", "mma", "triton"),
+TORCH_OPTION_VALUES = {"engine": ("auto", "fast", "hf"), "int4_kernels": ("auto", "mma", "triton"),
                        "gemv_fusion": ("off", "norm", "all"),  # model.GEMV_FUSION_MODES (no torch import here)
                        "cpu_dtype": ("float32", "bfloat16", "float16")}
 

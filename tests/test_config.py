@@ -42,7 +42,7 @@ def test_study_experiment_is_one_override_away(tmp_path: Path, mmlu_dir: Path) -
     (["model=llama2_7b_chat", "model.path=/definitely/not/here"], "model.path", "config.json"),
     (["+backend.options.int4_kernels=marlin"], "backend.options.int4_kernels", "allowed: auto, mma, triton"),
     (["+backend.options.gemv_fusion=silu"], "backend.options.gemv_fusion", "allowed: off, norm, all"),
-    (["+backend.options.engine=vllm"], "backend.options.engine", "allowed: fast, hf"),
+    (["+backend.options.engine=vllm"], "backend.options.engine", "allowed: auto, fast, hf"),
 ])
 def test_bad_input_names_field_and_allowed_values(tmp_path: Path, mmlu_dir: Path, overrides, field, allowed) -> None:
     with pytest.raises(ConfigError) as info:

@@ -5,7 +5,6 @@ reference there); the GPU tests check the Triton kernels, the compiled CUDA-grap
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
@@ -13,8 +12,9 @@ import torch
 
 from tasks.backends.torch.cuda import int4
 from tasks.backends.torch.cuda.generate import Generator
-from tasks.backends.torch.cuda.loader import from_compressed_tensors, load_llama, random_llama, unpack_nibbles
+from tasks.backends.torch.cuda.loader import from_compressed_tensors, load_model, random_model, unpack_nibbles
 from tasks.backends.torch.cuda.model import ModelArgs
+from tests.family_checkpoints import write_int4
 
 gpu = pytest.mark.gpu
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -93,7 +93,7 @@ def test_int4_linear_matches_dequantized_reference_on_cpu() -> None:
 def test_model_matches_transformers_logits(tmp_path: Path) -> None:
     hf = _hf_tiny()
     hf.save_pretrained(tmp_path)
-    ours = load_llama(tmp_path, "cpu", dtype=torch.float32)
+    ours = load_model(tmp_path, "cpu", dtype=torch.float32)
     ids = torch.randint(0, TINY["vocab_size"], (2, 12))
     ours.setup_cache(2, 16)
     with torch.no_grad():
@@ -105,7 +105,7 @@ def test_model_matches_transformers_logits(tmp_path: Path) -> None:
 def test_greedy_generation_matches_transformers(tmp_path: Path) -> None:
     hf = _hf_tiny(seed=1)
     hf.save_pretrained(tmp_path)
-    gen = Generator(load_llama(tmp_path, "cpu", dtype=torch.float32))
+    gen = Generator(load_model(tmp_path, "cpu", dtype=torch.float32))
     ids = torch.randint(0, TINY["vocab_size"], (3, 10))
     timing = gen.generate(ids, 6)
     with torch.no_grad():
@@ -114,38 +114,11 @@ def test_greedy_generation_matches_transformers(tmp_path: Path) -> None:
     assert len(timing.decode_step_s) == 5 and timing.total_s >= timing.first_token_s > 0
 
 
-def _write_compressed_checkpoint(hf, path: Path, gs: int, symmetric: bool) -> None:
-    """A compressed-tensors pack-quantized checkpoint of ``hf`` (RTN), laid out as llm-compressor writes it."""
-    from safetensors.torch import save_file
-
-    helpers = pytest.importorskip("compressed_tensors.compressors.pack_quantized.helpers")
-    tensors = {}
-    for name, t in hf.state_dict().items():
-        is_linear = name.endswith("_proj.weight")
-        if not is_linear:
-            tensors[name] = t.contiguous()
-            continue
-        q, scales, zeros = int4.quantize_rtn(t, gs, symmetric)  # unsigned domain
-        base = name[: -len(".weight")]
-        tensors[base + ".weight_packed"] = helpers.pack_to_int32((q.to(torch.int16) - 8).to(torch.int8), 4, 1)
-        tensors[base + ".weight_scale"] = scales.t().contiguous()
-        tensors[base + ".weight_shape"] = torch.tensor(t.shape)
-        if not symmetric:
-            zp = (zeros.t().to(torch.int16) - 8).to(torch.int8).contiguous()
-            tensors[base + ".weight_zero_point"] = helpers.pack_to_int32(zp, 4, packed_dim=0).contiguous()
-    save_file(tensors, str(path / "model.safetensors"))
-    config = dict(TINY, architectures=["LlamaForCausalLM"], model_type="llama", quantization_config={
-        "quant_method": "compressed-tensors", "format": "pack-quantized", "ignore": ["lm_head"],
-        "config_groups": {"group_0": {"targets": ["Linear"], "input_activations": None, "weights": {
-            "num_bits": 4, "type": "int", "symmetric": symmetric, "strategy": "group", "group_size": gs}}}})
-    (path / "config.json").write_text(json.dumps(config))
-
-
 @pytest.mark.parametrize("symmetric", [False, True])
 def test_int4_checkpoint_loads_to_same_weights(tmp_path: Path, symmetric: bool) -> None:
     hf = _hf_tiny(seed=2)
-    _write_compressed_checkpoint(hf, tmp_path, 64, symmetric)
-    model = load_llama(tmp_path, "cpu", dtype=torch.float32)
+    write_int4(hf, tmp_path, 64, symmetric)
+    model = load_model(tmp_path, "cpu", dtype=torch.float32)
     layer = model.layers[1].feed_forward.w13
     assert isinstance(layer, int4.Int4Linear) and layer.group_size == 64
     gate = hf.model.layers[1].mlp.gate_proj.weight
@@ -166,9 +139,9 @@ def test_int4_checkpoint_on_gpu_matches_the_cpu_reference(tmp_path: Path, kernel
     """A compressed-tensors checkpoint loaded on the GPU (repacked for the chosen kernels) gives the CPU
     reference's logits: prefill (de-quantize + cuBLAS) and decode-sized batches (the int4 kernels)."""
     hf = _hf_tiny(seed=3)
-    _write_compressed_checkpoint(hf, tmp_path, 64, False)
-    cpu = load_llama(tmp_path, "cpu", dtype=torch.float32)
-    gpu = load_llama(tmp_path, "cuda", int4_kernels=kernels)
+    write_int4(hf, tmp_path, 64, False)
+    cpu = load_model(tmp_path, "cpu", dtype=torch.float32)
+    gpu = load_model(tmp_path, "cuda", int4_kernels=kernels)
     if kernels == "auto" and torch.cuda.get_device_capability() >= (8, 0):
         assert gpu.int4_kernels == "mma" and gpu.layers[0].attention.wqkv.layout == "mma"
     cpu.setup_cache(3, 32)
@@ -184,8 +157,8 @@ def test_int4_checkpoint_on_gpu_matches_the_cpu_reference(tmp_path: Path, kernel
 def test_random_llama_shapes_and_int4_bytes() -> None:
     args = ModelArgs(vocab_size=256, dim=256, n_layers=2, n_heads=4, n_kv_heads=4, intermediate_size=384,
                      head_dim=64)
-    dense = random_llama(args, "bfloat16", "cpu")
-    quant = random_llama(args, "int4", "cpu", group_size=128)
+    dense = random_model(args, "bfloat16", "cpu")
+    quant = random_model(args, "int4", "cpu", group_size=128)
     assert quant.layers[0].attention.wqkv.qweight.shape == (256 // 8, 3 * 256)
     # int4 linears take ~1/4 of bf16 + scales/zeros; embeddings and lm_head stay bf16 in both
     assert quant.weight_bytes() < 0.6 * dense.weight_bytes()
@@ -218,7 +191,7 @@ def test_cuda_graph_decode_matches_eager(tmp_path: Path) -> None:
     args = ModelArgs(vocab_size=512, dim=256, n_layers=2, n_heads=4, n_kv_heads=4, intermediate_size=512,
                      head_dim=64)
     for fmt in ("bfloat16", "int4"):
-        model = random_llama(args, fmt, "cuda", group_size=128)
+        model = random_model(args, fmt, "cuda", group_size=128)
         for batch in (1, 2):  # batch 1: the int4 split-K sums are fused into the compiled block
             ids = torch.randint(0, 512, (batch, 16), device="cuda")
             fast = Generator(model, compile=True, cuda_graph=True).generate(ids, 8)
@@ -260,10 +233,10 @@ def test_decode_attention_kernel_matches_reference(b: int, h: int, hkv: int, s: 
     twice: the arrival counters must be left at zero for the next launch.  The last case has more chunks
     than one merge block (5000 positions, GQA, head dim 64)."""
     from tasks.backends.torch.cuda.attention import _cuda_decode_attention, decode_attention_reference, rope_at
-    from tasks.backends.torch.cuda.rope import rope_tables
+    from tasks.backends.torch.cuda.rope import Rope, rope_tables
 
     qkv = torch.randn(b, (h + 2 * hkv) * hd, device="cuda", dtype=torch.bfloat16)
-    cos, sin = rope_tables(hd, 10000.0, s, "cuda")
+    cos, sin = rope_tables(hd, Rope(), s, "cuda")
     k_cache = torch.randn(b, hkv, s, hd, device="cuda", dtype=torch.bfloat16)
     v_cache = torch.randn_like(k_cache)
     p = torch.tensor([pos], device="cuda")
@@ -293,7 +266,7 @@ def test_kv_cache_shape_prefers_profile_options_then_engine_shape() -> None:
 def test_generator_reuses_a_larger_cache_of_the_same_batch(tmp_path: Path) -> None:
     hf = _hf_tiny(seed=3)
     hf.save_pretrained(tmp_path)
-    gen = Generator(load_llama(tmp_path, "cpu", dtype=torch.float32))
+    gen = Generator(load_model(tmp_path, "cpu", dtype=torch.float32))
     gen.setup(2, 32)
     ids = torch.randint(0, TINY["vocab_size"], (2, 10))
     in_big_cache = gen.generate(ids, 5).output_token_ids
@@ -309,7 +282,7 @@ def test_generator_follows_the_prompt_it_is_given(tmp_path: Path) -> None:
     shape must be copied in, and a new prompt length must replace the buffer, never reuse a stale one."""
     hf = _hf_tiny(seed=4)
     hf.save_pretrained(tmp_path)
-    model = load_llama(tmp_path, "cpu", dtype=torch.float32)
+    model = load_model(tmp_path, "cpu", dtype=torch.float32)
     gen = Generator(model)
     gen.setup(2, 40)
     prompts = [torch.randint(0, TINY["vocab_size"], (2, length)) for length in (12, 12, 7)]
@@ -326,7 +299,7 @@ def test_decode_logits_score_every_position_like_a_forward_pass(tmp_path: Path) 
     position, for two windows of different lengths through one cache."""
     hf = _hf_tiny(seed=4)
     hf.save_pretrained(tmp_path)
-    gen = Generator(load_llama(tmp_path, "cpu", dtype=torch.float32), compile=False)
+    gen = Generator(load_model(tmp_path, "cpu", dtype=torch.float32), compile=False)
     for length in (20, 9):
         ids = torch.randint(0, TINY["vocab_size"], (length,))
         with torch.no_grad():
@@ -342,9 +315,9 @@ def test_decode_logits_on_gpu_use_the_graph_and_match_the_cpu_reference(tmp_path
     """On CUDA the scoring step is a captured graph over the int4 decode kernels; its logits match the
     CPU reference's (de-quantized fp32) within bf16 accuracy."""
     hf = _hf_tiny(seed=5)
-    _write_compressed_checkpoint(hf, tmp_path, 64, False)
-    cpu = Generator(load_llama(tmp_path, "cpu", dtype=torch.float32), compile=False)
-    gpu = Generator(load_llama(tmp_path, "cuda"), compile=False)
+    write_int4(hf, tmp_path, 64, False)
+    cpu = Generator(load_model(tmp_path, "cpu", dtype=torch.float32), compile=False)
+    gpu = Generator(load_model(tmp_path, "cuda"), compile=False)
     ids = torch.randint(0, TINY["vocab_size"], (40,))
     ref = cpu.decode_logits(ids)
     got = gpu.decode_logits(ids.cuda()).cpu()

@@ -81,9 +81,9 @@ def test_cuda_loader_on_cpu_matches_the_reference(tiny):
     and its logits match transformers' (activations quantize-dequantized per token in both)."""
     from transformers import AutoModelForCausalLM
 
-    from tasks.backends.torch.cuda.loader import load_llama
+    from tasks.backends.torch.cuda.loader import load_model
 
-    model = load_llama(tiny["q"], "cpu", dtype=torch.float32)
+    model = load_model(tiny["q"], "cpu", dtype=torch.float32)
     for i in range(2):
         wqkv = model.layers[i].attention.wqkv
         assert isinstance(wqkv, fp8.Fp8Linear) and wqkv.weight.dtype == torch.float8_e4m3fn
@@ -221,12 +221,12 @@ def test_fp8_gemv_every_config(m, n, k, cfg):
 def test_fp8_engine_decodes_like_its_eager_self():
     """The compiled, CUDA-graph fp8 engine generates what the same model does eagerly (greedy)."""
     from tasks.backends.torch.cuda.generate import Generator
-    from tasks.backends.torch.cuda.loader import random_llama
+    from tasks.backends.torch.cuda.loader import random_model
     from tasks.backends.torch.cuda.model import ModelArgs
 
     args = ModelArgs(vocab_size=512, dim=256, n_layers=2, n_heads=4, n_kv_heads=2, intermediate_size=768,
                      head_dim=64)
-    model = random_llama(args, "fp8", "cuda", seed=3)
+    model = random_model(args, "fp8", "cuda", seed=3)
     ids = torch.randint(0, 512, (2, 16), device="cuda", generator=torch.Generator("cuda").manual_seed(0))
     fast = Generator(model).generate(ids, 8).output_token_ids
     slow = Generator(model, compile=False, cuda_graph=False).generate(ids, 8).output_token_ids
@@ -255,9 +255,9 @@ def test_fp8_checkpoint_runs_on_the_cuda_engine(tiny):
     (same checkpoint, transformers on CPU): only bf16 activations and rounding differ."""
     from transformers import AutoModelForCausalLM
 
-    from tasks.backends.torch.cuda.engine import load_cuda_engine
+    from tasks.backends.torch.cuda.engine import load_fast_engine
 
-    engine = load_cuda_engine(tiny["q"], "cuda", {"kv_cache_batch_size": 2, "kv_cache_input_len": 12,
+    engine = load_fast_engine(tiny["q"], "cuda", {"kv_cache_batch_size": 2, "kv_cache_input_len": 12,
                                                   "kv_cache_output_len": 4})
     assert engine.weight_format.startswith("fp8-e4m3 W8A8")
     ids = torch.randint(4, 512, (2, 12), generator=torch.Generator().manual_seed(0))

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from tasks.backends.torch.cuda import dense, fused, int4, int4_mma
 from tasks.backends.torch.cuda.generate import Generator
 from tasks.backends.torch.cuda.int4 import Int4Linear
-from tasks.backends.torch.cuda.loader import random_llama
+from tasks.backends.torch.cuda.loader import random_model
 from tasks.backends.torch.cuda.model import ModelArgs, RMSNorm, dense_linear
 
 gpu = pytest.mark.gpu
@@ -21,7 +21,7 @@ SMALL = ModelArgs(vocab_size=512, dim=256, n_layers=2, n_heads=4, n_kv_heads=4, 
 
 
 def _random_norms(model: torch.nn.Module, seed: int = 1) -> None:
-    """random_llama's norms are all ones; the prologue must apply real weights."""
+    """random_model's norms are all ones; the prologue must apply real weights."""
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -43,7 +43,7 @@ def test_fused_decode_on_cpu_changes_nothing(fmt: str) -> None:
     """On CPU no fused kernel applies: interleaving w13 and the fused code path give the reference's logits
     exactly, for prefill and decode."""
     args = ModelArgs(vocab_size=128, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, intermediate_size=96, head_dim=16)
-    model = random_llama(args, fmt, "cpu", group_size=32)
+    model = random_model(args, fmt, "cpu", group_size=32)
     _random_norms(model)
     tokens = torch.randint(0, args.vocab_size, (2, 5))
 
@@ -214,7 +214,7 @@ def test_fused_decode_matches_the_unfused_engine(monkeypatch, fmt: str, mode: st
     _tune_small_model(monkeypatch)
     models = {}
     for fuse in (True, False):
-        model = random_llama(SMALL, fmt, "cuda", group_size=128, gemv_fusion=mode if fuse else "off")
+        model = random_model(SMALL, fmt, "cuda", group_size=128, gemv_fusion=mode if fuse else "off")
         _random_norms(model)
         models[fuse] = model
     assert models[True].layers[0].fuse_gemv and not models[False].layers[0].fuse_gemv
@@ -269,7 +269,7 @@ def test_both_norms_run_inside_the_gemvs_in_either_mode(mode: str) -> None:
     "norm" as in "all" (a version of norm_silu_mul left w13 unfused in "norm"), and the stand-in kernels give
     the unfused model's logits."""
     args = ModelArgs(vocab_size=128, dim=64, n_layers=3, n_heads=4, n_kv_heads=2, intermediate_size=96, head_dim=16)
-    model = random_llama(args, "bfloat16", "cpu")
+    model = random_model(args, "bfloat16", "cpu")
     _random_norms(model)
     tokens = torch.randint(0, args.vocab_size, (2, 5))
     model.setup_cache(2, 16)

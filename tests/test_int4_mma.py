@@ -7,7 +7,7 @@ import torch
 
 from tasks.backends.torch.cuda import int4, int4_mma
 from tasks.backends.torch.cuda.generate import Generator
-from tasks.backends.torch.cuda.loader import random_llama
+from tasks.backends.torch.cuda.loader import random_model
 from tasks.backends.torch.cuda.model import ModelArgs
 
 gpu = pytest.mark.gpu
@@ -297,7 +297,7 @@ def test_mma_dequantize_is_the_reference_bit_for_bit() -> None:
 def test_graph_decode_with_mma_kernels_matches_eager() -> None:
     args = ModelArgs(vocab_size=512, dim=256, n_layers=2, n_heads=4, n_kv_heads=4, intermediate_size=512,
                      head_dim=64)
-    model = random_llama(args, "int4", "cuda", group_size=128, int4_kernels="mma")
+    model = random_model(args, "int4", "cuda", group_size=128, int4_kernels="mma")
     assert model.int4_kernels == "mma"
     for batch in (1, 3):
         ids = torch.randint(0, 512, (batch, 16), device="cuda")

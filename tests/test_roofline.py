@@ -47,12 +47,12 @@ def test_decode_reads_count_every_weight_once_and_the_embedding_as_rows(tied: bo
 def test_int4_reads_the_packed_bytes_the_cuda_engine_holds() -> None:
     """The CUDA engine's int4 model (built here on CPU) reads a nibble per weight plus bf16 scales and zeros
     per group of 128: the roofline of int4 is computed on what int4 moves, not on bf16's bytes."""
-    from tasks.backends.torch.cuda.loader import random_llama
+    from tasks.backends.torch.cuda.loader import random_model
     from tasks.backends.torch.cuda.model import ModelArgs, num_linear_params
 
     args = ModelArgs(vocab_size=256, dim=256, n_layers=2, n_heads=4, n_kv_heads=4, intermediate_size=384,
                      head_dim=64)
-    dense, quant = random_llama(args, "bfloat16", "cpu"), random_llama(args, "int4", "cpu", group_size=128)
+    dense, quant = random_model(args, "bfloat16", "cpu"), random_model(args, "int4", "cpu", group_size=128)
     linear = num_linear_params(args)
     int4_linear_bytes = linear // 2 + 2 * (linear // 128) * 2  # packed nibbles + bf16 scale and zero per group
     assert dense.decode_reads().weight_bytes - quant.decode_reads().weight_bytes == 2 * linear - int4_linear_bytes

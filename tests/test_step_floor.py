@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tasks.backends.torch.cuda.loader import random_llama
+from tasks.backends.torch.cuda.loader import random_model
 from tasks.backends.torch.cuda.model import ModelArgs, kv_bytes_per_token
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
@@ -22,7 +22,7 @@ def _bytes(module: torch.nn.Module) -> int:
 
 @pytest.mark.parametrize("weights, weight_format", [("int4", "int4"), ("fp16", "bfloat16")])
 def test_each_launch_reads_the_bytes_the_engine_holds(weights: str, weight_format: str) -> None:
-    model = random_llama(ARGS, weight_format, "cpu")
+    model = random_model(ARGS, weight_format, "cpu")
     segments = step_floor.step_segments(ARGS, weights, context=100)
     linears = {"wqkv": lambda b: b.attention.wqkv, "wo": lambda b: b.attention.wo,
                "w13": lambda b: b.feed_forward.w13, "w2": lambda b: b.feed_forward.w2}

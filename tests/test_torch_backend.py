@@ -22,13 +22,16 @@ def built(tmp_path: Path) -> Path:
     ("cuda:0", {"purpose": "evaluate"}, "hf"),
     ("cuda:0", {"purpose": "profile", "engine": "hf"}, "hf"),
     ("cpu", {"purpose": "profile"}, "hf"),
+    ("cpu", {"purpose": "profile", "engine": "auto"}, "hf"),
+    ("cpu", {"purpose": "fidelity", "engine": "fast"}, "fast"),  # the fast engine's model code on the CPU
+    ("cpu", {"purpose": "evaluate", "engine": "fast"}, "hf"),  # MMLU always through transformers
 ])
 def test_engine_choice(built: Path, monkeypatch: pytest.MonkeyPatch, device: str, options: dict, expected: str) -> None:
     import tasks.backends.torch.cuda.engine as cuda_engine
     import tasks.backends.torch.hf_engine as hf_engine
 
     seen = {}
-    monkeypatch.setattr(cuda_engine, "load_cuda_engine",
+    monkeypatch.setattr(cuda_engine, "load_fast_engine",
                         lambda ckpt, dev, opts: seen.update(engine="fast", options=opts))
     monkeypatch.setattr(hf_engine, "HFEngine", lambda ckpt, dev, dtype: seen.update(engine="hf", dtype=dtype))
     get_backend("torch").load(built, device, options)

@@ -1,8 +1,10 @@
 """The PyTorch backend: no separate engine format, so ``build`` records what ``load`` will run.
 
-On CUDA devices ``load`` returns the fast engine (static KV cache, CUDA graphs, int4 kernels,
-:mod:`tasks.backends.torch.cuda`) for profiling; everywhere else, for MMLU evaluation, and whenever
-``options.engine=hf`` is set, the transformers reference engine (:mod:`tasks.backends.torch.hf_engine`).
+``options.engine`` picks the engine of the profile and fidelity cells: ``auto`` (the default) the fast
+engine (static KV cache, CUDA graphs, int4/FP8 kernels, :mod:`tasks.backends.torch.cuda`) on CUDA devices
+and the transformers reference engine (:mod:`tasks.backends.torch.hf_engine`) on CPUs; ``fast`` the fast
+engine on either (on a CPU: its model code with the kernels' references, to check it against
+transformers); ``hf`` the reference everywhere.  MMLU evaluation always runs through transformers.
 """
 from __future__ import annotations
 
@@ -36,16 +38,17 @@ class TorchBackend(Backend):
         options = {**manifest["options"], **options, "shape": manifest["shape"], "method": manifest["method"]}
         # Accuracy runs go through transformers (lm-eval's HFLM) anyway: loading the fast engine too would
         # only cost a second copy of the weights, a KV cache and a compilation.
-        fast = options.get("engine", "fast") == "fast" and options.get("purpose") != "evaluate"
-        if device.startswith("cuda") and fast:
-            from tasks.backends.torch.cuda.engine import load_cuda_engine
+        engine = options.get("engine", "auto")
+        fast = engine == "fast" or (engine == "auto" and device.startswith("cuda"))
+        if fast and options.get("purpose") != "evaluate":
+            from tasks.backends.torch.cuda.engine import load_fast_engine
 
             if options.get("purpose") == "fidelity":
                 # scoring replays the decode step's graph over the same kernels; torch.compile would only fuse
                 # the element-wise ops between them, at the cost of a compilation per engine (two per cell)
                 options.setdefault("compile", False)
 
-            return load_cuda_engine(checkpoint_dir, device, options)
+            return load_fast_engine(checkpoint_dir, device, options)
         from tasks.backends.torch.hf_engine import HFEngine
 
         # bf16/fp16 matmuls are slow on CPUs without AMX; the CPU reference computes in float32 by default.

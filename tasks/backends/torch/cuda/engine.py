@@ -1,8 +1,10 @@
-"""The fast CUDA engine of the torch backend: :class:`CudaLlamaEngine` and :func:`load_cuda_engine`.
+"""The fast engine of the torch backend: :class:`FastEngine` and :func:`load_fast_engine`.
 
-Speed and memory come from this engine (static KV cache, CUDA-graph prefill and decode, torch.compile'd
-blocks, W4A16 tensor-core kernels, :mod:`.int4_mma`, with the Triton kernels of :mod:`.int4` as the
-fallback).  Accuracy (lm-eval) runs through transformers on the same checkpoint: the int4 weights
+Speed and memory come from this engine on GPUs (static KV cache, CUDA-graph prefill and decode,
+torch.compile'd blocks, W4A16 tensor-core kernels, :mod:`.int4_mma`, with the Triton kernels of :mod:`.int4`
+as the fallback).  On a CPU (``backend.options.engine=fast``) the same model code runs eagerly with the
+kernels' pure-PyTorch references, so every family's numerics can be checked against transformers without
+a GPU.  Accuracy (lm-eval) runs through transformers on the same checkpoint: the int4 weights
 de-quantize to exactly the same values there, so MMLU scores do not depend on which engine computed them.
 """
 from __future__ import annotations
@@ -16,9 +18,9 @@ from tasks.backends.base import Engine, GenerationTiming
 from tasks.backends.torch.cuda.fp8 import Fp8Linear
 from tasks.backends.torch.cuda.generate import Generator
 from tasks.backends.torch.cuda.int4 import Int4Linear
-from tasks.backends.torch.cuda.loader import int4_scheme, load_llama, read_config
+from tasks.backends.torch.cuda.loader import int4_scheme, load_model, read_config
 from tasks.backends.torch.cuda.model import DEFAULT_GEMV_FUSION, Transformer, kv_bytes_per_token
-from tasks.models import checkpoint_dtype
+from tasks.models import DTYPES, checkpoint_dtype
 
 
 def describe_weights(model: Transformer, symmetric: bool | None = None) -> str:
@@ -33,8 +35,8 @@ def describe_weights(model: Transformer, symmetric: bool | None = None) -> str:
             "lm_head and embeddings bf16)")
 
 
-class CudaLlamaEngine(Engine):
-    """A loaded :class:`Transformer` on one GPU plus its :class:`Generator`."""
+class FastEngine(Engine):
+    """A loaded :class:`Transformer` on one GPU (or the CPU) plus its :class:`Generator`."""
 
     logits_how = ("teacher-forced decode steps: one CUDA-graph replay of the decode step's kernels per token "
                   "(for int4 the GEMV/mma kernels that generate)")
@@ -44,14 +46,14 @@ class CudaLlamaEngine(Engine):
         options = options or {}
         self.model, self.device, self.checkpoint_dir = model, device, checkpoint_dir
         self._tokenizer: Any = None
-        self.dtype = "bfloat16"
+        self.dtype = str(model.dtype).removeprefix("torch.")
         # random weights built in place have no checkpoint: they are made in the compute dtype
         self.stored_dtype = checkpoint_dtype(checkpoint_dir) if checkpoint_dir is not None else self.dtype
         self.weight_format = describe_weights(model, symmetric)
         self.cache_shape, why = kv_cache_shape(options)
-        self.kv_cache_policy = (f"static bf16 KV cache sized at load to {why}; a generation of another batch "
-                                "size, or longer, re-allocates it to batch x (input + output); decode attends "
-                                "only over the positions written so far (flash-decoding kernel)")
+        self.kv_cache_policy = (f"static {self.dtype} KV cache sized at load to {why}; a generation of another "
+                                "batch size, or longer, re-allocates it to batch x (input + output); decode "
+                                "attends only over the positions written so far (flash-decoding kernel on GPUs)")
         self.generator = Generator(model, compile=bool(options.get("compile", True)),
                                    cuda_graph=bool(options.get("cuda_graph", True)))
         if self.cache_shape is not None:  # allocate, compile and capture now, not in the first timed call
@@ -61,9 +63,12 @@ class CudaLlamaEngine(Engine):
             "weights_bytes": model.weight_bytes(),
             "kv_bytes_per_token": kv_bytes_per_token(model.args),
             "decode_reads": model.decode_reads(),
-            "engine": "quantsweep CUDA engine (gpt-fast style): static KV cache, CUDA-graph decode step, "
-                      f"torch.compile'd blocks={self.generator.compiled}, cuda_graph={self.generator.cuda_graph}, "
-                      f"gemv_fusion={model.gemv_fusion}",
+            "engine": (f"quantsweep fast engine ({model.args.family}; gpt-fast style): static KV cache, "
+                       f"CUDA-graph decode step, torch.compile'd blocks={self.generator.compiled}, "
+                       f"cuda_graph={self.generator.cuda_graph}, gemv_fusion={model.gemv_fusion}"
+                       if device.startswith("cuda") else
+                       f"quantsweep fast engine ({model.args.family}) on the CPU: the same model code, eager, "
+                       f"{self.dtype}, with the kernels' PyTorch references"),
         }
 
     @torch.inference_mode()
@@ -130,19 +135,24 @@ def kv_cache_shape(options: dict[str, Any]) -> tuple[tuple[int, int] | None, str
     return None, "batch x (input + output) of each generation"
 
 
-def load_cuda_engine(checkpoint_dir: Path, device: str, options: dict[str, Any]) -> Engine:
-    """What :class:`~tasks.backends.torch.backend.TorchBackend` calls for ``cuda`` devices.
+def load_fast_engine(checkpoint_dir: Path, device: str, options: dict[str, Any]) -> Engine:
+    """What :class:`~tasks.backends.torch.backend.TorchBackend` calls for the fast engine (CUDA, or the CPU
+    with ``engine=fast``).
 
     options: ``compile`` (default True) and ``cuda_graph`` (default True) switch the two speed-ups off
     for debugging; ``gemv_fusion`` (off | norm | all, default norm: the norms and residual adds inside
     the batch <= 8 GEMV kernels, see :meth:`~.model.Transformer.fuse_decode`); ``int4_kernels`` (auto |
     mma | triton, default auto) picks the int4 kernels;
-    ``kv_cache_*`` and ``shape`` size the static KV cache (:func:`kv_cache_shape`); other keys are ignored.
+    ``kv_cache_*`` and ``shape`` size the static KV cache (:func:`kv_cache_shape`); ``cpu_dtype`` (default
+    float32) is the compute dtype on a CPU (bf16 on GPUs); other keys are ignored.
     """
-    if device.startswith("cuda"):
+    on_cuda = device.startswith("cuda")
+    if on_cuda:
         torch.cuda.set_device(torch.device(device))
     scheme = int4_scheme(read_config(checkpoint_dir))
-    model = load_llama(Path(checkpoint_dir), device, int4_kernels=str(options.get("int4_kernels", "auto")),
+    dtype = torch.bfloat16 if on_cuda else DTYPES[str(options.get("cpu_dtype", "float32"))]
+    model = load_model(Path(checkpoint_dir), device, dtype=dtype,
+                       int4_kernels=str(options.get("int4_kernels", "auto")),
                        gemv_fusion=str(options.get("gemv_fusion", DEFAULT_GEMV_FUSION)))
-    return CudaLlamaEngine(model, device, Path(checkpoint_dir), options,
+    return FastEngine(model, device, Path(checkpoint_dir), options,
                            symmetric=None if scheme is None else scheme["symmetric"])

@@ -1,4 +1,5 @@
-"""Build the CUDA engine's model: from a Hugging Face Llama folder, or with random weights for benchmarks.
+"""Build the fast engine's model: from a Hugging Face folder of a family it implements (:mod:`.families`:
+Llama, Mistral, Qwen2, Qwen3), or with random weights for benchmarks.
 
 Checkpoints: dense safetensors (any float dtype; cast to bf16) and compressed-tensors ``pack-quantized``
 int4 as llm-compressor's ``save_pretrained(save_compressed=True)`` writes them (AWQ, GPTQ, RTN alike):
@@ -22,6 +23,7 @@ from torch import nn
 
 from tasks.backends.torch.cuda import fp8
 from tasks.backends.torch.cuda.int4 import Int4Linear, PACK_BLOCK, pack_int4, select_kernels
+from tasks.backends.torch.cuda.families import UnsupportedModel, family_of, model_args
 from tasks.backends.torch.cuda.model import DEFAULT_GEMV_FUSION, LinearFactory, ModelArgs, Transformer, dense_linear
 
 
@@ -98,15 +100,6 @@ def int4_linear_factory(group_size: int) -> LinearFactory:
     return lambda k, n: Int4Linear(k, n, group_size if group_size else k, device="meta")
 
 
-def _hf_names(i: int) -> dict[str, list[str]]:
-    """Our fused linear -> the HF linears concatenated into it, in output order."""
-    p = f"model.layers.{i}."
-    return {f"layers.{i}.attention.wqkv": [p + "self_attn.q_proj", p + "self_attn.k_proj", p + "self_attn.v_proj"],
-            f"layers.{i}.attention.wo": [p + "self_attn.o_proj"],
-            f"layers.{i}.feed_forward.w13": [p + "mlp.gate_proj", p + "mlp.up_proj"],
-            f"layers.{i}.feed_forward.w2": [p + "mlp.down_proj"]}
-
-
 class _Tensors:
     """All tensors of a safetensors checkpoint folder, read lazily by name."""
 
@@ -114,6 +107,7 @@ class _Tensors:
         from safetensors import safe_open
 
         self.files = {}
+        self.read: set[str] = set()  # names handed out so far (see unread)
         for f in sorted(Path(checkpoint_dir).glob("*.safetensors")):
             handle = safe_open(str(f), framework="pt", device="cpu")
             for name in handle.keys():
@@ -125,19 +119,27 @@ class _Tensors:
         return name in self.files
 
     def get(self, name: str, device: Any) -> torch.Tensor:
+        self.read.add(name)
         return self.files[name].get_tensor(name).to(device)
 
+    def unread(self, ignorable: tuple[str, ...] = ()) -> list[str]:
+        """Tensors never read: each is a part of the model the engine would silently leave out."""
+        return sorted(n for n in set(self.files) - self.read if not n.endswith(ignorable))
 
-def load_llama(checkpoint_dir: Path, device: str | torch.device, dtype: torch.dtype = torch.bfloat16,
+
+def load_model(checkpoint_dir: Path, device: str | torch.device, dtype: torch.dtype = torch.bfloat16,
                int4_kernels: str = "auto", gemv_fusion: str = DEFAULT_GEMV_FUSION) -> Transformer:
-    """A :class:`Transformer` on ``device`` from a HF Llama folder (dense or compressed-tensors int4).
+    """A :class:`Transformer` on ``device`` from a HF folder of a family in :mod:`.families` (dense,
+    compressed-tensors int4 or FP8); any other architecture or feature raises
+    :class:`~.families.UnsupportedModel` before a tensor is read.
 
     ``int4_kernels`` picks the int4 kernels on CUDA (:func:`~.int4.select_kernels`); CPU runs the reference.
     ``gemv_fusion`` (off | norm | all; CUDA only) decodes through the fused GEMV kernels
     (:meth:`~.model.Transformer.fuse_decode`).
     """
     config = read_config(checkpoint_dir)
-    args = ModelArgs.from_hf_config(config)
+    arch, family = family_of(config)
+    args = model_args(config)
     scheme, fp8_weights = int4_scheme(config), is_fp8(config)
     if fp8_weights:
         fp8.check_device(device)
@@ -153,15 +155,17 @@ def load_llama(checkpoint_dir: Path, device: str | torch.device, dtype: torch.dt
         return tensors.get(name, device).to(dtype)
 
     with torch.no_grad():
-        model.tok_embeddings.weight.copy_(dense("model.embed_tokens.weight"))
-        model.norm.weight.copy_(dense("model.norm.weight"))
+        model.tok_embeddings.weight.copy_(dense(family.embed))
+        model.norm.weight.copy_(dense(family.norm))
         if not args.tie_word_embeddings:
-            model.output.weight.copy_(dense("lm_head.weight" if "lm_head.weight" in tensors
-                                            else "model.embed_tokens.weight"))
-        for i, block in enumerate(model.layers):
-            block.attention_norm.weight.copy_(dense(f"model.layers.{i}.input_layernorm.weight"))
-            block.ffn_norm.weight.copy_(dense(f"model.layers.{i}.post_attention_layernorm.weight"))
-            for ours, theirs in _hf_names(i).items():
+            model.output.weight.copy_(dense(family.head if family.head in tensors else family.embed))
+        for i in range(args.n_layers):
+            for ours, theirs in family.layer_dense(i).items():  # norms and biases stay dense
+                missing = [t for t in theirs if t not in tensors]
+                if missing:
+                    raise UnsupportedModel(arch, "tensors", f"{missing} missing from {checkpoint_dir}")
+                model.get_parameter(ours).copy_(torch.cat([dense(t) for t in theirs]))
+            for ours, theirs in family.layer_linears(i).items():
                 module = model.get_submodule(ours)
                 if fp8_weights:
                     _load_fp8(module, theirs, tensors, device)
@@ -169,11 +173,16 @@ def load_llama(checkpoint_dir: Path, device: str | torch.device, dtype: torch.dt
                     module.weight.copy_(torch.cat([dense(t + ".weight") for t in theirs], dim=0))
                 else:
                     _load_int4(module, theirs, tensors, device)
+    # a tied head may still be saved (a copy of the embedding); rotary tables are recomputed
+    unread = tensors.unread(("rotary_emb.inv_freq",) + ((family.head,) if args.tie_word_embeddings else ()))
+    if unread:
+        raise UnsupportedModel(arch, "tensors", f"{len(unread)} tensors of {checkpoint_dir} have no place in the "
+                               f"engine (e.g. {', '.join(unread[:3])})")
     model.requires_grad_(False)  # inference only: no autograd graphs in compiled code
     _prepare_decode(model, device, gemv_fusion)
     model.int4_kernels = select_kernels(model, int4_kernels)
-    model.setup_cache(1, 16)  # rope tables and a small cache so the model runs at once; engines resize it
-    return model.eval()
+    model.setup_cache(1, min(16, args.sliding_window or 16))  # rope tables and a small cache so the model
+    return model.eval()  # runs at once; engines resize it
 
 
 def _load_int4(module: nn.Module, theirs: list[str], tensors: _Tensors, device: Any) -> None:
@@ -211,7 +220,7 @@ def _prepare_decode(model: Transformer, device: str | torch.device, gemv_fusion:
         model.fuse_decode(gemv_fusion)
 
 
-def random_llama(args: ModelArgs, weight_format: str, device: str | torch.device, group_size: int = 128,
+def random_model(args: ModelArgs, weight_format: str, device: str | torch.device, group_size: int = 128,
                  seed: int = 0, int4_kernels: str = "auto", gemv_fusion: str = DEFAULT_GEMV_FUSION) -> Transformer:
     """A model of ``args``' shape with RANDOM weights, built directly on ``device`` (no checkpoint).
 
@@ -259,5 +268,5 @@ def random_llama(args: ModelArgs, weight_format: str, device: str | torch.device
     return model.eval()
 
 
-__all__ = ["load_llama", "random_llama", "read_config", "int4_scheme", "is_fp8", "from_compressed_tensors",
+__all__ = ["load_model", "random_model", "read_config", "int4_scheme", "is_fp8", "from_compressed_tensors",
            "unpack_nibbles", "PACK_BLOCK"]

@@ -27,12 +27,14 @@ from torch import nn
 from tasks.backends.torch.cuda import fused
 from tasks.backends.torch.cuda.attention import decode_attention
 from tasks.backends.torch.cuda.dense import DenseLinear
-from tasks.backends.torch.cuda.rope import apply_rope, rope_tables
+from tasks.backends.torch.cuda.rope import Rope, apply_rope, rope_tables
 from tasks.roofline import DecodeReads, decode_reads, unique_bytes
 
 
 @dataclass(frozen=True)
 class ModelArgs:
+    """The shape and the features of one model (:func:`.families.model_args` reads them from config.json)."""
+
     vocab_size: int
     dim: int
     n_layers: int
@@ -41,24 +43,12 @@ class ModelArgs:
     intermediate_size: int
     head_dim: int
     rms_norm_eps: float = 1e-5
-    rope_theta: float = 10000.0
+    rope: Rope = Rope()
     tie_word_embeddings: bool = False
-
-    @classmethod
-    def from_hf_config(cls, cfg: dict[str, Any]) -> "ModelArgs":
-        """From a Hugging Face Llama ``config.json`` dict; refuses rope scalings this model does not do."""
-        scaling = cfg.get("rope_scaling") or {}
-        rope_type = scaling.get("rope_type", scaling.get("type", "default"))
-        if rope_type not in ("default", None):
-            raise NotImplementedError(f"rope_scaling {scaling} is not implemented by the CUDA engine")
-        theta = cfg.get("rope_theta") or (cfg.get("rope_parameters") or {}).get("rope_theta", 10000.0)
-        heads = cfg["num_attention_heads"]
-        return cls(vocab_size=cfg["vocab_size"], dim=cfg["hidden_size"], n_layers=cfg["num_hidden_layers"],
-                   n_heads=heads, n_kv_heads=cfg.get("num_key_value_heads") or heads,
-                   intermediate_size=cfg["intermediate_size"],
-                   head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads,
-                   rms_norm_eps=cfg.get("rms_norm_eps", 1e-5), rope_theta=float(theta),
-                   tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)))
+    qkv_bias: bool = False  # Qwen2: a bias on the q/k/v projections (kept dense beside int4/fp8 weights)
+    qk_norm: bool = False  # Qwen3: RMSNorm over each head of q and k, before rotary
+    sliding_window: int | None = None  # Mistral v0.1: longer sequences are refused (setup_cache)
+    family: str = "Llama"
 
 
 def llama2_7b_args() -> ModelArgs:
@@ -88,19 +78,38 @@ class RMSNorm(nn.Module):
 
 
 class Attention(nn.Module):
-    def __init__(self, args: ModelArgs, linear: LinearFactory):
+    def __init__(self, args: ModelArgs, linear: LinearFactory, dtype: torch.dtype = torch.bfloat16,
+                 device: Any = None):
         super().__init__()
         self.args = args
         self.q_size, self.kv_size = args.n_heads * args.head_dim, args.n_kv_heads * args.head_dim
         self.wqkv = linear(args.dim, self.q_size + 2 * self.kv_size)  # [q | k | v] along the output dim
         self.wo = linear(self.q_size, args.dim)
+        self.wqkv_bias = nn.Parameter(torch.zeros(self.q_size + 2 * self.kv_size, dtype=dtype, device=device)) \
+            if args.qkv_bias else None
+        self.q_norm = RMSNorm(args.head_dim, args.rms_norm_eps, dtype, device) if args.qk_norm else None
+        self.k_norm = RMSNorm(args.head_dim, args.rms_norm_eps, dtype, device) if args.qk_norm else None
+
+    def finish_projection(self, qkv: torch.Tensor) -> torch.Tensor:
+        """The q/k/v projection [..., (H + 2 Hkv) hd] -> plus the bias (Qwen2), q and k normalised per head
+        (Qwen3); not roped.  Both run in the model's dtype, as transformers does."""
+        if self.wqkv_bias is not None:
+            qkv = qkv + self.wqkv_bias
+        if self.q_norm is None:
+            return qkv
+        hd = self.args.head_dim
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = self.q_norm(q.unflatten(-1, (-1, hd))).flatten(-2)
+        k = self.k_norm(k.unflatten(-1, (-1, hd))).flatten(-2)
+        return torch.cat([q, k, v], dim=-1)
 
     def qkv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x [B, L, D] -> roped q [B, L, H, hd], roped k and v [B, L, Hkv, hd]."""
         a = self.args
         b, length, _ = x.shape
-        q, k, v = self.wqkv(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        qkv = self.finish_projection(self.wqkv(x))
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = apply_rope(q.view(b, length, a.n_heads, a.head_dim), cos, sin)
         k = apply_rope(k.view(b, length, a.n_kv_heads, a.head_dim), cos, sin)
         return q, k, v.view(b, length, a.n_kv_heads, a.head_dim)
@@ -130,7 +139,7 @@ class FeedForward(nn.Module):
 class Block(nn.Module):
     def __init__(self, args: ModelArgs, linear: LinearFactory, dtype: torch.dtype, device: Any):
         super().__init__()
-        self.attention = Attention(args, linear)
+        self.attention = Attention(args, linear, dtype, device)
         self.feed_forward = FeedForward(args, linear)
         self.attention_norm = RMSNorm(args.dim, args.rms_norm_eps, dtype, device)
         self.ffn_norm = RMSNorm(args.dim, args.rms_norm_eps, dtype, device)
@@ -154,7 +163,8 @@ class Block(nn.Module):
         [B, (H + 2 Hkv) hd], not yet roped."""
         if mlp_out is not None:
             x = x + mlp_out
-        return x, fused.norm_linear(self.attention.wqkv, self.attention_norm, x, self.fuse_gemv)[:, 0]
+        qkv = fused.norm_linear(self.attention.wqkv, self.attention_norm, x, self.fuse_gemv)[:, 0]
+        return x, self.attention.finish_projection(qkv)
 
     def decode_post(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """x [B, 1, D], attention output y [B, H, hd] -> (the block's output, None) where w2's kernel adds the
@@ -196,13 +206,19 @@ class Transformer(nn.Module):
         """Static KV cache [B, Hkv, S, hd] per layer and rope tables for S positions."""
         if self.cache_shape == (batch, max_seq):
             return
+        window = self.args.sliding_window
+        if window is not None and max_seq > window:
+            raise ValueError(f"{self.args.family}: a sequence of {max_seq} tokens is longer than the model's "
+                             f"sliding_window of {window}; the fast engine implements full attention only, which "
+                             "equals sliding-window attention up to the window (backend.options.engine=hf runs "
+                             "longer sequences on the transformers reference)")
         self.caches = []  # free the old cache before allocating the new one
         device = self.tok_embeddings.weight.device
         a = self.args
         shape = (batch, a.n_kv_heads, max_seq, a.head_dim)
         self.caches = [(torch.zeros(shape, dtype=self.dtype, device=device),
                         torch.zeros(shape, dtype=self.dtype, device=device)) for _ in range(a.n_layers)]
-        self.cos, self.sin = rope_tables(a.head_dim, a.rope_theta, max_seq, device)
+        self.cos, self.sin = rope_tables(a.head_dim, a.rope, max_seq, device)
         self.cache_shape = (batch, max_seq)
 
     def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor, all_logits: bool = False) -> torch.Tensor:
