@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from tasks.models import random_llama, random_llama_config, train_tokenizer
+from tasks.models import random_model, random_model_config, train_tokenizer
 
 SHAPES = {
     "7b": {"vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
@@ -49,10 +49,10 @@ def _sync(device: str) -> None:
 def time_cell(builder: str, shape: dict, device: str, tmp: str | None) -> None:
     start = time.perf_counter()
     tokenizer = train_tokenizer(min(shape["vocab_size"], 4096))
-    config = random_llama_config(shape, tokenizer)
+    config = random_model_config(shape, tokenizer)
     on = "cpu" if builder == "transformers" else device
     model = (_transformers_init(config, torch.bfloat16) if builder == "transformers"
-             else random_llama(config, torch.bfloat16, on, shape["seed"]))
+             else random_model(config, torch.bfloat16, on, shape["seed"]))
     _sync(on)
     built = time.perf_counter()
     out = Path(tempfile.mkdtemp(dir=tmp))

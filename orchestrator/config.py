@@ -15,7 +15,12 @@ from hydra.core.config_store import ConfigStore
 
 @dataclass
 class RandomModelConfig:
-    """Shape of a random-weight Llama (speed/memory studies, tests); its tokenizer is trained in code."""
+    """Family and shape of a random-weight model (speed/memory studies, tests); its tokenizer is trained in
+    code."""
+
+    #: transformers model_type: llama, mistral, qwen2, qwen3 (the fast engine's families) or any other
+    #: type transformers knows (then only the transformers engine runs it)
+    model_type: str = "llama"
 
     vocab_size: int = 512
     hidden_size: int = 64
@@ -25,6 +30,8 @@ class RandomModelConfig:
     num_key_value_heads: int = 2
     max_position_embeddings: int = 4096
     seed: int = 0
+    #: further config.json keys of the family: rope_parameters, rope_theta, head_dim, tie_word_embeddings, ...
+    config: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass

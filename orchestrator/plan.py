@@ -87,6 +87,20 @@ def _needs_gpu_quantize(method: dict[str, Any]) -> bool:
     return method["algorithm"] in ("awq", "gptq", "fp8")
 
 
+#: model.random keys added after stores were written, with the value every earlier sweep had: left out of
+#: the model node's key at that value, so those sweeps keep their keys (and resume)
+RANDOM_KEYS_SINCE = {"model_type": "llama", "config": {}}
+
+
+def _model_key_config(model_cfg: dict[str, Any]) -> dict[str, Any]:
+    """What of ``model`` the model node's key hashes: all but the free-text note."""
+    config = {k: v for k, v in model_cfg.items() if k != "note"}
+    if isinstance(config.get("random"), dict):
+        config["random"] = {k: v for k, v in config["random"].items()
+                            if not (k in RANDOM_KEYS_SINCE and v == RANDOM_KEYS_SINCE[k])}
+    return config
+
+
 def plan_sweep(cfg: dict[str, Any]) -> SweepPlan:
     """``cfg`` is the resolved, validated config as a plain dict (see :func:`orchestrator.validate.validate`)."""
     sweep, model_cfg, backend, ev = cfg["sweep"], cfg["model"], cfg["backend"], cfg["eval"]
@@ -101,7 +115,7 @@ def plan_sweep(cfg: dict[str, Any]) -> SweepPlan:
         return node
 
     # a random-weight model is made on the node's GPU when the cluster has one (seconds, not minutes on CPUs)
-    model_node = add("model", {"model": {k: v for k, v in model_cfg.items() if k != "note"}}, (),
+    model_node = add("model", {"model": _model_key_config(model_cfg)}, (),
                      model_cfg["source"] == "random", {})
     # TensorRT-LLM compiles its engine for the largest batch and lengths; the torch backend's engine does not
     # depend on them (each profile cell sizes its own KV cache), so adding a batch size or changing the

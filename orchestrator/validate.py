@@ -327,6 +327,57 @@ def _check_group_sizes(cfg: dict[str, Any]) -> None:
                 raise ConfigError(f"methods.{name}.group_size", str(err)) from err
 
 
+def _fast_engine_runs(cfg: dict[str, Any]) -> bool:
+    """Whether the fast engine would run this sweep's profile or fidelity cells: ``engine=fast``, or
+    ``engine=auto`` (the default) with the cells on GPUs: ``backend.device=cuda``, or ``auto`` with GPUs on
+    this machine, a ``cluster.accelerator_type``, or a remote cluster (whose GPUs the driver cannot see)."""
+    from orchestrator.accelerators import sweep_gpus
+
+    backend = cfg["backend"]
+    if backend["name"] != "torch" or not {"profile", "fidelity"} & set(cfg["sweep"]["stages"]):
+        return False
+    engine = (backend.get("options") or {}).get("engine", "auto")
+    if engine != "auto":
+        return engine == "fast"
+    if backend["device"] != "auto":
+        return backend["device"] == "cuda"
+    gpus, _ = sweep_gpus(cfg["cluster"], "auto")
+    return bool(gpus) or (cfg["cluster"].get("address") is not None and not cfg["cluster"].get("accelerator_type"))
+
+
+def _check_fast_engine(cfg: dict[str, Any]) -> None:
+    """Where the fast engine would run, the model is one it implements (:mod:`tasks.backends.torch.cuda.
+    families`), read from its config.json without weights, and the sweep's sequences fit a sliding window.
+    Refused here, an unsupported model costs a second instead of cells that measure another model."""
+    if not _fast_engine_runs(cfg):
+        return
+    from tasks.backends.torch.cuda.families import ENGINE_HINT, UnsupportedModel, model_args
+    from tasks.models import model_config_json
+
+    model = cfg["model"]
+    config = model_config_json(model)
+    if config is None:  # a hub id offline: the profile and fidelity cells refuse it themselves
+        return
+    try:
+        args = model_args(config)
+    except UnsupportedModel as err:
+        field = {"hf": "model.path", "gguf_package": "model.gguf_file", "gguf_file": "model.gguf_file"}.get(
+            model["source"], "model.random.model_type" if err.field in ("architectures", "model_type")
+            else "model.random.config")
+        raise ConfigError(field, f"the fast engine does not implement this model: {err}") from err
+    if args.sliding_window is None:
+        return
+    sweep, fid = cfg["sweep"], cfg["fidelity"]
+    lengths = {"sweep.input_len": sweep["input_len"] + sweep["output_len"] if "profile" in sweep["stages"] else 0,
+               "fidelity.seq_len": fid["seq_len"] if "fidelity" in sweep["stages"] else 0}
+    for name, length in lengths.items():
+        _require(length <= args.sliding_window, name,
+                 f"{length} tokens exceed {args.family}'s sliding_window of {args.sliding_window} (config.json); "
+                 "the fast engine computes full attention, equal to the window's only up to it; shorten the "
+                 f"sequences or set {ENGINE_HINT.replace(' runs it', ' to run them')}",
+                 (f"<= {args.sliding_window} tokens",))
+
+
 def hydra_config_error(err: Exception) -> ConfigError:
     """A Hydra/OmegaConf composition error as a :class:`ConfigError` naming the field (one error path).
 
@@ -369,6 +420,7 @@ def validate(cfg: DictConfig | dict[str, Any], touch_store: bool = True) -> dict
     _check_sequence_fits(resolved)
     _check_group_sizes(resolved)
     _check_fidelity(resolved)
+    _check_fast_engine(resolved)
     if touch_store:
         _check_store(resolved)
     _check_eval(resolved)

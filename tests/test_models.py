@@ -43,12 +43,12 @@ def test_hf_folder_reads_config_json_and_hub_ids_are_unknown(tmp_path: Path) -> 
 def test_random_weights_are_seeded_and_skip_transformers_init() -> None:
     import torch
 
-    from tasks.models import random_llama, random_llama_config
+    from tasks.models import random_model, random_model_config
 
     shape = _model(["model=tiny_random"])["random"]
-    config = random_llama_config(shape)
-    a, b = (random_llama(config, torch.float32, "cpu", seed=0) for _ in range(2))
-    c = random_llama(config, torch.float32, "cpu", seed=1)
+    config = random_model_config(shape)
+    a, b = (random_model(config, torch.float32, "cpu", seed=0) for _ in range(2))
+    c = random_model(config, torch.float32, "cpu", seed=1)
     wa, wc = a.model.layers[0].mlp.up_proj.weight, c.model.layers[0].mlp.up_proj.weight
     assert torch.equal(wa, b.model.layers[0].mlp.up_proj.weight) and not torch.equal(wa, wc)
     assert abs(wa.std().item() - config.initializer_range) < 0.003  # transformers' Llama init scale

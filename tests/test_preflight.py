@@ -29,7 +29,7 @@ def _last_line(result: subprocess.CompletedProcess) -> str:
     ("sweep.batch_sizes=[a]", "sweep.batch_sizes", "Value 'a' of type 'str' could not be converted to Integer"),
     ("sweep.input_len=abc", "sweep.input_len", "could not be converted to Integer"),
     ("sweep.bogus=1", "sweep.bogus", "Key 'bogus' not in 'SweepConfig'"),
-    ("model=nope", "model", "allowed: llama2_7b_chat, random_llama2_7b, smollm2_135m_instruct, tiny_random"),
+    ("model=nope", "model", "allowed: llama2_7b_chat, random_llama2_7b, random_llama31_8b, random_qwen25_7b, smollm2_135m_instruct, tiny_random"),
     ("sweep.batch_sizes=[1", "sweep.batch_sizes", "cannot parse"),
 ])
 def test_hydra_composition_errors_take_the_one_error_path(tmp_path: Path, override: str, field: str,
@@ -153,3 +153,52 @@ def test_a_fidelity_text_file_that_cannot_give_windows_is_a_config_error(
     assert result.returncode == 2, result.stderr[-2000:]
     assert _last_line(result).startswith(f"{PREFIX}fidelity.text: ") and says in _last_line(result)
     assert not (tmp_path / "store" / "runs").exists()
+
+
+# ---------------------------------------------------------------- models the fast engine does not implement
+
+
+def test_an_unsupported_architecture_exits_2_naming_it_before_anything_runs(tmp_path: Path) -> None:
+    """A GPT-NeoX checkpoint with the fast engine asked for: exit 2 naming model.path, the architecture, the
+    field, and the engine that does run it; no store row is written."""
+    from tests.family_checkpoints import save
+
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model("gpt_neox", vocab_size=512, hidden_size=64, num_hidden_layers=2,
+                                  num_attention_heads=4, intermediate_size=128)
+    folder = save(AutoModelForCausalLM.from_config(config), tmp_path / "neox")
+    result = _cli([*TINY, f"store.uri={tmp_path / 'store'}", "model.source=hf", f"model.path={folder}",
+                   "backend.device=cpu", "+backend.options.engine=fast", "sweep.stages=[fidelity,profile]"], tmp_path)
+    assert result.returncode == 2, result.stderr[-2000:]
+    line = _last_line(result)
+    assert line.startswith(f"{PREFIX}model.path: the fast engine does not implement this model: GPTNeoXForCausalLM: "
+                           "config.json architectures: ['GPTNeoXForCausalLM'] is not implemented"), line
+    assert "backend.options.engine=hf runs it on the transformers reference engine" in line
+    assert not (tmp_path / "store" / "runs").exists()
+
+
+@pytest.mark.parametrize("overrides, field, says", [
+    (["model.random.model_type=gpt_neox"], "model.random.model_type", "GPTNeoXForCausalLM"),
+    (["+model.random.config.rope_parameters={rope_type:yarn,rope_theta:10000.0,factor:4.0}"],
+     "model.random.config", "config.json rope_parameters.rope_type: 'yarn' is not implemented"),
+    (["model.random.model_type=mistral", "+model.random.config.sliding_window=8"], "fidelity.seq_len",
+     "16 tokens exceed Mistral's sliding_window of 8"),
+])
+def test_unsupported_features_of_a_random_model_are_refused(tmp_path: Path, mmlu_dir: Path, overrides: list[str],
+                                                            field: str, says: str) -> None:
+    cfg = compose_config(TINY + [f"store.uri={tmp_path}", f"eval.mmlu_dir={mmlu_dir}", "backend.device=cpu",
+                                 "+backend.options.engine=fast", "sweep.stages=[fidelity]", "fidelity.seq_len=16",
+                                 *overrides])
+    with pytest.raises(ConfigError) as err:
+        validate(cfg, touch_store=False)
+    assert err.value.field == field and says in str(err.value), str(err.value)
+
+
+def test_the_transformers_engine_or_cpu_runs_what_the_fast_engine_refuses(tmp_path: Path, mmlu_dir: Path) -> None:
+    """The refusal is the fast engine's: with engine=hf, or auto on a CPU, the same model passes."""
+    base = TINY + [f"store.uri={tmp_path}", f"eval.mmlu_dir={mmlu_dir}", "model.random.model_type=gpt_neox"]
+    validate(compose_config(base + ["+backend.options.engine=hf", "backend.device=cuda"]), touch_store=False)
+    validate(compose_config(base + ["backend.device=cpu"]), touch_store=False)
+    with pytest.raises(ConfigError):
+        validate(compose_config(base + ["backend.device=cuda"]), touch_store=False)
