@@ -106,6 +106,7 @@ THROUGHPUT = pa.schema(_KEY_COLUMNS + [
     pa.field("decode_bytes_per_step", pa.float64()),  # fewest bytes an average decode step moves
     pa.field("roofline_decode_tokens_per_s", pa.float64()),  # batch * bandwidth / decode_bytes_per_step
     pa.field("roofline_pct", pa.float64()),  # 100 * decode_tokens_per_s / roofline_decode_tokens_per_s
+    pa.field("engine", pa.string()),  # which engine generated, in words (null in rows written before)
 ])
 
 MEMORY = pa.schema(_KEY_COLUMNS + [

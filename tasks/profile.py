@@ -85,6 +85,7 @@ def profile_engine(engine: Engine, batch_size: int, input_len: int, output_len: 
         "device": engine.device, "gpu_name": info["gpu_name"] or f"CPU ({info.get('cpu_count')} cores)",
         "driver_version": info["driver_version"], "dtype": engine.dtype, "stored_dtype": engine.stored_dtype,
         "weight_format": engine.weight_format, "kv_cache_policy": engine.kv_cache_policy,
+        "engine": engine.details.get("engine") or type(engine).__name__,
         "method_note": OUTPUT_TOKENS_NOTE + ROOFLINE_NOTE
         + ("" if energy is not None else "; energy: not measured (no NVML)")
         + ("" if engine.details.get("decode_reads") else "; roofline: not computed (the engine does not "

@@ -58,11 +58,16 @@ def hf_model(name: str, seed: int = 0, **overrides: Any) -> Any:
 def save(model: Any, path: Path, tokenizer: bool = False) -> Path:
     """save_pretrained (plus a small trained tokenizer when a sweep needs one)."""
     path.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(path)
     if tokenizer:
         from tasks.models import train_tokenizer
 
-        train_tokenizer(min(model.config.vocab_size, 512)).save_pretrained(path)
+        tok = train_tokenizer(min(model.config.vocab_size, 512))
+        tok.save_pretrained(path)
+        for name in ("bos_token_id", "eos_token_id", "pad_token_id"):  # the family's defaults are real vocab ids
+            setattr(model.config, name, getattr(tok, name))
+            if getattr(model, "generation_config", None) is not None:
+                setattr(model.generation_config, name, getattr(tok, name))
+    model.save_pretrained(path)
     return path
 
 
