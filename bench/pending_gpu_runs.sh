@@ -6,7 +6,10 @@
 #   . .device-carry/setup.sh && bash bench/pending_gpu_runs.sh fp8        # speed_random_7b fp16/rtn/fp8 + report
 #   . .device-carry/setup.sh && bash bench/pending_gpu_runs.sh gputests   # every test marked gpu
 # The fp8 sweep's 28 cells take longer than one call: it stops itself after SWEEP_TIMEOUT seconds (default 500)
-# and the same command on the same (still warm) machine resumes the store in /tmp/store where it stopped.
+# and the same command resumes where it stopped.  Its rows live in $STORE (default .device-store, in the
+# checkout: bring $OUT/store.tgz back, unpack it there and carry .device-store in the next call), its
+# checkpoints in /tmp/artifacts (kept on a warm machine; a fresh one rebuilds the model and quantize cells
+# and skips every profile cell already stored).  MODEL (default random_llama2_7b) and BATCHES pick the grid.
 # Everything it reports lands under $OUT (at most 8 files come back: the report is one tarball).
 set -uo pipefail
 export PYTHONUNBUFFERED=1
@@ -23,15 +26,18 @@ fidelity)
   ;;
 fp8)
   start=$(date +%s)
+  store=${STORE:-.device-store}
   timeout "${SWEEP_TIMEOUT:-500}" python3 -m orchestrator.cli experiment=speed_random_7b 'sweep.methods=[fp16,rtn,fp8]' \
-    store.uri=/tmp/store hydra.run.dir=/tmp/store/hydra 2>&1 | grep -v "^(raylet)" | tee "$out/sweep.log" | tail -40
+    "model=${MODEL:-random_llama2_7b}" "sweep.batch_sizes=${BATCHES:-[1,2,4,8,16,32,64]}" \
+    store.uri="$store" store.artifacts_dir=/tmp/artifacts hydra.run.dir=/tmp/hydra 2>&1 | grep -v "^(raylet)" | tee "$out/sweep.log" | tail -40
   echo "sweep wall: $(( $(date +%s) - start )) s" | tee -a "$out/sweep.log"
-  timeout 60 python3 -m orchestrator.report /tmp/store --out /tmp/report
-  python3 - "$out/sweep_tables.md" <<'PY'
+  tar czf "$out/store.tgz" "$store"
+  timeout 60 python3 -m orchestrator.report "$store" --out /tmp/report
+  python3 - "$out/sweep_tables.md" "$store" <<'PY'
 import sys
 import pandas as pd
-runs = pd.read_parquet("/tmp/store/runs")
-tp, mem = pd.read_parquet("/tmp/store/throughput"), pd.read_parquet("/tmp/store/memory")
+runs = pd.read_parquet(f"{sys.argv[2]}/runs")
+tp, mem = pd.read_parquet(f"{sys.argv[2]}/throughput"), pd.read_parquet(f"{sys.argv[2]}/memory")
 with open(sys.argv[1], "w") as f:
     # issue 20 item 7: the model cell's seconds (222-287 s before random weights were built on the GPU)
     f.write(runs[runs.kind != "sweep"][["kind", "method", "batch_size", "status", "duration_s"]]
@@ -46,8 +52,9 @@ PY
   cat "$out/sweep_tables.md"
   tar czf "$out/report.tgz" -C /tmp report
   ;;
-gputests)
-  python3 -m pytest -q -p no:cacheprovider -m gpu tests 2>&1 | tee "$out/pytest_gpu.txt" | tail -15
+gputests)  # GPU_TESTS narrows it (pytest arguments), e.g. "tests/test_families.py"
+  timeout "${TEST_TIMEOUT:-400}" python3 -m pytest -q -p no:cacheprovider -m gpu ${GPU_TESTS:-tests} 2>&1 \
+    | tee "$out/pytest_gpu.txt" | tail -15
   ;;
 *)
   echo "usage: bash bench/pending_gpu_runs.sh fidelity|fp8|gputests" >&2
