@@ -113,6 +113,61 @@ def interrupt_on_sigterm() -> None:
         signal.signal(signal.SIGTERM, stop)
 
 
+#: seconds the driver waits for a cluster's head to accept a TCP connection, then again for its gRPC
+#: handshake; Ray's own connect retries an unreachable address for minutes
+CONNECT_TIMEOUT_S = 5.0
+
+#: what a user reads whenever ``cluster.address`` leads nowhere
+START_RAY = ("start Ray on the head node with `ray start --head --port=6379` (and `ray start "
+             "--address=<head>:6379` on the others), then pass cluster.address=<head>:6379, or "
+             "cluster.address=auto on the head node; without a cluster, cluster=local starts Ray on this machine")
+
+
+def _reach_cluster(address: str, timeout_s: float = CONNECT_TIMEOUT_S) -> None:
+    """Raise :class:`ConfigError` on ``cluster.address`` unless a Ray head answers there within seconds.
+
+    Why: ``ray.init`` retries an address nothing answers at for minutes, or ends after half a minute with
+    a traceback; a typo in the address must cost seconds and say what was tried.  ``auto`` is looked up the
+    way ``ray.init`` does (``RAY_ADDRESS``, then the last ``ray start`` on this machine), and a loopback
+    address becomes the address Ray itself will use.  The head must accept a TCP connection and then
+    answer the gRPC handshake (a port that accepts and never speaks, or a firewall that drops, fails it).
+    """
+    import grpc
+    from ray._private import services
+
+    try:
+        gcs = services.canonicalize_bootstrap_address(address.removeprefix("ray://"))
+    except ConnectionError as err:  # auto, and neither RAY_ADDRESS nor a Ray started on this machine
+        raise ConfigError("cluster.address", f"{address!r} found no running Ray instance: it looks for one "
+                          f"started on this machine (`ray start`) or named by RAY_ADDRESS; {START_RAY}") from err
+    except ValueError as err:
+        raise ConfigError("cluster.address", f"{address!r} is not host:port ({err}); {START_RAY}") from err
+    if gcs is None:  # "local": ray.init starts an instance of its own
+        return
+    host, port = services.parse_address(gcs)
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout_s):
+            pass
+    except OSError as err:  # refused, timed out, no route, unknown host
+        shown = f"{gcs} (from {address!r})" if gcs != address else gcs
+        raise ConfigError("cluster.address", f"cannot reach the Ray cluster at {shown}: a TCP connection to "
+                          f"its head (GCS) failed within {timeout_s:g} s: {err or type(err).__name__}; "
+                          f"{START_RAY}") from err
+    try:
+        from ray._private.grpc_utils import init_grpc_channel  # Ray's channel: TLS and token auth as set
+    except ImportError:  # another Ray release: a plain channel tells a gRPC server from a silent port too
+        init_grpc_channel = grpc.insecure_channel
+    channel = init_grpc_channel(gcs)
+    try:
+        grpc.channel_ready_future(channel).result(timeout=timeout_s)
+    except grpc.FutureTimeoutError as err:
+        raise ConfigError("cluster.address", f"{gcs} accepts connections but did not answer as a Ray head "
+                          f"node (GCS, gRPC) within {timeout_s:g} s: is it the port `ray start --head` "
+                          f"printed (default 6379)? {START_RAY}") from err
+    finally:
+        channel.close()
+
+
 def _init_ray(cluster: dict[str, Any]) -> None:
     import ray
 
@@ -120,6 +175,8 @@ def _init_ray(cluster: dict[str, Any]) -> None:
         return
     if not cluster.get("address"):
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a local instance on this machine needs no token
+    else:
+        _reach_cluster(cluster["address"])
     runtime_env = dict(cluster.get("runtime_env") or {})
     # Quiet per-task progress bars; keep tokenizers from forking thread pools inside Ray workers.  The
     # store's connection settings (credentials, endpoint, region) set on the driver reach every task, on
@@ -128,8 +185,12 @@ def _init_ray(cluster: dict[str, Any]) -> None:
                                "TRANSFORMERS_VERBOSITY": "error", **secrets.store_env(),
                                **runtime_env.get("env_vars", {})}
     if cluster.get("address"):
-        ray.init(address=cluster["address"], runtime_env=runtime_env or None,
-                 log_to_driver=cluster.get("show_task_logs", False))
+        try:
+            ray.init(address=cluster["address"], runtime_env=runtime_env or None,
+                     log_to_driver=cluster.get("show_task_logs", False))
+        except ConnectionError as err:  # the head answered the probe, then Ray's own connect failed
+            raise ConfigError("cluster.address", f"Ray could not connect to {cluster['address']!r}: {err}; "
+                              f"{START_RAY}") from err
     else:
         ray.init(num_cpus=cluster.get("num_cpus"), num_gpus=cluster.get("num_gpus"),
                  include_dashboard=cluster.get("include_dashboard", False),
