@@ -228,10 +228,14 @@ def task_kinds(nodes: list[Node], cluster: dict[str, Any], cluster_gpus: float) 
     return {f"{'GPU' if o.get('num_gpus') else 'CPU'} ({', '.join(k)})": o for k, o in groups.values()}
 
 
-def check_cluster_can_run(nodes: list[Node], cluster: dict[str, Any], ray_nodes: list[dict[str, Any]]) -> None:
-    """Fail before submitting anything when some kind of task fits no single live node (it would wait forever)."""
+def check_cluster_can_run(nodes: list[Node], cluster: dict[str, Any], ray_nodes: list[dict[str, Any]],
+                          backend: dict[str, Any] | None = None) -> None:
+    """Fail before submitting anything when some kind of task fits no single live node (it would wait
+    forever), or when ``backend`` needs a GPU that its GPU cells will not get (they would fail one by one)."""
     live = cluster_checks.live_nodes(ray_nodes)
     gpus = sum((n.get("Resources") or {}).get("GPU", 0) for n in live)
+    if backend is not None and any(n.needs_gpu for n in nodes):
+        _check_gpu_backend(backend, cluster, live, gpus)
     wanted = cluster.get("accelerator_type")
     if wanted and gpus == 0 and not cluster.get("gpus_per_task") and any(n.needs_gpu for n in nodes):
         # asked for by name: never fall back to the CPU, as GPU cells on a cluster without GPUs otherwise
@@ -242,6 +246,30 @@ def check_cluster_can_run(nodes: list[Node], cluster: dict[str, Any], ray_nodes:
             raise ConfigError("cluster.accelerator_type", f"no node of the Ray cluster has accelerator {wanted!r}",
                               offered + ["null (any GPU)"])
     cluster_checks.check_requests_fit(task_kinds(nodes, cluster, gpus), ray_nodes, cluster)
+
+
+def _check_gpu_backend(backend: dict[str, Any], cluster: dict[str, Any], live: list[dict[str, Any]],
+                       gpus: float) -> None:
+    """``backend.device=cuda`` and TensorRT-LLM (GPU only) need a GPU in every GPU cell; without GPUs on the
+    cluster, or with ``cluster.gpus_per_task=0``, those cells would run on CPUs and fail one by one after
+    the model cell (or skip below it), so the sweep is refused here, naming the option that needs a GPU."""
+    per_task = cluster.get("gpus_per_task")
+    if per_task is None:
+        per_task = 1 if gpus > 0 else 0
+    if per_task > 0:
+        return  # the GPU request itself is checked against the nodes by check_requests_fit
+    if backend["name"] == "tensorrt_llm":
+        field, problem, allowed = "backend.name", "tensorrt_llm runs on GPUs only", ["torch"]
+    elif backend["device"] == "cuda":
+        field, problem, allowed = "backend.device", "cuda", ["auto", "cpu"]
+    else:
+        return  # auto: GPU cells run on the CPU
+    if gpus == 0:
+        offers = "; ".join(cluster_checks.describe_node(n) for n in live) or "no live nodes"
+        raise ConfigError(field, f"{problem}, but no live node of the Ray cluster has a GPU, so its GPU cells "
+                          f"would run on CPUs and fail; add GPU nodes or change {field}; nodes: {offers}", allowed)
+    raise ConfigError(field, f"{problem}, but cluster.gpus_per_task=0 gives its GPU cells no GPU; set "
+                      f"cluster.gpus_per_task >= 1 (or null) or change {field}", allowed)
 
 
 def _check_nodes(plan: SweepPlan, stored: dict[str, dict], cfg: dict[str, Any]) -> dict[str, bool]:
@@ -433,7 +461,7 @@ def _run_nodes(plan: SweepPlan, cfg: dict[str, Any], on_submit: Callable[[], Non
     _init_ray(cfg["cluster"])
     ray_nodes = ray.nodes()
     cluster_gpus = sum((n.get("Resources") or {}).get("GPU", 0) for n in cluster_checks.live_nodes(ray_nodes))
-    check_cluster_can_run(to_run, cfg["cluster"], ray_nodes)
+    check_cluster_can_run(to_run, cfg["cluster"], ray_nodes, cfg["backend"])
     on_submit()
     remotes = {True: ray.remote(max_calls=1)(_remote_execute), False: ray.remote(_remote_execute)}
     board = _progress_board()

@@ -1,7 +1,8 @@
-"""Pre-flight checks against the Ray cluster itself: an address nothing (or something else) answers at ends
-with exit 2 naming cluster.address, within seconds, before any cell runs.
+"""Pre-flight checks against the Ray cluster itself: an address nothing (or something else) answers at, and
+GPU options on a cluster without GPUs, each ending with exit 2 naming the field before any cell runs.
 
-Only loopback is ever contacted: a closed port and a listening socket that never speaks Ray's protocol."""
+Only loopback is ever contacted: a closed port, a listening socket that never speaks Ray's protocol, and a
+multi-process Ray cluster on 127.0.0.1 (:mod:`tests.cluster_helpers`)."""
 from __future__ import annotations
 
 import os
@@ -15,7 +16,8 @@ from typing import Iterator
 import pytest
 
 from orchestrator.cli import run
-from tests.cluster_helpers import LOOPBACK, REPO
+from orchestrator.validate import ConfigError
+from tests.cluster_helpers import LOOPBACK, REPO, local_cluster, sweep_args
 from tests.sweep_helpers import TINY, compose_config
 from tests.test_preflight import PREFIX
 
@@ -155,3 +157,53 @@ def test_a_connection_ray_itself_refuses_is_a_config_error(tmp_path: Path, mmlu_
     line, _ = _refusal(tmp_path, mmlu_dir, "127.0.0.1:6379", capsys)
     assert line.startswith(f"{PREFIX}cluster.address: Ray could not connect to '127.0.0.1:6379': Failed to "
                            "connect to Ray cluster"), line
+
+
+@pytest.fixture(scope="module")
+def cpu_cluster():
+    """A head with 2 CPUs and no GPU on 127.0.0.1."""
+    with local_cluster(head_cpus=2) as (cluster, temp):
+        yield cluster
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("overrides, field, says", [
+    (["backend.device=cuda"], "backend.device", "no live node of the Ray cluster has a GPU"),
+    (["backend=tensorrt_llm"], "backend.name", "no live node of the Ray cluster has a GPU"),
+    (["cluster.gpus_per_task=1"], "cluster.gpus_per_task", "no live node of the Ray cluster has that much"),
+])
+def test_gpu_options_on_a_cluster_without_gpus_are_refused_before_any_cell(
+        cpu_cluster, tmp_path: Path, mmlu_dir: Path, capsys, overrides: list[str], field: str, says: str) -> None:
+    """Before, ``backend.device=cuda`` started the sweep: the model cell failed ("this task sees no CUDA
+    device"), the rest were skipped, exit 3."""
+    import ray
+
+    args = [a for a in sweep_args(cpu_cluster, str(tmp_path / "store"), tmp_path, [f"eval.mmlu_dir={mmlu_dir}"])
+            if "hydra." not in a and not a.startswith(("cluster.accelerator_type", "cluster.gpus_per_task"))]
+    started = time.monotonic()
+    try:
+        code = run(compose_config(args + overrides))
+    finally:
+        ray.shutdown()
+    err = capsys.readouterr().err
+    assert code == 2, err[-3000:]
+    line = err.strip().splitlines()[-1]
+    assert line.startswith(f"{PREFIX}{field}: ") and says in line and "127.0.0.1" in line, line
+    runs = tmp_path / "store" / "runs"
+    assert not runs.exists() or not list(runs.iterdir()), "a row was written"
+    print(f"exit 2 after {time.monotonic() - started:.1f} s: {line}")
+
+
+def test_cuda_with_no_gpu_per_task_is_refused_on_a_gpu_cluster() -> None:
+    """``cluster.gpus_per_task=0`` gives GPU cells no GPU even where the cluster has some."""
+    from orchestrator.plan import Node
+    from orchestrator.schedule import check_cluster_can_run
+
+    gpu_node = {"NodeID": "g" * 8, "NodeManagerAddress": "10.0.0.2", "Alive": True,
+                "Resources": {"CPU": 4, "GPU": 1}}
+    cell = Node("profile-1", "profile", {}, (), True)
+    cluster = {"gpus_per_task": 0, "cpus_per_task": 1, "max_retries": 0}
+    with pytest.raises(ConfigError, match=r"^backend.device: cuda, but cluster.gpus_per_task=0"):
+        check_cluster_can_run([cell], cluster, [gpu_node], backend={"name": "torch", "device": "cuda"})
+    check_cluster_can_run([cell], cluster, [gpu_node], backend={"name": "torch", "device": "auto"})
