@@ -207,3 +207,34 @@ def test_cuda_with_no_gpu_per_task_is_refused_on_a_gpu_cluster() -> None:
     with pytest.raises(ConfigError, match=r"^backend.device: cuda, but cluster.gpus_per_task=0"):
         check_cluster_can_run([cell], cluster, [gpu_node], backend={"name": "torch", "device": "cuda"})
     check_cluster_can_run([cell], cluster, [gpu_node], backend={"name": "torch", "device": "auto"})
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_a_broken_mmlu_file_is_found_by_the_nodes_that_evaluate(cpu_cluster, tmp_path: Path, mmlu_dir: Path,
+                                                                capsys) -> None:
+    """On a running cluster the driver leaves the MMLU folder to the nodes (it may not mount it): the check
+    task on each node that evaluates reads the chosen subjects' CSVs as the evaluate cells will, and a
+    broken row is exit 2 naming the file, the line and the node, before any cell."""
+    import ray
+
+    from tests.test_mmlu_data import break_row, mmlu_copy
+
+    folder = mmlu_copy(mmlu_dir, tmp_path / "mmlu")
+    path = folder / "test" / "econometrics_test.csv"
+    line = break_row(path, 20, "unterminated quote")
+    args = [a for a in sweep_args(cpu_cluster, str(tmp_path / "store"), tmp_path, [
+        f"eval.mmlu_dir={folder}", "sweep.subjects=[anatomy,econometrics]", "sweep.stages=[evaluate]",
+        "sweep.num_shards=1"]) if "hydra." not in a and not a.startswith(("cluster.accelerator_type",
+                                                                             "cluster.gpus_per_task"))]
+    try:
+        code = run(compose_config(args))
+    finally:
+        ray.shutdown()
+    err = capsys.readouterr().err
+    assert code == 2, err[-3000:]
+    last = err.strip().splitlines()[-1]
+    assert last.startswith(f"{PREFIX}eval.mmlu_dir: {path}, line {line} (row 20): the CSV does not parse"), last
+    assert "(node 127.0.0.1" in last, last  # found by the node's check task, not by the driver
+    runs = tmp_path / "store" / "runs"
+    assert not runs.exists() or not list(runs.iterdir()), "a row was written"
