@@ -9,7 +9,8 @@ fit test tells the scheduler's watchdog which waiting cells no live node can run
 :func:`probe_nodes` then runs a small task on every node that can run some kind of task and checks, from
 that node, what a task there will use: the store (with the connection settings the tasks get), the
 artifacts folder and a local store folder (that every node sees the *same* folder: a marker file written
-by one must be visible to all), the MMLU folder on nodes that evaluate, and which stored artifacts exist.
+by one must be visible to all), the MMLU folder on nodes that evaluate (every CSV of the chosen subjects read
+as the evaluate cells will), and which stored artifacts exist.
 """
 from __future__ import annotations
 
@@ -103,11 +104,27 @@ def check_requests_fit(kinds: dict[str, dict[str, Any]], nodes: list[dict[str, A
                           f"single live node has all of it (Ray places a task on one node); nodes: {offers}")
 
 
+def _mmlu_problems(mmlu_dir: str, subjects: list[str]) -> list[tuple[str, str]]:
+    """What an evaluate cell on this node would fail on: no test/ folder, a missing CSV of a chosen subject,
+    or a row of one that is not a question, four choices and an answer letter (file and line named)."""
+    from tasks.mmlu.data import MMLUDataError, check_subject_files, resolve_mmlu_dir
+
+    if not (Path(mmlu_dir) / "test").is_dir():
+        return [("eval.mmlu_dir", f"{mmlu_dir!r} has no test/ folder on this node")]
+    try:
+        check_subject_files(resolve_mmlu_dir(mmlu_dir, subjects or None), subjects)
+    except (MMLUDataError, OSError) as err:  # OSError: a file there that this node cannot read
+        return [("eval.mmlu_dir", str(err))]
+    return []
+
+
 def _probe(markers: list[str], store_uri: str | None, store_options: dict[str, Any], artifacts_dir: str,
-           mmlu_dir: str | None, artifacts: list[str], phase: str, token: str) -> dict[str, Any]:
-    """Runs on one node.  ``write``: check the store and folders and leave a marker in each shared folder;
-    ``read``: report which markers (of all nodes) this node sees, then which artifacts exist; ``clean``:
-    remove this node's markers."""
+           mmlu_dir: str | None, subjects: list[str], artifacts: list[str], phase: str,
+           token: str) -> dict[str, Any]:
+    """Runs on one node.  ``write``: check the store and folders and leave a marker in each shared folder,
+    and read the chosen ``subjects`` of ``mmlu_dir`` (None: this node does not evaluate); ``read``: report
+    which markers (of all nodes) this node sees, then which artifacts exist; ``clean``: remove this node's
+    markers."""
     import ray
 
     from orchestrator.store import ResultStore
@@ -126,8 +143,8 @@ def _probe(markers: list[str], store_uri: str | None, store_options: dict[str, A
                 (Path(folder) / f".quantsweep-probe-{token}-{node_id}").write_text(node_id)
             except OSError as err:
                 out["problems"].append((folder, f"cannot write to {folder!r} on this node: {err}"))
-        if mmlu_dir is not None and not (Path(mmlu_dir) / "test").is_dir():
-            out["problems"].append(("eval.mmlu_dir", f"{mmlu_dir!r} has no test/ folder on this node"))
+        if mmlu_dir is not None:
+            out["problems"] += _mmlu_problems(mmlu_dir, subjects)
     elif phase == "clean":
         for folder in folders:
             (Path(folder) / f".quantsweep-probe-{token}-{node_id}").unlink(missing_ok=True)
@@ -166,7 +183,8 @@ def probe_nodes(nodes: list[dict[str, Any]], cfg: dict[str, Any], evaluate_nodes
         refs = [probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False),
                               name="quantsweep:check-node").remote(
                     list(shared), store["uri"], store.get("options") or {}, store["artifacts_dir"],
-                    cfg["eval"].get("mmlu_dir") if node_id in evaluate_nodes else None, artifacts, phase, token)
+                    cfg["eval"].get("mmlu_dir") if node_id in evaluate_nodes else None,
+                    list(cfg.get("subjects_resolved") or []), artifacts, phase, token)
                 for node_id in by_id]
         return ray.get(refs, timeout=timeout_s)
 

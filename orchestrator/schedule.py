@@ -113,6 +113,61 @@ def interrupt_on_sigterm() -> None:
         signal.signal(signal.SIGTERM, stop)
 
 
+#: seconds the driver waits for a cluster's head to accept a TCP connection, then again for its gRPC
+#: handshake; Ray's own connect retries an unreachable address for minutes
+CONNECT_TIMEOUT_S = 5.0
+
+#: what a user reads whenever ``cluster.address`` leads nowhere
+START_RAY = ("start Ray on the head node with `ray start --head --port=6379` (and `ray start "
+             "--address=<head>:6379` on the others), then pass cluster.address=<head>:6379, or "
+             "cluster.address=auto on the head node; without a cluster, cluster=local starts Ray on this machine")
+
+
+def _reach_cluster(address: str, timeout_s: float = CONNECT_TIMEOUT_S) -> None:
+    """Raise :class:`ConfigError` on ``cluster.address`` unless a Ray head answers there within seconds.
+
+    Why: ``ray.init`` retries an address nothing answers at for minutes, or ends after half a minute with
+    a traceback; a typo in the address must cost seconds and say what was tried.  ``auto`` is looked up the
+    way ``ray.init`` does (``RAY_ADDRESS``, then the last ``ray start`` on this machine), and a loopback
+    address becomes the address Ray itself will use.  The head must accept a TCP connection and then
+    answer the gRPC handshake (a port that accepts and never speaks, or a firewall that drops, fails it).
+    """
+    import grpc
+    from ray._private import services
+
+    try:
+        gcs = services.canonicalize_bootstrap_address(address.removeprefix("ray://"))
+    except ConnectionError as err:  # auto, and neither RAY_ADDRESS nor a Ray started on this machine
+        raise ConfigError("cluster.address", f"{address!r} found no running Ray instance: it looks for one "
+                          f"started on this machine (`ray start`) or named by RAY_ADDRESS; {START_RAY}") from err
+    except ValueError as err:
+        raise ConfigError("cluster.address", f"{address!r} is not host:port ({err}); {START_RAY}") from err
+    if gcs is None:  # "local": ray.init starts an instance of its own
+        return
+    host, port = services.parse_address(gcs)
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout_s):
+            pass
+    except OSError as err:  # refused, timed out, no route, unknown host
+        shown = f"{gcs} (from {address!r})" if gcs != address else gcs
+        raise ConfigError("cluster.address", f"cannot reach the Ray cluster at {shown}: a TCP connection to "
+                          f"its head (GCS) failed within {timeout_s:g} s: {err or type(err).__name__}; "
+                          f"{START_RAY}") from err
+    try:
+        from ray._private.grpc_utils import init_grpc_channel  # Ray's channel: TLS and token auth as set
+    except ImportError:  # another Ray release: a plain channel tells a gRPC server from a silent port too
+        init_grpc_channel = grpc.insecure_channel
+    channel = init_grpc_channel(gcs)
+    try:
+        grpc.channel_ready_future(channel).result(timeout=timeout_s)
+    except grpc.FutureTimeoutError as err:
+        raise ConfigError("cluster.address", f"{gcs} accepts connections but did not answer as a Ray head "
+                          f"node (GCS, gRPC) within {timeout_s:g} s: is it the port `ray start --head` "
+                          f"printed (default 6379)? {START_RAY}") from err
+    finally:
+        channel.close()
+
+
 def _init_ray(cluster: dict[str, Any]) -> None:
     import ray
 
@@ -120,6 +175,8 @@ def _init_ray(cluster: dict[str, Any]) -> None:
         return
     if not cluster.get("address"):
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a local instance on this machine needs no token
+    else:
+        _reach_cluster(cluster["address"])
     runtime_env = dict(cluster.get("runtime_env") or {})
     # Quiet per-task progress bars; keep tokenizers from forking thread pools inside Ray workers.  The
     # store's connection settings (credentials, endpoint, region) set on the driver reach every task, on
@@ -128,8 +185,12 @@ def _init_ray(cluster: dict[str, Any]) -> None:
                                "TRANSFORMERS_VERBOSITY": "error", **secrets.store_env(),
                                **runtime_env.get("env_vars", {})}
     if cluster.get("address"):
-        ray.init(address=cluster["address"], runtime_env=runtime_env or None,
-                 log_to_driver=cluster.get("show_task_logs", False))
+        try:
+            ray.init(address=cluster["address"], runtime_env=runtime_env or None,
+                     log_to_driver=cluster.get("show_task_logs", False))
+        except ConnectionError as err:  # the head answered the probe, then Ray's own connect failed
+            raise ConfigError("cluster.address", f"Ray could not connect to {cluster['address']!r}: {err}; "
+                              f"{START_RAY}") from err
     else:
         ray.init(num_cpus=cluster.get("num_cpus"), num_gpus=cluster.get("num_gpus"),
                  include_dashboard=cluster.get("include_dashboard", False),
@@ -167,10 +228,14 @@ def task_kinds(nodes: list[Node], cluster: dict[str, Any], cluster_gpus: float) 
     return {f"{'GPU' if o.get('num_gpus') else 'CPU'} ({', '.join(k)})": o for k, o in groups.values()}
 
 
-def check_cluster_can_run(nodes: list[Node], cluster: dict[str, Any], ray_nodes: list[dict[str, Any]]) -> None:
-    """Fail before submitting anything when some kind of task fits no single live node (it would wait forever)."""
+def check_cluster_can_run(nodes: list[Node], cluster: dict[str, Any], ray_nodes: list[dict[str, Any]],
+                          backend: dict[str, Any] | None = None) -> None:
+    """Fail before submitting anything when some kind of task fits no single live node (it would wait
+    forever), or when ``backend`` needs a GPU that its GPU cells will not get (they would fail one by one)."""
     live = cluster_checks.live_nodes(ray_nodes)
     gpus = sum((n.get("Resources") or {}).get("GPU", 0) for n in live)
+    if backend is not None and any(n.needs_gpu for n in nodes):
+        _check_gpu_backend(backend, cluster, live, gpus)
     wanted = cluster.get("accelerator_type")
     if wanted and gpus == 0 and not cluster.get("gpus_per_task") and any(n.needs_gpu for n in nodes):
         # asked for by name: never fall back to the CPU, as GPU cells on a cluster without GPUs otherwise
@@ -181,6 +246,30 @@ def check_cluster_can_run(nodes: list[Node], cluster: dict[str, Any], ray_nodes:
             raise ConfigError("cluster.accelerator_type", f"no node of the Ray cluster has accelerator {wanted!r}",
                               offered + ["null (any GPU)"])
     cluster_checks.check_requests_fit(task_kinds(nodes, cluster, gpus), ray_nodes, cluster)
+
+
+def _check_gpu_backend(backend: dict[str, Any], cluster: dict[str, Any], live: list[dict[str, Any]],
+                       gpus: float) -> None:
+    """``backend.device=cuda`` and TensorRT-LLM (GPU only) need a GPU in every GPU cell; without GPUs on the
+    cluster, or with ``cluster.gpus_per_task=0``, those cells would run on CPUs and fail one by one after
+    the model cell (or skip below it), so the sweep is refused here, naming the option that needs a GPU."""
+    per_task = cluster.get("gpus_per_task")
+    if per_task is None:
+        per_task = 1 if gpus > 0 else 0
+    if per_task > 0:
+        return  # the GPU request itself is checked against the nodes by check_requests_fit
+    if backend["name"] == "tensorrt_llm":
+        field, problem, allowed = "backend.name", "tensorrt_llm runs on GPUs only", ["torch"]
+    elif backend["device"] == "cuda":
+        field, problem, allowed = "backend.device", "cuda", ["auto", "cpu"]
+    else:
+        return  # auto: GPU cells run on the CPU
+    if gpus == 0:
+        offers = "; ".join(cluster_checks.describe_node(n) for n in live) or "no live nodes"
+        raise ConfigError(field, f"{problem}, but no live node of the Ray cluster has a GPU, so its GPU cells "
+                          f"would run on CPUs and fail; add GPU nodes or change {field}; nodes: {offers}", allowed)
+    raise ConfigError(field, f"{problem}, but cluster.gpus_per_task=0 gives its GPU cells no GPU; set "
+                      f"cluster.gpus_per_task >= 1 (or null) or change {field}", allowed)
 
 
 def _check_nodes(plan: SweepPlan, stored: dict[str, dict], cfg: dict[str, Any]) -> dict[str, bool]:
@@ -372,7 +461,7 @@ def _run_nodes(plan: SweepPlan, cfg: dict[str, Any], on_submit: Callable[[], Non
     _init_ray(cfg["cluster"])
     ray_nodes = ray.nodes()
     cluster_gpus = sum((n.get("Resources") or {}).get("GPU", 0) for n in cluster_checks.live_nodes(ray_nodes))
-    check_cluster_can_run(to_run, cfg["cluster"], ray_nodes)
+    check_cluster_can_run(to_run, cfg["cluster"], ray_nodes, cfg["backend"])
     on_submit()
     remotes = {True: ray.remote(max_calls=1)(_remote_execute), False: ray.remote(_remote_execute)}
     board = _progress_board()

@@ -143,11 +143,13 @@ def _check_eval(cfg: dict[str, Any]) -> None:
     limit = ev["limit_per_subject"]
     _require(limit is None or limit >= 1, "eval.limit_per_subject", f"must be null or >= 1, got {limit}")
     if "evaluate" in cfg["sweep"]["stages"]:
-        from tasks.mmlu.data import resolve_mmlu_dir
+        from tasks.mmlu.data import check_subject_files, resolve_mmlu_dir
 
         try:
-            resolved = resolve_mmlu_dir(ev["mmlu_dir"])
-        except (FileNotFoundError, ValueError, RuntimeError) as err:
+            resolved = resolve_mmlu_dir(ev["mmlu_dir"], cfg["subjects_resolved"])
+            if resolved is not None:  # every row of the chosen subjects' CSVs, read as the evaluate cells will
+                check_subject_files(resolved, cfg["subjects_resolved"])
+        except (OSError, ValueError, RuntimeError) as err:  # MMLUDataError is a RuntimeError
             if cfg["cluster"].get("address") and ev["mmlu_dir"]:
                 # a running cluster: the nodes that evaluate need the folder, not the driver, which may not
                 # mount it; a task on each of them checks it before anything is submitted

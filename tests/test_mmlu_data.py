@@ -8,7 +8,8 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from tasks.mmlu import categories
-from tasks.mmlu.data import (MMLUDataError, prepare_hf_layout, read_subject, resolve_mmlu_dir)
+from tasks.mmlu.data import (MMLUDataError, check_subject_files, prepare_hf_layout, read_subject,
+                              resolve_mmlu_dir)
 
 
 
@@ -118,3 +119,72 @@ def test_prepare_hf_layout_is_idempotent_and_concurrency_safe(mmlu_dir, tmp_path
     assert (root / "quantsweep_manifest.json").is_file()
     with pytest.raises(ValueError, match="unknown MMLU subjects"):
         prepare_hf_layout(mmlu_dir, tmp_path, ["astrology"])
+
+
+#: subjects copied for the broken-file tests; econometrics has questions over several lines, so a row's line
+#: in the file is not its row number + 1
+COPIED = ("anatomy", "econometrics", "virology")
+
+#: how a row is broken -> what replaces it (raw CSV text, one line)
+BROKEN_ROWS = {
+    "unterminated quote": '"Which is it?,one,two,three,four,A\n',
+    "3 choices": "Which is it?,one,two,three,A\n",
+    "answer E": "Which is it?,one,two,three,four,E\n",
+}
+
+
+def mmlu_copy(mmlu_dir, folder, subjects=COPIED):
+    """``subjects`` of the real MMLU folder copied into ``folder`` (dev, val and test)."""
+    import shutil
+
+    for split in ("dev", "val", "test"):
+        (folder / split).mkdir(parents=True, exist_ok=True)
+        for s in subjects:
+            shutil.copy(mmlu_dir / split / f"{s}_{split}.csv", folder / split)
+    return folder
+
+
+def break_row(path, row, how):
+    """Replace row ``row`` of the CSV at ``path`` as ``how`` says; return the line that row starts on."""
+    import io
+
+    with open(path, newline="", encoding="utf-8") as f:
+        rows = list(csv.reader(f))
+    before = io.StringIO()
+    csv.writer(before, lineterminator="\n").writerows(rows[:row])
+    after = io.StringIO()
+    csv.writer(after, lineterminator="\n").writerows(rows[row + 1:])
+    path.write_text(before.getvalue() + BROKEN_ROWS[how] + after.getvalue(), encoding="utf-8")
+    return before.getvalue().count("\n") + 1
+
+
+@pytest.mark.parametrize("how, says", [
+    ("unterminated quote", "does not parse"),
+    ("3 choices", "5 fields"),
+    ("answer E", "answer 'E' is not one of A, B, C, D"),
+])
+def test_a_broken_row_names_its_file_and_line(mmlu_dir, tmp_path, how, says):
+    folder = mmlu_copy(mmlu_dir, tmp_path / "mmlu")
+    path = folder / "test" / "econometrics_test.csv"
+    line = break_row(path, 20, how)
+    assert line > 22  # rows 8, 10, 11, 15 and 16 span several lines
+    with pytest.raises(MMLUDataError) as err:
+        read_subject(folder, "econometrics", "test")
+    assert str(err.value).startswith(f"{path}, line {line} (row 20): ") and says in str(err.value), str(err.value)
+    with pytest.raises(MMLUDataError, match=f"line {line} "):
+        check_subject_files(folder, ["anatomy", "econometrics"])
+    check_subject_files(folder, ["anatomy", "virology"])  # the other subjects' files are fine
+
+
+def test_check_subject_files_reads_what_an_evaluate_cell_reads(mmlu_dir, tmp_path):
+    """dev and test always; val only where every subject has one (as the hub layout converts it)."""
+    folder = mmlu_copy(mmlu_dir, tmp_path / "mmlu")
+    check_subject_files(folder, COPIED)
+    line = break_row(folder / "dev" / "virology_dev.csv", 2, "3 choices")
+    with pytest.raises(MMLUDataError, match=rf"virology_dev.csv, line {line} "):
+        check_subject_files(folder, ["virology"])
+    break_row(folder / "val" / "anatomy_val.csv", 0, "answer E")
+    with pytest.raises(MMLUDataError, match="anatomy_val.csv, line 1 "):
+        check_subject_files(folder, ["anatomy"])
+    (folder / "val" / "econometrics_val.csv").unlink()  # val is then not read at all
+    check_subject_files(folder, ["anatomy", "econometrics"])

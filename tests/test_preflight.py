@@ -202,3 +202,35 @@ def test_the_transformers_engine_or_cpu_runs_what_the_fast_engine_refuses(tmp_pa
     validate(compose_config(base + ["backend.device=cpu"]), touch_store=False)
     with pytest.raises(ConfigError):
         validate(compose_config(base + ["backend.device=cuda"]), touch_store=False)
+
+
+@pytest.mark.parametrize("how", ["unterminated quote", "3 choices", "answer E"])
+def test_a_broken_mmlu_file_of_a_chosen_subject_is_a_config_error(tmp_path: Path, mmlu_dir: Path, how: str) -> None:
+    """Before, the sweep quantized and built before its evaluate cells met the file."""
+    from tests.test_mmlu_data import break_row, mmlu_copy
+
+    folder = mmlu_copy(mmlu_dir, tmp_path / "mmlu")
+    path = folder / "test" / "econometrics_test.csv"
+    line = break_row(path, 20, how)
+    chosen = [f"store.uri={tmp_path / 'store'}", f"eval.mmlu_dir={folder}", "sweep.subjects=[anatomy,econometrics]"]
+    with pytest.raises(ConfigError) as err:
+        validate(compose_config(TINY + chosen), touch_store=False)
+    assert err.value.field == "eval.mmlu_dir"
+    assert str(err.value).startswith(f"eval.mmlu_dir: {path}, line {line} (row 20): "), str(err.value)
+    validate(compose_config(TINY + chosen[:2] + ["sweep.subjects=[anatomy,virology]"]), touch_store=False)
+    validate(compose_config(TINY + chosen + ["sweep.stages=[profile]"]), touch_store=False)  # nothing reads it
+
+
+@pytest.mark.slow
+def test_the_cli_refuses_a_broken_mmlu_file_before_anything_runs(tmp_path: Path, mmlu_dir: Path) -> None:
+    from tests.test_mmlu_data import break_row, mmlu_copy
+
+    folder = mmlu_copy(mmlu_dir, tmp_path / "mmlu")
+    path = folder / "dev" / "anatomy_dev.csv"
+    line = break_row(path, 3, "answer E")
+    result = _cli([*TINY, f"store.uri={tmp_path / 'store'}", f"eval.mmlu_dir={folder}",
+                   "sweep.subjects=[anatomy,virology]"], tmp_path)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert _last_line(result).startswith(f"{PREFIX}eval.mmlu_dir: {path}, line {line} (row 3): answer 'E' is not "
+                                         "one of A, B, C, D"), _last_line(result)
+    assert not (tmp_path / "store" / "runs").exists()

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import pytest
 
@@ -28,8 +29,9 @@ def _ray_shutdown():
     ray.shutdown()
 
 
-def _sweep(overrides: list[str]):
+def _sweep(overrides: list[str], after_validation: Callable[[], None] = lambda: None):
     cfg = validate(compose_config(TINY + overrides))
+    after_validation()
     plan = plan_sweep(cfg)
     return cfg, plan, run_sweep(plan, cfg)
 
@@ -106,12 +108,19 @@ def _check_report_matches_store(store_dir: Path, out: Path, predictions, through
 def test_failing_and_oom_cells_become_rows(tmp_path: Path, mmlu_dir: Path) -> None:
     broken = tmp_path / "mmlu"
     shutil.copytree(mmlu_dir, broken)
-    (broken / "test" / "virology_test.csv").write_text('"only one column\n"\x00\x00,,\n')
+    virology = broken / "test" / "virology_test.csv"
+    good = virology.read_bytes()
+
+    def break_virology() -> None:
+        """The pre-flight reads every row of the chosen subjects' CSVs, so the file breaks after it (as one
+        changed under a running sweep would): the evaluate cell that reads it fails, as a row."""
+        virology.write_text('"only one column\n"\x00\x00,,\n')
+
     store_dir = tmp_path / "store"
     cfg, plan, outcome = _sweep([f"store.uri={store_dir}", f"eval.mmlu_dir={broken}", "sweep.methods=[fp16]",
                                  "sweep.subjects=[anatomy,virology]", "sweep.num_shards=2",
                                  # 2e9 sequences x 8 tokens x int64 = 128 GB cannot be allocated: an out-of-memory cell
-                                 "sweep.batch_sizes=[1,2000000000]"])
+                                 "sweep.batch_sizes=[1,2000000000]"], after_validation=break_virology)
     runs = ResultStore(str(store_dir)).read("runs").to_pandas().query("kind != 'sweep'").set_index("node_key")
     assert sorted(runs.index) == sorted(plan.nodes)  # every node has its row: the sweep finished
     evaluate = runs[runs.kind == "evaluate"].set_index("shard")
@@ -124,9 +133,10 @@ def test_failing_and_oom_cells_become_rows(tmp_path: Path, mmlu_dir: Path) -> No
     assert "allocate" in profile.loc[2000000000, "error"]
     assert not outcome.all_ok
     # the failed cells, and only they, run again on the next run (sweep.rerun=failed)
+    virology.write_bytes(good)
     _, _, again = _sweep([f"store.uri={store_dir}", f"eval.mmlu_dir={broken}", "sweep.methods=[fp16]",
                           "sweep.subjects=[anatomy,virology]", "sweep.num_shards=2",
-                          "sweep.batch_sizes=[1,2000000000]"])
+                          "sweep.batch_sizes=[1,2000000000]"], after_validation=break_virology)
     assert {plan.nodes[k].describe() for k in again.ran} == {"evaluate method=fp16 shard=1",
                                                              "profile method=fp16 batch_size=2000000000"}
 

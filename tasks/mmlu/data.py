@@ -109,19 +109,57 @@ def read_subject(mmlu_dir: str | os.PathLike, subject: str, split: str = "test")
     """The rows of ``<split>/<subject>_<split>.csv`` in file order.
 
     Each row: ``subject``, ``question_index`` (0-based row), ``question``, ``choices`` (4 strings),
-    ``answer`` (the letter).  Read with the csv module so the answer texts "None"/"NA" stay text.
+    ``answer`` (the letter).  Read with the csv module so the answer texts "None"/"NA" stay text, and
+    strictly: a quote never closed (or text after a closing quote) is an error, not a field that swallows
+    the rows after it.  Any row that is not a question, four choices and a letter A-D raises
+    :class:`MMLUDataError` naming the file and the line the row starts on (a question may span lines).
     """
     if split not in HF_SPLITS:
         raise ValueError(f"unknown MMLU split {split!r}; allowed: {', '.join(HF_SPLITS)}")
     path = _csv_path(Path(mmlu_dir), subject, split)
     rows = []
     with open(path, newline="", encoding="utf-8") as f:
-        for i, rec in enumerate(csv.reader(f)):
-            if len(rec) != 6 or rec[5] not in LETTERS:
-                raise MMLUDataError(f"{path}: row {i} is not question,A,B,C,D,answer-letter: {rec!r:.200}")
+        reader = csv.reader(f, strict=True)
+        i, line = 0, 1
+        while True:
+            where = f"{path}, line {line} (row {i})"
+            try:
+                rec = next(reader)
+            except StopIteration:
+                break
+            except csv.Error as err:
+                raise MMLUDataError(f"{where}: the CSV does not parse ({err}; a quote opened and never "
+                                    "closed?)") from err
+            except UnicodeDecodeError as err:
+                raise MMLUDataError(f"{path}: not UTF-8 text ({err})") from err
+            if len(rec) != 6:
+                raise MMLUDataError(f"{where}: {len(rec)} fields, expected 6 (question,A,B,C,D,answer-letter): "
+                                    f"{rec!r:.200}")
+            if rec[5] not in LETTERS:
+                raise MMLUDataError(f"{where}: answer {rec[5]!r:.20} is not one of {', '.join(LETTERS)}: "
+                                    f"{rec!r:.200}")
             rows.append({"subject": subject, "question_index": i, "question": rec[0],
                          "choices": rec[1:5], "answer": rec[5]})
+            i, line = i + 1, reader.line_num + 1
     return rows
+
+
+def splits_read(mmlu_dir: str | os.PathLike, subjects: Iterable[str]) -> list[str]:
+    """The splits an evaluate cell reads (:func:`prepare_hf_layout`), in dev, val, test order: dev and test,
+    and val when every subject has one."""
+    subjects = list(subjects)
+    with_val = all(_csv_path(Path(mmlu_dir), s, "val").is_file() for s in subjects)
+    return [sp for sp in HF_SPLITS if sp != "val" or with_val]
+
+
+def check_subject_files(mmlu_dir: str | os.PathLike, subjects: Iterable[str]) -> None:
+    """Read every CSV of ``subjects`` that an evaluate cell will read, with its reader (:func:`read_subject`),
+    so a broken row stops the sweep before it quantizes and builds for minutes, naming the file and line
+    (:class:`MMLUDataError`).  The sweep's pre-flight runs it on the driver and on every node that evaluates."""
+    subjects = list(subjects)
+    for split in splits_read(mmlu_dir, subjects):
+        for subject in subjects:
+            read_subject(mmlu_dir, subject, split)
 
 
 def _layout_key(mmlu_dir: Path, subjects: list[str], splits: list[str]) -> str:
@@ -189,9 +227,7 @@ def prepare_hf_layout(mmlu_dir: str | os.PathLike, cache_dir: str | os.PathLike,
     unknown = [s for s in subjects if s not in SUBJECTS]
     if unknown:
         raise ValueError(f"unknown MMLU subjects {unknown}; allowed: {', '.join(SUBJECTS)}")
-    splits = ["dev", "test"] + (["val"] if all(_csv_path(mmlu_dir, s, "val").is_file() for s in subjects)
-                                else [])
-    splits = [sp for sp in HF_SPLITS if sp in splits]  # dev, val, test order
+    splits = splits_read(mmlu_dir, subjects)
     parent = Path(cache_dir).resolve() / "mmlu_hf"
     target = parent / _layout_key(mmlu_dir, subjects, splits)
     if _is_complete(target, subjects):
