@@ -11,10 +11,12 @@ import json
 import pandas as pd
 
 from orchestrator.report_load import StoreData, config_section
+from orchestrator.validate import STAGES
 
 
-def provenance(data: StoreData, configs: list[dict]) -> list[tuple[str, str]]:
-    """(what, value) pairs describing the setup, every value read from the rows or the nodes' configs."""
+def provenance(data: StoreData, configs: list[dict], stages: tuple[str, ...] = STAGES) -> list[tuple[str, str]]:
+    """(what, value) pairs describing the setup, every value read from the rows or the nodes' configs;
+    the pairs about a stage the sweep did not ask for (MMLU shots of a speed-only sweep) are left out."""
     def distinct(df: pd.DataFrame, col: str) -> str:
         if col not in df or df[col].dropna().empty:
             return "—"
@@ -22,31 +24,32 @@ def provenance(data: StoreData, configs: list[dict]) -> list[tuple[str, str]]:
 
     runs, tp, mem, preds = data.runs, data.throughput, data.memory, data.predictions
     eval_cfg = config_section(configs, "eval")
+    # (what, value, the stage whose rows it describes: None for every sweep)
     items = [
-        ("Experiment", _experiments(configs)),
-        ("Sweep", ", ".join(data.sweep_names) or "—"),
-        ("Model", distinct(pd.concat([runs[["model"]], tp[["model"]], preds[["model"]]]), "model")),
-        ("Model source (model node config)", _model_sources(configs)),
-        ("Methods (quantize node configs)", _method_configs(configs)),
-        ("Hardware (GPU / device)", _hardware(runs, tp, mem)),
-        ("Driver", distinct(tp, "driver_version")),
-        ("Hosts", distinct(runs, "hostname")),
-        ("Engine / backend", distinct(pd.concat([runs[["backend"]], tp[["backend"]]]), "backend")),
-        ("Weights dtype per method, stored / computed (profile rows)", _dtypes_per_method(tp)),
-        ("Weight format per method", _per_method(tp, "weight_format")),
-        ("KV cache policy", distinct(tp, "kv_cache_policy")),
-        ("Weights", distinct(tp, "weights_note")),
-        ("MMLU shots", distinct(preds, "num_fewshot")),
-        ("MMLU scoring", distinct(preds, "scoring")),
-        ("MMLU questions per subject limit", str(eval_cfg.get("limit_per_subject"))
-         if eval_cfg else "—"),
-        ("Throughput shape (input/output tokens, warmup, repeats)", _shapes(tp)),
-        ("How throughput was measured", distinct(tp, "method_note")),
-        ("Memory bandwidth of the roofline (copy test, per device)", _bandwidths(tp)),
-        ("How memory was measured", distinct(mem, "method_note")),
-        ("Software versions", _versions(runs)),
+        ("Experiment", _experiments(configs), None),
+        ("Sweep", ", ".join(data.sweep_names) or "—", None),
+        ("Model", distinct(pd.concat([runs[["model"]], tp[["model"]], preds[["model"]]]), "model"), None),
+        ("Model source (model node config)", _model_sources(configs), None),
+        ("Methods (quantize node configs)", _method_configs(configs), None),
+        ("Hardware (GPU / device)", _hardware(runs, tp, mem), None),
+        ("Driver", distinct(tp, "driver_version"), None),
+        ("Hosts", distinct(runs, "hostname"), None),
+        ("Engine / backend", distinct(pd.concat([runs[["backend"]], tp[["backend"]]]), "backend"), None),
+        ("Weights dtype per method, stored / computed (profile rows)", _dtypes_per_method(tp), "profile"),
+        ("Weight format per method", _per_method(tp, "weight_format"), "profile"),
+        ("KV cache policy", distinct(tp, "kv_cache_policy"), "profile"),
+        ("Weights", distinct(tp, "weights_note"), "profile"),
+        ("MMLU shots", distinct(preds, "num_fewshot"), "evaluate"),
+        ("MMLU scoring", distinct(preds, "scoring"), "evaluate"),
+        ("MMLU questions per subject limit", str(eval_cfg.get("limit_per_subject")) if eval_cfg else "—",
+         "evaluate"),
+        ("Throughput shape (input/output tokens, warmup, repeats)", _shapes(tp), "profile"),
+        ("How throughput was measured", distinct(tp, "method_note"), "profile"),
+        ("Memory bandwidth of the roofline (copy test, per device)", _bandwidths(tp), "profile"),
+        ("How memory was measured", distinct(mem, "method_note"), "profile"),
+        ("Software versions", _versions(runs), None),
     ]
-    return items
+    return [(what, value) for what, value, stage in items if stage is None or stage in stages]
 
 
 def _bandwidths(tp: pd.DataFrame) -> str:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import html
+import re
 from datetime import datetime, timezone
 from importlib import resources
 from pathlib import Path
@@ -23,27 +24,37 @@ from orchestrator.report_tables import Results
 from orchestrator.schema import STATUSES
 
 
+#: The stages a figure's data comes from: a figure of a stage the sweep did not ask for is not drawn.
+FIGURE_STAGES = {"accuracy_category": ("evaluate",), "accuracy_subcategory": ("evaluate",),
+                 "throughput": ("profile",), "roofline": ("profile",), "memory": ("profile",),
+                 "tradeoff": ("evaluate", "profile"), "energy": ("profile",), "fidelity": ("fidelity",)}
+
+
 def draw_figures(res: Results, fig_dir: Path) -> dict[str, figs.Figure | None]:
-    """Every figure of the page, as PNG and SVG files under ``fig_dir``, keyed by the page's name for it."""
-    return {
-        "accuracy_category": figs.accuracy_bars(res.accuracy["category"], res.order,
-                                                fig_dir / "accuracy_category",
-                                                "MMLU accuracy by category (95% CI)"),
-        "accuracy_subcategory": figs.accuracy_bars(res.accuracy["subcategory"], res.order,
-                                                   fig_dir / "accuracy_subcategory",
-                                                   "MMLU accuracy by subcategory (95% CI)", wide=True),
-        "throughput": figs.throughput_lines(res.throughput, res.order, fig_dir / "throughput", res.baseline),
-        "roofline": figs.roofline_lines(res.throughput, res.order, fig_dir / "roofline"),
-        "memory": figs.memory_lines(res.memory, res.order, fig_dir / "memory"),
-        "tradeoff": figs.tradeoff_scatter(res.tradeoff, res.order, fig_dir / "tradeoff"),
-        "energy": figs.energy_lines(res.throughput, res.order, fig_dir / "energy", res.devices),
-        "fidelity": figs.fidelity_bars(res.fidelity, res.order, fig_dir / "fidelity", res.baseline),
+    """Every figure of the page, as PNG and SVG files under ``fig_dir``, keyed by the page's name for it
+    (None: its stages were not part of the sweep)."""
+    draw = {
+        "accuracy_category": lambda: figs.accuracy_bars(res.accuracy["category"], res.order,
+                                                        fig_dir / "accuracy_category",
+                                                        "MMLU accuracy by category (95% CI)"),
+        "accuracy_subcategory": lambda: figs.accuracy_bars(res.accuracy["subcategory"], res.order,
+                                                           fig_dir / "accuracy_subcategory",
+                                                           "MMLU accuracy by subcategory (95% CI)", wide=True),
+        "throughput": lambda: figs.throughput_lines(res.throughput, res.order, fig_dir / "throughput",
+                                                    res.baseline),
+        "roofline": lambda: figs.roofline_lines(res.throughput, res.order, fig_dir / "roofline"),
+        "memory": lambda: figs.memory_lines(res.memory, res.order, fig_dir / "memory"),
+        "tradeoff": lambda: figs.tradeoff_scatter(res.tradeoff, res.order, fig_dir / "tradeoff"),
+        "energy": lambda: figs.energy_lines(res.throughput, res.order, fig_dir / "energy", res.devices),
+        "fidelity": lambda: figs.fidelity_bars(res.fidelity, res.order, fig_dir / "fidelity", res.baseline),
     }
+    return {name: make() if set(FIGURE_STAGES[name]) <= set(res.stages) else None for name, make in draw.items()}
 
 
 def render_page(res: Results, store_uri: str, made: dict[str, figs.Figure | None]) -> str:
-    """The HTML page: the template filled with one fragment per section, figures embedded."""
-    return _render(_sections(res, store_uri, made))
+    """The HTML page: the template filled with one fragment per section, figures embedded; sections of
+    stages the sweep did not ask for say so instead (see :func:`_asked_sections`)."""
+    return _render(_sections(res, store_uri, made), res.stages)
 
 
 def _missing_notes(res: Results) -> list[str]:
@@ -54,8 +65,10 @@ def _missing_notes(res: Results) -> list[str]:
     preds = res.data.predictions
     acc = set(preds["series_base"]) if len(preds) else set()
     tp, mem = series(res.throughput), series(res.memory)
-    notes = [f"{s}: accuracy rows but no throughput rows (missing)." for s in sorted(acc - tp)]
-    notes += [f"{s}: throughput rows but no MMLU predictions (missing)." for s in sorted(tp - acc)]
+    notes = [f"{s}: accuracy rows but no throughput rows (missing)." for s in sorted(acc - tp)
+             if "profile" in res.stages]
+    notes += [f"{s}: throughput rows but no MMLU predictions (missing)." for s in sorted(tp - acc)
+              if "evaluate" in res.stages]
     notes += [f"{s}: only one of throughput / memory rows present (missing the other)."
               for s in sorted(tp ^ mem)]
     if not len(res.data.runs):
@@ -105,7 +118,7 @@ def _sections(res: Results, store_uri: str, made: dict[str, figs.Figure | None])
         "notes": _notes_html(res.data.notes),
         "provenance": "<table class=\"tbl kv\">" + "".join(
             f"<tr><th>{html.escape(k)}</th><td>{html.escape(v)}</td></tr>"
-            for k, v in provenance(res.data, res.configs)) + "</table>",
+            for k, v in provenance(res.data, res.configs, res.stages)) + "</table>",
         "accuracy_overall": wide["overall"],
         "fig_category": _figure_html(made["accuracy_category"], "Accuracy by MMLU category, one bar per method"),
         "table_category": wide["category"],
@@ -206,7 +219,26 @@ def _notes_html(notes: list[str]) -> str:
     return "".join(f'<p class="missing">{html.escape(n)}</p>' for n in notes)
 
 
-def _render(context: dict[str, str]) -> str:
+def _render(context: dict[str, str], stages: tuple[str, ...]) -> str:
     template = resources.files("orchestrator").joinpath("report_template.html").read_text("utf-8")
-    return Template(template).substitute(context)
+    return Template(_asked_sections(template, stages)).substitute(context)
+
+
+#: A section of the template that shows data of some stages: ``<section id="…" data-stages="evaluate profile">``.
+_STAGED_SECTION = re.compile(r'<section id="(?P<id>[\w-]+)" data-stages="(?P<stages>[\w ]+)">\s*'
+                             r'(?P<title><h2>.*?</h2>)(?P<body>.*?)</section>', re.S)
+
+
+def _asked_sections(template: str, stages: tuple[str, ...]) -> str:
+    """The template with each section whose ``data-stages`` were not all asked for cut to its title and
+    "not part of this sweep", so no empty table or figure reads as data still to come."""
+    said = html.escape(", ".join(stages)).replace("$", "$$")
+
+    def keep_or_cut(m: re.Match) -> str:
+        if set(m["stages"].split()) <= set(stages):
+            return f'<section id="{m["id"]}">\n{m["title"]}{m["body"]}</section>'
+        return (f'<section id="{m["id"]}">\n{m["title"]}\n<p class="empty">not part of this sweep '
+                f'(sweep.stages: {said}).</p>\n</section>')
+
+    return _STAGED_SECTION.sub(keep_or_cut, template)
 

@@ -13,6 +13,7 @@ from typing import Any
 import pandas as pd
 
 from orchestrator.report_load import StoreData, config_section, load_store, node_configs
+from orchestrator.validate import STAGES
 from tasks.mmlu.categories import CATEGORIES, SUBCATEGORIES, SUBJECTS
 
 #: Method names taken as the unquantized baseline for speed-ups (first present wins), when no method's
@@ -22,6 +23,24 @@ _GIB = 1024 ** 3
 
 
 # ------------------------------------------------------------------------------------- configuration
+def asked_stages(runs: pd.DataFrame) -> tuple[str, ...]:
+    """The stages the sweeps asked for (``sweep.stages`` of their ``kind = sweep`` rows, all of them
+    together), in :data:`~orchestrator.validate.STAGES` order.
+
+    A speed-only sweep's report must not promise accuracy that will never come, so sections of stages
+    not asked for are left out.  A store without sweep rows (written before they existed, or by hand)
+    can't say what was asked: every stage is then.
+    """
+    sweeps = runs[runs["kind"] == "sweep"] if len(runs) else runs
+    asked: set[str] = set()
+    for cfg in node_configs(sweeps):
+        stages = config_section([cfg], "sweep").get("stages")
+        if not stages:  # a sweep row that does not say
+            return STAGES
+        asked.update(map(str, stages))
+    return tuple(s for s in STAGES if s in asked) or STAGES
+
+
 def method_order(data: StoreData, configs: list[dict]) -> list[str]:
     """Methods in the sweep's own order (``sweep.methods``, measured yet or not: an interrupted sweep's
     missing cells are listed by them), then any others alphabetically."""
@@ -279,6 +298,7 @@ class Results:
     fidelity: pd.DataFrame  # one line per series: perplexity, KL with its interval, top-1 agreement
     flips: pd.DataFrame  # MMLU answer flips against the baseline
     fidelity_pairs: pd.DataFrame  # KL differences between two methods, paired over the same windows
+    stages: tuple[str, ...] = STAGES  # what the sweep asked for: the page leaves out the others' sections
 
     def tables(self) -> dict[str, pd.DataFrame]:
         return {**{f"accuracy_{lvl}": df for lvl, df in self.accuracy.items()},
@@ -314,5 +334,5 @@ def compute(store_uri: str, sweep_name: str | None = None) -> Results:
         failed=failures_table(data.runs), missing=missing_table(data, configs, methods),
         fidelity=_ordered(fidelity_table(data.fidelity), order, None),
         flips=_ordered(flips_table(data.predictions, baseline), order, None),
-        fidelity_pairs=fidelity_pairs_table(data.fidelity))
+        fidelity_pairs=fidelity_pairs_table(data.fidelity), stages=asked_stages(data.runs))
 
