@@ -18,7 +18,7 @@ from tasks.backends.torch.cuda.generate import Generator
 from tasks.backends.torch.cuda.int4 import Int4Linear
 from tasks.backends.torch.cuda.loader import int4_scheme, load_llama, read_config
 from tasks.backends.torch.cuda.model import DEFAULT_GEMV_FUSION, Transformer, kv_bytes_per_token
-from tasks.models import checkpoint_dtype
+from tasks.models import stored_dtype
 
 
 def describe_weights(model: Transformer, symmetric: bool | None = None) -> str:
@@ -46,7 +46,7 @@ class CudaLlamaEngine(Engine):
         self._tokenizer: Any = None
         self.dtype = "bfloat16"
         # random weights built in place have no checkpoint: they are made in the compute dtype
-        self.stored_dtype = checkpoint_dtype(checkpoint_dir) if checkpoint_dir is not None else self.dtype
+        self.stored_dtype = stored_dtype(checkpoint_dir) if checkpoint_dir is not None else self.dtype
         self.weight_format = describe_weights(model, symmetric)
         self.cache_shape, why = kv_cache_shape(options)
         self.kv_cache_policy = (f"static bf16 KV cache sized at load to {why}; a generation of another batch "
