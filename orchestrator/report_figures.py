@@ -2,7 +2,8 @@
 
 Matplotlib's Agg backend is used so figures render on a headless worker.  A figure whose table is
 empty is still written, as a placeholder that says "no data yet", so a partial store gives the same
-set of files as a full one.  SVGs are written without a date so reruns on the same store give the same
+set of files as a full one (figures of stages the sweep did not ask for are not drawn at all:
+:mod:`orchestrator.report_render` decides).  SVGs are written without a date so reruns on the same store give the same
 files.
 """
 from __future__ import annotations

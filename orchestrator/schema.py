@@ -99,7 +99,8 @@ THROUGHPUT = pa.schema(_KEY_COLUMNS + [
     pa.field("kv_cache_policy", pa.string()),
     pa.field("weights_note", pa.string()),  # e.g. "real weights" / "random weights, Llama-2-7B shape"
     pa.field("method_note", pa.string()),  # how the numbers were computed, in words
-    # the checkpoint's dtype (config.json) as stored on disk; ``dtype`` above is the one that computed
+    # what the checkpoint stores: its dtype ("bfloat16"), or the quantized format and the dtype of the other
+    # tensors ("int4 packed g128; other tensors bfloat16"); ``dtype`` above is the one that computed
     pa.field("stored_dtype", pa.string()),
     # memory-bandwidth roofline (tasks/roofline.py); null where the engine does not report what it reads
     pa.field("copy_bandwidth_bytes_per_s", pa.float64()),  # this device's copy: bytes read + written / time
@@ -123,7 +124,7 @@ MEMORY = pa.schema(_KEY_COLUMNS + [
     pa.field("kv_cache_bytes", pa.int64()),
     pa.field("method_note", pa.string()),
     pa.field("dtype", pa.string()),  # dtype the weights were held and computed in (sets weights_memory_bytes)
-    pa.field("stored_dtype", pa.string()),  # the checkpoint's dtype on disk
+    pa.field("stored_dtype", pa.string()),  # what the checkpoint stores, as in throughput
 ])
 
 FIDELITY = pa.schema(_KEY_COLUMNS + [

@@ -398,8 +398,7 @@ def hydra_config_error(err: Exception) -> ConfigError:
         return ConfigError(field, str(cause).splitlines()[0] + f" (at {cause.full_key})")
     if isinstance(err, MissingConfigException):
         group = (err.missing_cfg_file or "?").split("/")[0]
-        options = [o for o in (err.options or []) if not o.endswith("_schema")]
-        return ConfigError(group, str(err).splitlines()[0].strip(), options or None)
+        return ConfigError(group, str(err).splitlines()[0].strip(), list(err.options or []) or None)
     if isinstance(err, ConfigCompositionException):
         text = " ".join(line.strip() for line in str(err).splitlines() if line.strip())
         match = re.search(r"override '?([+~]*[\w.@/\[\]]+?)'?[ =.]", text) or re.search(r"'([\w.]+)'", text)

@@ -95,6 +95,52 @@ def checkpoint_dtype(checkpoint_dir: Path) -> str | None:
     return str(value).removeprefix("torch.") if value else None
 
 
+#: safetensors' dtype names, as torch names them
+_SAFETENSORS_DTYPES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32", "F64": "float64"}
+#: the tensors compressed-tensors stores for a quantized Linear besides its weight
+_QUANTIZATION_TENSORS = (".weight_packed", ".weight_scale", ".weight_zero_point", ".weight_shape", ".weight_g_idx")
+
+
+def stored_dtype(checkpoint_dir: Path) -> str | None:
+    """What a checkpoint folder stores, as the rows' ``stored_dtype`` says it: a dense checkpoint's dtype
+    (``bfloat16``); for a compressed-tensors one the quantized format and the dtype of the tensors it left
+    unquantized (``int4 packed g128; other tensors bfloat16``, ``fp8-e4m3 per-channel; other tensors
+    bfloat16``), since a bare dtype would read as the weights' own.
+
+    The other tensors' dtype is read from the safetensors headers (no tensor is loaded), not from
+    ``config.json``, which says what the saver meant rather than what it wrote.
+    """
+    config_path = Path(checkpoint_dir) / "config.json"
+    if not config_path.is_file():
+        return None
+    quant = json.loads(config_path.read_text()).get("quantization_config") or {}
+    if quant.get("quant_method") != "compressed-tensors":
+        return checkpoint_dtype(checkpoint_dir)
+    weights = next(iter((quant.get("config_groups") or {}).values()), {}).get("weights") or {}
+    bits, strategy = weights.get("num_bits", "?"), weights.get("strategy")
+    if weights.get("type") == "float":
+        form = f"fp{bits}{'-e4m3' if bits == 8 else ''} per-{strategy}"
+    else:
+        packed = " packed" if quant.get("format") == "pack-quantized" else ""
+        form = f"int{bits}{packed} " + (f"g{weights.get('group_size')}" if strategy == "group" else f"per-{strategy}")
+    others = _unquantized_dtypes(Path(checkpoint_dir)) or checkpoint_dtype(checkpoint_dir) or "unknown"
+    return f"{form}; other tensors {others}"
+
+
+def _unquantized_dtypes(checkpoint_dir: Path) -> str | None:
+    """The dtype(s) of the tensors not part of a quantized Linear (``bfloat16``; ``bfloat16/float32`` if mixed)."""
+    from safetensors import safe_open
+
+    found: set[str] = set()
+    for path in sorted(checkpoint_dir.glob("*.safetensors")):
+        with safe_open(str(path), framework="pt") as st:
+            for name in st.keys():
+                dtype = st.get_slice(name).get_dtype()
+                if not name.endswith(_QUANTIZATION_TENSORS) and dtype in _SAFETENSORS_DTYPES:  # not e4m3/int
+                    found.add(_SAFETENSORS_DTYPES[dtype])
+    return "/".join(sorted(found)) or None
+
+
 def model_config(model: dict[str, Any]) -> Any | None:
     """The model's transformers config, built WITHOUT loading weights; None where it cannot be known.
 

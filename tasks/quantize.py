@@ -30,8 +30,9 @@ patterns as compressed-tensors matches them).  ``group_size`` must divide every 
 model before any weights load or calibration runs.
 
 Calibration runs in ``options.calibration_dtype`` (default float32: exact on CPU, where bf16/fp16
-matmuls are also slower); the model is cast to ``method.dtype`` just before saving, so
-``weight_scale`` and every unquantized tensor are stored in ``method.dtype``.
+matmuls are also slower).  Just before saving, the int4 layers' tensors are cast to ``method.dtype`` (so
+``weight_scale`` is stored in it) and every unquantized tensor back to the source checkpoint's dtype,
+which ``config.json`` names: float32 would double their size on disk and in every transfer.
 
 Pass-through (``algorithm: none``): nothing is copied.  ``out_dir`` receives only
 ``quantsweep_quant.json`` whose ``checkpoint_dir`` points at the original folder and whose
@@ -64,7 +65,7 @@ Codes and zero points are **signed int4 in [-8, 7]** once unpacked (compressed-t
     W[n, k] = (q[n, k] - z[n, g]) * s[n, g]        (symmetric: z = 0, no zero-point tensor)
 
 Quantization was ``q = clamp(round(W / s) + z, -8, 7)``.  Unquantized tensors (embeddings, norms,
-``lm_head`` when ignored) keep their usual names in ``method.dtype``.  ``load_int4_layer`` returns
+``lm_head`` when ignored) keep their usual names and the source checkpoint's dtype.  ``load_int4_layer`` returns
 ``(q, s, z)`` for one layer.  AWQ leaves no extra tensor: its smoothing scales are already folded
 into the ``input_layernorm`` / ``post_attention_layernorm`` weights, ``up_proj`` and (without GQA
 only) ``v_proj``, so an AWQ artifact has exactly the GPTQ layout (no ``pre_quant_scale`` downstream).
@@ -126,7 +127,7 @@ from typing import Any, Iterator
 import torch
 
 from tasks.calibration import calibration_fingerprint, calibration_samples
-from tasks.models import DTYPES
+from tasks.models import DTYPES, checkpoint_dtype
 
 #: Written last into ``out_dir``; its presence marks a complete artifact.
 MARKER = "quantsweep_quant.json"
@@ -173,8 +174,7 @@ def quantize(checkpoint_dir: Path, out_dir: Path, method: dict[str, Any], seed: 
     _run_oneshot(model, tokenizer, samples, spec)
     calibrate_s = time.perf_counter() - t_calib
 
-    model.to(DTYPES[spec["dtype"]])
-    model.config.dtype = DTYPES[spec["dtype"]]
+    _cast_for_saving(model, other=_source_dtype(checkpoint_dir, spec), quantized=DTYPES[spec["dtype"]])
     model.save_pretrained(out_dir, save_compressed=True)
     tokenizer.save_pretrained(out_dir)
     result = {
@@ -207,13 +207,9 @@ def _quantize_fp8(checkpoint_dir: Path, out_dir: Path, spec: dict[str, Any], sta
     t_quant = time.perf_counter()
     oneshot(model=model, recipe=_recipe(spec))
     calibrate_s = time.perf_counter() - t_quant
-    # Everything but the quantized linears goes to method.dtype; those keep the calibration-dtype weight and
-    # scale, so the compressor rounds W / s to e4m3 once and the stored scale is the one it divided by.
-    quantized_params = {id(p) for m in model.modules() if hasattr(m, "weight_scale") for p in m.parameters()}
-    for param in model.parameters():
-        if id(param) not in quantized_params:
-            param.data = param.data.to(DTYPES[spec["dtype"]])
-    model.config.dtype = DTYPES[spec["dtype"]]
+    # The quantized linears keep the calibration-dtype weight and scale, so the compressor rounds W / s to e4m3
+    # once and the stored scale is the one it divided by.
+    _cast_for_saving(model, other=_source_dtype(checkpoint_dir, spec), quantized=None)
     model.save_pretrained(out_dir, save_compressed=True)
     tokenizer.save_pretrained(out_dir)
     result = {
@@ -390,6 +386,33 @@ def _recipe(spec: dict[str, Any]) -> list[Any]:
     if extra:
         raise ValueError(f"method.options {sorted(extra)} are not used by algorithm 'rtn'")
     return [quant]
+
+
+def _source_dtype(checkpoint_dir: Path, spec: dict[str, Any]) -> torch.dtype:
+    """The dtype the source checkpoint stores its tensors in (``method.dtype`` where it does not say)."""
+    return DTYPES.get(checkpoint_dtype(checkpoint_dir) or "", DTYPES[spec["dtype"]])
+
+
+def _cast_for_saving(model: Any, other: torch.dtype, quantized: torch.dtype | None) -> None:
+    """Give every tensor the dtype it is saved in: the quantized Linears' ``quantized`` (None: as calibrated),
+    every other tensor ``other``, the source checkpoint's dtype, which ``config.json`` then names.
+
+    The tensors a method leaves unquantized (embeddings, norms, ``lm_head``) keep the model's dtype:
+    calibration runs in float32, which would double their size on disk and in every transfer.  On a GPU host
+    llm-compressor leaves the model dispatched (compressed-tensors' offload caches: each module's tensors
+    live on the CPU and are copied to the GPU for each use), where a cast (``model.to``, ``param.data =``)
+    changes only the copies and the checkpoint kept the float32 of calibration; the dispatch is removed
+    first, so the casts reach the tensors that are saved.
+    """
+    from compressed_tensors.offload import remove_dispatch
+
+    remove_dispatch(model)
+    for module in model.modules():
+        target = quantized if hasattr(module, "weight_scale") else other
+        for param in module.parameters(recurse=False):
+            if target is not None and param.is_floating_point():
+                param.data = param.data.to(target)
+    model.config.dtype = other
 
 
 def _run_oneshot(model: Any, tokenizer: Any, samples: list[list[int]], spec: dict[str, Any]) -> None:

@@ -1,6 +1,7 @@
 """Bad input fails fast, naming the field and the allowed values, before any task starts."""
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -84,6 +85,25 @@ def test_cli_help_and_cfg_job_work_like_any_hydra_app(tmp_path: Path) -> None:
     assert helped.returncode == 0 and "experiment: cpu_demo, llama2_7b_l40" in helped.stdout
     job = _cli(["--cfg", "job", "sweep.batch_sizes=[1,8]"], tmp_path)
     assert job.returncode == 0 and "batch_sizes:\n  - 1\n  - 8" in job.stdout
+
+
+def test_help_names_the_program_its_commands_and_only_real_options(tmp_path: Path) -> None:
+    """``quantsweep --help`` is the program's own: its name, what it does with the README's three main
+    commands, and the config groups with the options in conf/ (not Hydra's banner or the schemas)."""
+    helped = _cli(["--help"], tmp_path)
+    assert helped.returncode == 0, helped.stderr
+    text = helped.stdout
+    assert text.startswith("quantsweep: ")
+    for command in ("quantsweep eval.mmlu_dir=", "quantsweep experiment=llama2_7b_l40 ",
+                    "quantsweep-report outputs/store --out outputs/report"):
+        assert command in text, command
+    conf = Path(__file__).resolve().parent.parent / "conf"
+    groups = text.split("== Config groups")[1].split("\n== ")[0]
+    listed = dict(re.findall(r"^(\w+): (.+)$", groups, re.M))
+    assert {group: set(options.split(", ")) for group, options in listed.items()} == {
+        group: {p.stem for p in (conf / group).glob("*.yaml")}
+        for group in ("backend", "cluster", "experiment", "method", "model", "store")}
+    assert "_schema" not in text and "powered by hydra" not in text.lower()
 
 
 @pytest.mark.slow

@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 
 from orchestrator.cli import CONF_DIR
-from orchestrator.report import compute
+from orchestrator.report_tables import compute
 from tests.sweep_helpers import TINY
 
 pytestmark = pytest.mark.slow

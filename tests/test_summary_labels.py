@@ -13,7 +13,8 @@ from omegaconf import OmegaConf
 from orchestrator.describe import describe_setup
 from orchestrator.plan import plan_sweep
 from orchestrator.progress import print_summary
-from orchestrator.report import _experiments, node_configs
+from orchestrator.report_load import node_configs
+from orchestrator.report_provenance import _experiments
 from orchestrator.validate import validate
 from tests.sweep_helpers import TINY, compose_config
 
@@ -69,7 +70,7 @@ def test_report_experiment_row_comes_from_the_sweep_rows_config(tmp_path: Path, 
 def test_rows_and_report_name_the_stored_and_the_computed_dtype(tmp_path: Path) -> None:
     """The demo's case: a checkpoint stored in bfloat16, run by the CPU reference in float32, under a
     method called "fp16"; rows and report must say both dtypes, not the method's name."""
-    from orchestrator.report import _dtypes_per_method
+    from orchestrator.report_provenance import _dtypes_per_method
     from orchestrator.schema import table_from_rows
     from tasks.backends.torch.hf_engine import HFEngine
     from tasks.models import prepare_model

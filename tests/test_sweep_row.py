@@ -14,7 +14,7 @@ import pytest
 from orchestrator import schedule
 from orchestrator.cli import CONF_DIR
 from orchestrator.plan import plan_sweep
-from orchestrator.report import compute
+from orchestrator.report_tables import compute
 from orchestrator.validate import validate
 from tests.sweep_helpers import TINY, compose_config
 

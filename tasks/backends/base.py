@@ -51,7 +51,9 @@ class Engine(ABC):
 
     device: str  # "cpu" | "cuda:N"
     dtype: str  # activation/compute dtype, e.g. "bfloat16"
-    stored_dtype: str | None = None  # the checkpoint's dtype on disk (config.json); None when unknown
+    # what the checkpoint stores (tasks.models.stored_dtype): "bfloat16", "int4 packed g128; other tensors
+    # bfloat16"; None when unknown
+    stored_dtype: str | None = None
 
     def dtype_label(self) -> str:
         """``stored bfloat16, computed float32 on cpu``: what rows and the report say about precision.

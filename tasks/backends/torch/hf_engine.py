@@ -16,7 +16,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from tasks.backends.base import Engine, GenerationTiming
-from tasks.models import DTYPES, checkpoint_dtype
+from tasks.models import DTYPES, stored_dtype
 from tasks.roofline import decode_reads
 
 
@@ -48,7 +48,7 @@ class HFEngine(Engine):
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.model = AutoModelForCausalLM.from_pretrained(checkpoint_dir, dtype=DTYPES[dtype]).to(device).eval()
         stored = checkpoint_weight_format(checkpoint_dir)
-        self.stored_dtype = checkpoint_dtype(checkpoint_dir)
+        self.stored_dtype = stored_dtype(checkpoint_dir)
         dense = (f"dense {dtype}" if self.stored_dtype in (None, dtype)
                  else f"dense {dtype} (stored {self.stored_dtype}, cast at load)")
         self.weight_format = (f"{stored}, de-quantized to dense {dtype} by transformers"

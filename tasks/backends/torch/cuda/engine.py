@@ -20,19 +20,23 @@ from tasks.backends.torch.cuda.generate import Generator
 from tasks.backends.torch.cuda.int4 import Int4Linear
 from tasks.backends.torch.cuda.loader import int4_scheme, load_model, read_config
 from tasks.backends.torch.cuda.model import DEFAULT_GEMV_FUSION, Transformer, kv_bytes_per_token
-from tasks.models import DTYPES, checkpoint_dtype
+from tasks.models import DTYPES, stored_dtype
 
 
 def describe_weights(model: Transformer, symmetric: bool | None = None) -> str:
+    dtype = str(model.dtype).removeprefix("torch.")
+    on_cuda = model.tok_embeddings.weight.is_cuda
     if any(isinstance(m, Fp8Linear) for m in model.modules()):
-        return ("fp8-e4m3 W8A8 (per-channel weight scales, per-token dynamic activation scales; cuBLASLt "
-                "_scaled_mm, the FP8 GEMV at batch <= 8 where it measured faster; lm_head and embeddings bf16)")
+        kernels = ("cuBLASLt _scaled_mm, the FP8 GEMV at batch <= 8 where it measured faster" if on_cuda
+                   else "the PyTorch reference: activations quantize-dequantized per token")
+        return ("fp8-e4m3 W8A8 (per-channel weight scales, per-token dynamic activation scales; "
+                f"{kernels}; lm_head and embeddings {dtype})")
     int4 = [m for m in model.modules() if isinstance(m, Int4Linear)]
     if not int4:
-        return "dense bfloat16"
+        return f"dense {dtype}"
     grid = "" if symmetric is None else ("-sym" if symmetric else "-asym")
-    return (f"int4-g{int4[0].group_size}{grid} (W4A16, {model.int4_kernels} kernels, bf16 activations; "
-            "lm_head and embeddings bf16)")
+    return (f"int4-g{int4[0].group_size}{grid} (W4A16, {model.int4_kernels} kernels, {dtype} activations; "
+            f"lm_head and embeddings {dtype})")
 
 
 class FastEngine(Engine):
@@ -48,7 +52,7 @@ class FastEngine(Engine):
         self._tokenizer: Any = None
         self.dtype = str(model.dtype).removeprefix("torch.")
         # random weights built in place have no checkpoint: they are made in the compute dtype
-        self.stored_dtype = checkpoint_dtype(checkpoint_dir) if checkpoint_dir is not None else self.dtype
+        self.stored_dtype = stored_dtype(checkpoint_dir) if checkpoint_dir is not None else self.dtype
         self.weight_format = describe_weights(model, symmetric)
         self.cache_shape, why = kv_cache_shape(options)
         self.kv_cache_policy = (f"static {self.dtype} KV cache sized at load to {why}; a generation of another "
