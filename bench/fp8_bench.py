@@ -11,11 +11,11 @@ quantized per token as the engine does.  Modes:
   and at M <= 8 the GEMV itself with the config the sweep chose (or a default one where cuBLASLt won).
 - ``sweep``: per (linear, M <= 8), cuBLASLt's row-wise ``_scaled_mm`` against every GEMV launch config,
   both on the same quantized inputs, inside CUDA graphs over weight copies that do not fit in L2
-  (``gpu_benchmark._bench_graph``), split-K sum included; bf16 cuBLAS on the same shape for scale.
+  (``timing._bench_graph``), split-K sum included; bf16 cuBLAS on the same shape for scale.
   Writes the shapes where the GEMV won, and its config, to ``--configs-out`` (the engine reads
   ``tasks/backends/torch/cuda/fp8_configs.json``).
 
-End to end: ``python bench/gpu_benchmark.py --mode e2e --methods fp16,fp8``.
+End to end: ``python bench/e2e.py --methods fp16,fp8``.
 Usage: python bench/fp8_bench.py --mode sweep --configs-out tasks/backends/torch/cuda/fp8_configs.json
 """
 from __future__ import annotations
@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from gpu_benchmark import RANDOM_NOTICE, _bench_graph, _write, shapes_kn  # noqa: E402
+from timing import RANDOM_NOTICE, _bench_graph, _write, shapes_kn  # noqa: E402
 from tasks.backends.torch.cuda import fp8, int4  # noqa: E402
 
 DEFAULT_GEMV = (1, 2, 4, 1)  # checked at M <= 8 where the sweep kept cuBLASLt

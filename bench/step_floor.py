@@ -33,7 +33,7 @@ import torch  # noqa: E402
 from tasks.backends.torch.cuda.model import ModelArgs, llama2_7b_args  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gpu_benchmark import _bench_graph, copy_bandwidth  # noqa: E402  (CUDA-graph timing, copy test)
+from timing import _bench_graph, copy_bandwidth  # noqa: E402  (CUDA-graph timing, copy test)
 
 ALIGN = 256  # bytes: every segment starts on a 16-byte vector (and a DRAM burst) boundary
 TINY = 8192  # bytes read by a launch that moves almost nothing (norm, argmax, position update)
