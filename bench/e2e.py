@@ -1,5 +1,5 @@
-"""What int4 buys on one GPU, end to end: a Llama-2-7B-shaped model with RANDOM weights, fp16 (bf16) vs int4
-g128, the table users read.
+"""What int4 buys on one GPU, end to end: a model with RANDOM weights of a real model's shape (``--shape``,
+default Llama-2-7B), fp16 (bf16) vs int4 g128, the table users read.
 
 No Ray, no checkpoint: the model is built on the GPU with random weights (its text is meaningless; speed
 and memory do not depend on the values).  Modes:
@@ -15,7 +15,11 @@ and memory do not depend on the values).  Modes:
 - ``smoke``: the orchestrator's path without Ray on small checkpoints (``--smoke-dir`` with ``fp`` and
   ``rtn``): TorchBackend build -> load (KV cache from the profile options) -> profile_engine -> lm-eval.
 
-Usage: python bench/e2e.py --methods fp16,int4 --out results/
+Shapes: ``llama2-7b`` is :func:`~tasks.backends.torch.cuda.model.llama2_7b_args`; the others are read from
+the sweep's random-model configs (``conf/model/random_*.yaml``) through the engine's families table, as a
+profile cell reads a model.
+
+Usage: python bench/e2e.py --methods fp16,int4 --shape llama3.1-8b --out results/
 """
 from __future__ import annotations
 
@@ -29,15 +33,37 @@ import time
 import types
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
 from tasks.backends.torch.cuda.generate import Generator  # noqa: E402
 from tasks.backends.torch.cuda.loader import random_model  # noqa: E402
-from tasks.backends.torch.cuda.model import DEFAULT_GEMV_FUSION, kv_bytes_per_token, llama2_7b_args  # noqa: E402
+from tasks.backends.torch.cuda.model import (DEFAULT_GEMV_FUSION, ModelArgs, kv_bytes_per_token,  # noqa: E402
+                                             llama2_7b_args)
 from tasks import roofline  # noqa: E402
-from timing import GIB, RANDOM_NOTICE, _write, add_common_options, copy_bandwidth, ints, print_device  # noqa: E402
+from timing import GIB, _write, add_common_options, copy_bandwidth, ints, print_device, random_notice  # noqa: E402
+
+#: --shape -> (the name the notices print, the conf/model file of a random model of that shape; None:
+#: llama2_7b_args(), the engine's own Llama-2-7B shape, whose rms_norm_eps is Llama-2's 1e-5)
+SHAPES = {"llama2-7b": ("Llama-2-7B", None), "llama3.1-8b": ("Llama-3.1-8B", "random_llama31_8b"),
+          "qwen2.5-7b": ("Qwen2.5-7B", "random_qwen25_7b")}
+
+
+def model_args_of(shape: str) -> ModelArgs:
+    """The engine's ModelArgs for ``--shape``: the random-model config's config.json through the families
+    table (:func:`tasks.backends.torch.cuda.families.model_args`), so the shapes live in ``conf/model`` only."""
+    conf = SHAPES[shape][1]
+    if conf is None:
+        return llama2_7b_args()
+    from omegaconf import OmegaConf
+
+    from tasks.backends.torch.cuda.families import model_args
+    from tasks.models import model_config_json
+
+    model = OmegaConf.to_container(OmegaConf.load(ROOT / "conf" / "model" / f"{conf}.yaml"), resolve=True)
+    return model_args(model_config_json(model))
 
 
 def decode_bytes_per_step(model, batch: int, input_len: int, output_len: int) -> float:
@@ -74,11 +100,12 @@ def decode_breakdown(gen: Generator, input_len: int, steps: int = 20, top: int =
 
 
 def run_method(method: str, batch_sizes: list[int], input_len: int, output_len: int, warmup: int,
-               repeats: int, bandwidth: float, compile_blocks: bool, breakdown: bool = False) -> list[dict]:
+               repeats: int, bandwidth: float, compile_blocks: bool, breakdown: bool = False,
+               shape: str = "llama2-7b") -> list[dict]:
     from tasks.gpu_metrics import MemorySampler
 
-    print(RANDOM_NOTICE)
-    args = llama2_7b_args()
+    print(random_notice(SHAPES[shape][0]))
+    args = model_args_of(shape)
     t0 = time.perf_counter()
     # suffixes for A/B runs: "-nofuse" (gemv_fusion off), "-silu" (gemv_fusion all); else the default
     base, _, suffix = method.partition("-")
@@ -133,6 +160,7 @@ def run_method(method: str, batch_sizes: list[int], input_len: int, output_len: 
             "setup_s": setup_s, "repeats": repeats, "warmup": warmup,
             "weights_gib": model.weight_bytes() / GIB,
             "gpu": torch.cuda.get_device_name(),
+            "shape": shape,
             "int4_kernels": model.int4_kernels if base not in ("fp16", "fp8") else "",
             "gemv_fusion": model.gemv_fusion,
         }
@@ -155,8 +183,8 @@ def e2e(args, out_dir: Path, bandwidth: float) -> list[dict]:
     rows = []
     for method in args.methods.split(","):
         part = out_dir / f"e2e_{method}.json"
-        cmd = [sys.executable, __file__, "--mode", "method", "--method", method, "--out", str(out_dir),
-               "--batch-sizes", args.batch_sizes, "--input-len", str(args.input_len),
+        cmd = [sys.executable, __file__, "--mode", "method", "--method", method, "--shape", args.shape,
+               "--out", str(out_dir), "--batch-sizes", args.batch_sizes, "--input-len", str(args.input_len),
                "--output-len", str(args.output_len), "--warmup", str(args.warmup), "--repeats", str(args.repeats),
                "--bandwidth", str(bandwidth)] + (["--no-compile"] if args.no_compile else []) \
             + (["--breakdown"] if args.breakdown else [])
@@ -172,13 +200,13 @@ def e2e(args, out_dir: Path, bandwidth: float) -> list[dict]:
         r["decode_speedup_vs_fp16"] = r["decode_tok_s"] / base["decode_tok_s"] if base else float("nan")
         r["nvml_vs_fp16"] = r["peak_nvml_used_gib"] / base["peak_nvml_used_gib"] if base else float("nan")
     _write(rows, out_dir / "e2e")
-    print_table(rows, bandwidth)
+    print_table(rows, bandwidth, args.shape)
     return rows
 
 
-def print_table(rows: list[dict], bandwidth: float) -> None:
+def print_table(rows: list[dict], bandwidth: float, shape: str = "llama2-7b") -> None:
     print()
-    print(RANDOM_NOTICE)
+    print(random_notice(SHAPES[shape][0]))
     gpu = rows[0]["gpu"] if rows else "?"
     kernels = sorted({f"{r['method']}: {r['int4_kernels']}" for r in rows if r.get("int4_kernels")})
     print(f"GPU: {gpu}; measured copy bandwidth {bandwidth / 1e12:.2f} TB/s (read + write); fp16 = bf16 weights; "
@@ -247,6 +275,7 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--mode", choices=["e2e", "method", "smoke"], default="e2e")
     add_common_options(p)
+    p.add_argument("--shape", choices=list(SHAPES), default="llama2-7b", help="the model shape (random weights)")
     p.add_argument("--methods", default="fp16,int4")
     p.add_argument("--method", default="fp16")
     p.add_argument("--warmup", type=int, default=1)
@@ -262,13 +291,13 @@ def run(args: argparse.Namespace) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     if args.mode == "method":
         rows = run_method(args.method, ints(args.batch_sizes), args.input_len, args.output_len, args.warmup,
-                          args.repeats, args.bandwidth, not args.no_compile, args.breakdown)
+                          args.repeats, args.bandwidth, not args.no_compile, args.breakdown, args.shape)
         (args.out / f"e2e_{args.method}.json").write_text(json.dumps(rows))
         return
     if args.mode == "smoke":
         smoke(args.smoke_dir, args.out)
         return
-    print_device()
+    print_device(random_notice(SHAPES[args.shape][0]))
     bandwidth = args.bandwidth or copy_bandwidth()
     print(f"device-to-device copy bandwidth: {bandwidth / 1e12:.3f} TB/s (bytes read + written, median of 20)")
     e2e(args, args.out, bandwidth)
