@@ -41,7 +41,7 @@ except ImportError:  # pragma: no cover - CPU machines
     triton = None
 
 TARGET_PROGRAMS = 4 * 132  # enough programs to keep every SM of an H100/H200 busy a few times over
-CONFIG_FILE = Path(__file__).with_name("attention_configs.json")  # bench/gpu_benchmark.py --mode attention
+CONFIG_FILE = Path(__file__).with_name("attention_configs.json")  # written by bench/tune_kernels.py attention
 
 
 def _load_tuned() -> dict[int, tuple[int, int, int, int]]:

@@ -5,7 +5,7 @@ Why: the fp16 baseline must itself run near the memory-bandwidth roofline, or in
 overstated.  At batch 1 on an H200, cuBLAS reads Llama-2-7B's 4096 x 4096 (wo) weight at 2.5 TB/s and the
 4096 x 11008 (w2) one at 3.2 TB/s, while the GPU's copy test moves 4.2.  The kernel reads nn.Linear's own
 weight tensor (no second copy) with the int4 kernels' tiling and split-K partials, and
-``bench/gpu_benchmark.py --mode dense`` writes the shapes and launch configs where it wins (timed with the
+``bench/tune_kernels.py dense`` writes the shapes and launch configs where it wins (timed with the
 split-K sum, as the engine pays for it) to ``dense_configs.json``; every other shape, batch and device
 keeps ``F.linear``.
 """

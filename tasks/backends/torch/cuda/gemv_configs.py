@@ -1,7 +1,7 @@
 """Tuned launch configs of the engine's batch <= 8 GEMV kernels (the bf16 baseline's and FP8's).
 
 Each kernel family has a JSON of ``[M bucket, N, K, (TN, B, WK, splits)]`` entries written by a bench sweep
-(``bench/gpu_benchmark.py --mode dense``, ``bench/fp8_bench.py --mode sweep``) for the shapes where the GEMV
+(``bench/tune_kernels.py dense``, ``bench/fp8_bench.py --mode sweep``) for the shapes where the GEMV
 beat the vendor GEMM on the sweep's GPU; a shape without an entry goes to the vendor GEMM.
 """
 from __future__ import annotations

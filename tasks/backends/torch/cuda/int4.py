@@ -10,7 +10,7 @@ holds the *integer* zero point (0..15, exact in bf16) so that ``w = (q - zero) *
 arithmetic as compressed-tensors' ``(q - zp) * s`` (a symmetric checkpoint has zero 8 everywhere).
 
 Kernels (CUDA, Triton), chosen per (M, N, K) from ``int4_configs.json`` (written on an H100, then re-tuned
-on an H200 for M = 1, 16 and 64, by ``bench/gpu_benchmark.py --mode kernels``, which times every candidate
+on an H200 for M = 1, 16 and 64, by ``bench/tune_kernels.py int4``, which times every candidate
 inside CUDA graphs with weights cold in L2, as the decode step runs them; heuristics fill shapes it lacks):
 Split-K kernels write each split's partial sums to its own slice of a [splits, M, N] fp32 output (no
 atomics: no zeroed buffer, no memset launch, deterministic sums); the sum over splits is fused by
@@ -55,7 +55,7 @@ except ImportError:  # pragma: no cover - CPU machines
     triton = None
 
 PACK_BLOCK = 128  # K rows per 16-word slab
-CONFIG_FILE = Path(__file__).with_name("int4_configs.json")  # written by bench/gpu_benchmark.py --mode kernels
+CONFIG_FILE = Path(__file__).with_name("int4_configs.json")  # written by bench/tune_kernels.py int4
 
 
 # ----------------------------------------------------------------------------------------------- packing

@@ -32,7 +32,7 @@ import torch
 from tasks.backends.torch.cuda import fused
 
 SOURCE_FILE = Path(__file__).with_name("w4a16_mma.cu")
-CONFIG_FILE = Path(__file__).with_name("int4_mma_configs.json")  # bench/gpu_benchmark.py --mode mma
+CONFIG_FILE = Path(__file__).with_name("int4_mma_configs.json")  # written by bench/tune_kernels.py mma
 CHUNK = 64  # K per 16-byte lane vector
 TILE = 16  # weight rows per MMA tile
 MAX_M = 64  # 8 activation tiles of 8 rows; larger M de-quantizes and uses cuBLAS
