@@ -1,7 +1,8 @@
 """A CPU sweep of every family through Ray, the store and the real cells, on both engines.
 
 For each family's tiny checkpoint (tests/family_checkpoints.py, a local Hugging Face folder as a user's would
-be): fp16, RTN and GPTQ int4, the fidelity and profile stages, once with ``backend.options.engine=fast``
+be): fp16, RTN int4 and AWQ or GPTQ int4 (each of the two on two families; FP8 on two), the fidelity and
+profile stages, once with ``backend.options.engine=fast``
 (the fast engine's model code on the CPU) and once with ``engine=hf`` (transformers), into one store.  Both
 end ok, the rows say which engine ran, and each fidelity window's ``nll_sum`` agrees within 1e-3 relative:
 the fast engine scores what transformers scores, for every family and weight format.
@@ -21,9 +22,6 @@ from tests.sweep_helpers import TINY, compose_config
 
 pytestmark = pytest.mark.slow
 
-METHODS = ("fp16", "rtn", "gptq")
-
-
 @pytest.fixture(scope="module", autouse=True)
 def _one_ray_instance():
     """One local Ray instance for all the sweeps of this module (run_sweep reuses a running one)."""
@@ -33,13 +31,17 @@ def _one_ray_instance():
     ray.shutdown()
 
 
-@pytest.mark.parametrize("name", ["llama3.1", "mistral", "qwen2", "qwen3"])
-def test_both_engines_sweep_every_family_and_agree(name: str, tmp_path: Path, mmlu_dir: Path) -> None:
+@pytest.mark.parametrize("name, methods", [("llama3.1", ("fp16", "rtn", "gptq", "fp8")),
+                                           ("mistral", ("fp16", "rtn", "awq")),
+                                           ("qwen2", ("fp16", "rtn", "awq", "fp8")),
+                                           ("qwen3", ("fp16", "rtn", "gptq"))])
+def test_both_engines_sweep_every_family_and_agree(name: str, methods: tuple[str, ...], tmp_path: Path,
+                                                  mmlu_dir: Path) -> None:
     checkpoint = save(hf_model(name, seed=7), tmp_path / name, tokenizer=True)
     store_dir = tmp_path / "store"
     base = TINY + [f"store.uri={store_dir}", f"eval.mmlu_dir={mmlu_dir}", "model.source=hf",
                    f"model.path={checkpoint}", f"model.name={name}", "model.dtype=float32", "backend.device=cpu",
-                   f"sweep.methods=[{','.join(METHODS)}]", "sweep.stages=[fidelity,profile]",
+                   f"sweep.methods=[{','.join(methods)}]", "sweep.stages=[fidelity,profile]",
                    "sweep.batch_sizes=[2]", "fidelity.num_sequences=3", "fidelity.seq_len=72"]
     for engine in ("fast", "hf"):
         cfg = validate(compose_config(base + [f"+backend.options.engine={engine}"]))
@@ -49,18 +51,19 @@ def test_both_engines_sweep_every_family_and_agree(name: str, tmp_path: Path, mm
     store = ResultStore(str(store_dir))
     fidelity = store.read("fidelity").to_pandas()
     fidelity["which"] = fidelity["engine"].map(lambda e: "fast" if e.startswith("quantsweep fast engine") else "hf")
-    assert fidelity.groupby("which").size().to_dict() == {"fast": 3 * len(METHODS), "hf": 3 * len(METHODS)}
-    assert fidelity.loc[fidelity.which == "fast", "engine"].str.contains(f"on the CPU").all()
+    assert fidelity.groupby("which").size().to_dict() == {"fast": 3 * len(methods), "hf": 3 * len(methods)}
+    assert fidelity.loc[fidelity.which == "fast", "engine"].str.contains("on the CPU").all()
     wide = fidelity.pivot_table(index=["method", "sequence_index"], columns="which", values="nll_sum")
     relative = ((wide["fast"] - wide["hf"]).abs() / wide["hf"].abs())
     assert relative.max() < 1e-3, relative.sort_values().tail()
-    # the int4 methods changed the model (the comparison is not of two fp16 runs)
+    # the quantized methods changed the model (the comparison is not of two fp16 runs)
     kl = fidelity.groupby(["method", "which"])["kl_mean"].mean()
-    assert kl["rtn"].min() > 0 and kl["gptq"].min() > 0 and kl["fp16"].max() == 0
+    assert kl["fp16"].max() == 0 and all(kl[m].min() > 0 for m in methods if m != "fp16")
 
     throughput = store.read("throughput").to_pandas()
     engines = throughput["engine"].map(lambda e: "fast" if e.startswith("quantsweep fast engine") else "hf")
-    assert sorted(zip(throughput["method"], engines)) == sorted((m, e) for m in METHODS for e in ("fast", "hf"))
+    assert sorted(zip(throughput["method"], engines)) == sorted((m, e) for m in methods for e in ("fast", "hf"))
     assert (throughput["output_tokens_per_s"] > 0).all()
-    fast_int4 = throughput[(engines == "fast") & (throughput.method == "gptq")]
-    assert fast_int4["weight_format"].str.startswith("int4-g32").all()  # the engine's int4 linears ran
+    fast = throughput[engines == "fast"].set_index("method")["weight_format"]
+    assert all(fast[m].startswith("int4-g32") for m in methods if m in ("rtn", "awq", "gptq"))  # int4 linears
+    assert "fp8" not in methods or fast["fp8"].startswith("fp8-e4m3 W8A8")  # and the FP8 ones ran
