@@ -187,8 +187,9 @@ def _run_fidelity(node: Node, upstream: list[dict], cfg: dict, device: str) -> t
     options = {"purpose": "fidelity", "kv_cache_batch_size": 1,
                "kv_cache_input_len": fid["seq_len"], "kv_cache_output_len": 0}
     method_engine = _load_engine(node, upstream[:1], cfg, device, options)
-    try:
-        baseline_engine = _load_engine(node, upstream[1:], cfg, device, options)
+    try:  # the baseline's own cell: one engine, loaded once
+        same = upstream[0]["artifact_uri"] == upstream[1]["artifact_uri"]
+        baseline_engine = method_engine if same else _load_engine(node, upstream[1:], cfg, device, options)
         try:
             text = prepare_text(baseline_engine.tokenizer, fid["text"], fid["seq_len"], fid["num_sequences"],
                                 seed=node.config["seed"])
@@ -201,7 +202,8 @@ def _run_fidelity(node: Node, upstream: list[dict], cfg: dict, device: str) -> t
                 "method_note": KL_HOW}
             rows = [{**provenance, **row} for row in measure(method_engine, baseline_engine, text)]
         finally:
-            baseline_engine.close()
+            if baseline_engine is not method_engine:
+                baseline_engine.close()
     finally:
         method_engine.close()
     summary = summarize(rows).iloc[0].to_dict()

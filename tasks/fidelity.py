@@ -135,8 +135,12 @@ def sequence_row(window: Sequence[int], baseline_logits: torch.Tensor, method_lo
 
 
 def measure(method_engine: Any, baseline_engine: Any, text: FidelityText) -> Iterator[dict[str, Any]]:
-    """Stream the windows through both engines; yield one row per window (see :func:`sequence_row`)."""
+    """Stream the windows through both engines; yield one row per window (see :func:`sequence_row`).
+
+    The baseline's own cell passes one engine twice: its logits are computed once (KL 0 exactly, as two
+    passes of a deterministic engine would give), which halves the cell that gives the baseline's perplexity."""
     for index, window in enumerate(text.windows):
         baseline_logits = baseline_engine.prompt_logits([window])[0]
-        method_logits = method_engine.prompt_logits([window])[0]
+        method_logits = (baseline_logits if method_engine is baseline_engine
+                         else method_engine.prompt_logits([window])[0])
         yield {"sequence_index": index, **sequence_row(window, baseline_logits, method_logits)}
