@@ -3,7 +3,7 @@
 One sweep, in order: read what the store holds; on a running cluster, join it and ask its nodes which stored
 artifacts they see (:mod:`orchestrator.cluster_checks`); choose the nodes to run; start Ray where no cluster
 was named and check each kind of task against single live nodes (:mod:`orchestrator.ray_cluster`); write the
-sweep row ``running``; submit every node and collect results as they
+sweep row ``running`` (:mod:`orchestrator.sweep_record`); submit every node and collect results as they
 come; write the sweep row again at the end.
 
 An exception inside a task is not retried - it is a result, recorded as a row by the task.  When Ray loses
@@ -16,40 +16,25 @@ command resumes it.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import socket
 import time
-from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
 
-from orchestrator import cluster_checks, secrets
-from orchestrator.execute import execute_node, node_run_row, versions
-from orchestrator.plan import Node, SweepPlan, node_key
+from orchestrator import cluster_checks
+from orchestrator.execute import execute_node
+from orchestrator.plan import Node, SweepPlan
 from orchestrator.progress import SweepProgress
 from orchestrator.ray_cluster import (check_cluster_can_run, fresh_process, init_ray, live_nodes, task_options,
                                       task_request)
-from orchestrator.schema import DATA_TABLES, KIND_TABLES, SCHEMA_VERSION
+from orchestrator.schema import DATA_TABLES, KIND_TABLES
 from orchestrator.store import ResultStore
+from orchestrator.sweep_record import SweepOutcome, lost_task_row, record_sweep
 from orchestrator.watchdog import GiveUp, Started, Watchdog
 
 log = logging.getLogger("quantsweep")
-
-
-@dataclass
-class SweepOutcome:
-    results: dict[str, dict[str, Any]] = field(default_factory=dict)  # node_key -> summary
-    reused: set[str] = field(default_factory=set)
-    ran: set[str] = field(default_factory=set)
-    wall_s: float = 0.0
-    plan: SweepPlan | None = None
-
-    @property
-    def all_ok(self) -> bool:
-        return all(r["status"] == "ok" for r in self.results.values())
-
 
 #: seconds between the watchdog's looks at the cluster (ray.nodes() is one GCS call)
 WATCH_PERIOD_S = 2.0
@@ -166,68 +151,12 @@ def _upstream_lost(node: Node, refs: dict[str, Any], outcome: SweepOutcome) -> b
     return False
 
 
-def _lost_task_row(node: Node, cfg: dict[str, Any], err: BaseException | str, status: str,
-                   started: Started | None = None, lost_node: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Record a node Ray could not run (worker died after retries, killed by Ray's OOM monitor, its node
-    lost, no progress); the row names where it last ran - or the lost node - and how often it started."""
-    now = datetime.now(timezone.utc)
-    error = err if isinstance(err, str) else f"{type(err).__name__}: {str(err)[:3000]}"
-    where: dict[str, Any] = {"attempt": started.attempt if started else 0}
-    if started is not None:
-        where.update(ray_node_id=started.node_id, node_ip=started.node_ip, hostname=started.hostname)
-    if lost_node is not None and started is not None and started.node_id == lost_node.get("NodeID"):
-        where.update(ray_node_id=lost_node.get("NodeID"), node_ip=lost_node.get("NodeManagerAddress"),
-                     hostname=lost_node.get("NodeManagerHostname"))
-    row = {**node_run_row(node, cfg, status, error), **where, "started_at": now, "finished_at": now}
-    store = ResultStore.from_config(cfg["store"])
-    for table in DATA_TABLES:
-        store.delete(table, node.key)  # rows a dying worker may have written before its runs row
-    store.write("runs", node.key, [row])
-    return {"node_key": node.key, "kind": node.kind, "status": status, "error": row["error"],
-            "artifact_uri": None, "result_json": "{}"}
-
-
-def _record_sweep(cfg: dict[str, Any], plan: SweepPlan, outcome: SweepOutcome | None, started: Any,
-                  status: str) -> None:
-    """One ``runs`` row of kind ``sweep`` per (sweep name, config): what was asked for, as a whole.
-
-    The report reads the experiment, the expected grid, the eval settings and the sweep's node keys (a
-    reused node keeps the sweep name it was first run under) from it.  It is written before any cell
-    (``running``, once the pre-flight cluster checks have passed: a sweep refused by them writes nothing),
-    so an interrupted sweep still says what it expected, and again at the end (``ok``, or
-    ``failed`` when some cell did not succeed, ``interrupted``).  Its key depends only on the config (not
-    on ``sweep.rerun``), so a resumed sweep replaces its row instead of adding one.
-    """
-    described = {k: cfg[k] for k in ("experiment", "model", "methods", "backend", "cluster", "eval", "sweep")}
-    described["methods"] = {m: cfg["methods"][m] for m in cfg["sweep"]["methods"]}
-    described = secrets.redact_config(described)  # runtime_env values (tokens, keys) are never stored
-    # how the sweep reached the cluster is not what it asked for: not part of the row's key
-    keyed = {**described, "cluster": {k: v for k, v in described["cluster"].items()
-                                      if k not in ("runtime_env", "stall_timeout_s")},
-             "sweep": {k: v for k, v in described["sweep"].items() if k != "rerun"}}
-    summary: dict[str, Any] = {"nodes": len(plan.nodes), "node_keys": sorted(plan.nodes)}
-    if outcome is not None:
-        statuses = [r["status"] for r in outcome.results.values()]
-        summary.update(ran=len(outcome.ran), reused=len(outcome.reused), wall_s=outcome.wall_s,
-                       **{s: statuses.count(s) for s in ("ok", "failed", "oom", "skipped")})
-    finished = datetime.now(timezone.utc)
-    row = {"schema_version": SCHEMA_VERSION, "sweep_name": cfg["sweep"]["name"],
-           "node_key": node_key("sweep", keyed, ()), "kind": "sweep", "status": status,
-           "backend": cfg["backend"]["name"], "model": cfg["model"]["name"],
-           "config_json": json.dumps(described, sort_keys=True, default=str),
-           "result_json": json.dumps(summary, sort_keys=True), "hostname": socket.gethostname(),
-           "started_at": started, "finished_at": finished, "duration_s": (finished - started).total_seconds(),
-           "versions_json": json.dumps(versions(), sort_keys=True)}
-    ResultStore.from_config(cfg["store"]).write("runs", row["node_key"], [row])
-
-
-
 def run_sweep(plan: SweepPlan, cfg: dict[str, Any]) -> SweepOutcome:
     started = datetime.now(timezone.utc)
     recorded: list[bool] = []
 
     def record_start() -> None:
-        _record_sweep(cfg, plan, None, started, "running")
+        record_sweep(cfg, plan, None, started, "running")
         recorded.append(True)
 
     try:
@@ -235,11 +164,11 @@ def run_sweep(plan: SweepPlan, cfg: dict[str, Any]) -> SweepOutcome:
     except BaseException:  # Ctrl-C, SIGTERM, a lost cluster: the row must not go on saying "running"
         if recorded:
             try:
-                _record_sweep(cfg, plan, None, started, "interrupted")
+                record_sweep(cfg, plan, None, started, "interrupted")
             except Exception as exc:  # the store may be what failed; the original error is the one to show
                 log.warning("could not mark the sweep row interrupted: %s", exc)
         raise
-    _record_sweep(cfg, plan, outcome, started, "ok" if outcome.all_ok else "failed")
+    record_sweep(cfg, plan, outcome, started, "ok" if outcome.all_ok else "failed")
     return outcome
 
 
@@ -312,10 +241,10 @@ def _watch(plan: SweepPlan, cfg: dict[str, Any], refs: dict[str, Any], node_of_r
             try:
                 result = ray.get(ref)
             except OutOfMemoryError as err:
-                result = _lost_task_row(node, cfg, err, "oom", started.get(node.key))
+                result = lost_task_row(node, cfg, err, "oom", started.get(node.key))
             except RayError as err:
                 status = "skipped" if _upstream_lost(node, refs, outcome) else "failed"
-                result = _lost_task_row(node, cfg, err, status, started.get(node.key))
+                result = lost_task_row(node, cfg, err, status, started.get(node.key))
             outcome.results[node.key] = result
             outcome.ran.add(node.key)
             progress.finished(node.key, result["status"])
@@ -351,7 +280,7 @@ def _give_up(node: Node, verdict: GiveUp, cfg: dict[str, Any], started: dict[str
         status = "skipped"
         reason = f"upstream node(s) {', '.join(blocked)} did not succeed; {reason}"
     log.warning("giving up on %s: %s", node.describe(), reason)
-    result = _lost_task_row(node, cfg, reason, status, started.get(node.key), verdict.lost_node)
+    result = lost_task_row(node, cfg, reason, status, started.get(node.key), verdict.lost_node)
     outcome.results[node.key] = result
     outcome.ran.add(node.key)
     progress.finished(node.key, status)
