@@ -67,11 +67,11 @@ def sigterm_interrupts() -> Iterator[None]:
     """SIGTERM (``timeout``, Slurm, Kubernetes, ``kill``) raises ``KeyboardInterrupt`` inside the block, so it
     takes Ctrl-C's path (cells cancelled, exit 130, the resume hint) instead of Ray's abort (exit 134).
 
-    The handler is :func:`orchestrator.schedule.interrupt_on_sigterm`'s, which the scheduler installs again
+    The handler is :func:`orchestrator.ray_cluster.interrupt_on_sigterm`'s, which the scheduler installs again
     right after ``ray.init`` (Ray's core worker sets a SIGTERM handler of its own).  The handler in place
     before the block is put back after it, so a caller of :func:`run` (a test, a notebook) keeps its own.
     Signals reach only the main thread: elsewhere this does nothing."""
-    from orchestrator.schedule import interrupt_on_sigterm
+    from orchestrator.ray_cluster import interrupt_on_sigterm
 
     if threading.current_thread() is not threading.main_thread():
         yield

@@ -1,107 +1,41 @@
-"""Can this Ray cluster run the plan?  Checked per node, before anything is submitted.
+"""What a task will find on each node of a running cluster, checked from there before anything is submitted.
 
-Ray places a task on one node, so a request fits only when a *single* live node offers all of it: CPUs,
-GPUs, the accelerator type (Ray's ``accelerator_type:<name>`` node resource), custom resources and memory.
-Summing over the cluster (``ray.cluster_resources()``) lets a GPU on one node and an ``nvme`` resource on
-another pass, and the task then waits forever; so every check here looks at nodes one by one.  The same
-fit test tells the scheduler's watchdog which waiting cells no live node can run any more (a lost node).
-
-:func:`probe_nodes` then runs a small task on every node that can run some kind of task and checks, from
-that node, what a task there will use: the store (with the connection settings the tasks get), the
-artifacts folder and a local store folder (that every node sees the *same* folder: a marker file written
-by one must be visible to all), the MMLU folder on nodes that evaluate (every CSV of the chosen subjects read
-as the evaluate cells will), and which stored artifacts exist.
+The driver may not mount what the tasks use, so it asks the nodes: :func:`check_nodes` picks every live node
+that can run some cell of the sweep (the per-node fit of :mod:`orchestrator.ray_cluster`), and
+:func:`probe_nodes` runs a small task on each that checks, from that node, what a task there will use: the
+store (with the connection settings the tasks get), the artifacts folder and a local store folder (that every
+node sees the *same* folder: a marker file written by one must be visible to all), the MMLU folder on nodes
+that evaluate (every CSV of the chosen subjects read as the evaluate cells will), and which stored artifacts
+exist.
 """
 from __future__ import annotations
 
 import os
 import uuid
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
+from orchestrator.plan import Node
+from orchestrator.ray_cluster import describe_node, fits, live_nodes, task_kinds, task_options, task_request
 from orchestrator.validate import ConfigError
 
-#: Ray's request for an accelerator type: this much of the ``accelerator_type:<name>`` node resource.
-ACCELERATOR_FRACTION = 0.001
 
+def check_nodes(candidates: list[Node], artifacts: list[str], cfg: dict[str, Any]) -> dict[str, bool]:
+    """Probe every live node that can run some of ``candidates`` (store, shared folders, MMLU on those that
+    can evaluate) and return which of the stored ``artifacts`` the nodes see."""
+    import ray
 
-def task_request(options: dict[str, Any]) -> dict[str, float]:
-    """The node resources a task with these Ray ``.options(...)`` needs, in Ray's resource names."""
-    request: dict[str, float] = {"CPU": float(options.get("num_cpus") or 0)}
-    if options.get("num_gpus"):
-        request["GPU"] = float(options["num_gpus"])
-    if options.get("accelerator_type"):
-        request[f"accelerator_type:{options['accelerator_type']}"] = ACCELERATOR_FRACTION
-    for name, amount in (options.get("resources") or {}).items():
-        request[name] = float(amount)
-    if options.get("memory"):
-        request["memory"] = float(options["memory"])
-    return request
-
-
-def fits(offered: dict[str, float], request: dict[str, float]) -> bool:
-    """Does one node's *total* resources cover the whole request (Ray's own tolerance for fractions)?"""
-    return all(offered.get(name, 0.0) + 1e-9 >= amount for name, amount in request.items() if amount > 0)
-
-
-def live_nodes(nodes: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
-    return [n for n in nodes if n.get("Alive")]
-
-
-def _amount(name: str, value: float) -> str:
-    if name in ("memory", "object_store_memory"):
-        return f"{name} {value / 2**30:.1f} GiB"
-    if name.startswith("accelerator_type:"):
-        return name
-    return f"{name} {value:g}"
-
-
-def describe_request(request: dict[str, float]) -> str:
-    return ", ".join(_amount(k, v) for k, v in request.items() if v > 0) or "nothing"
-
-
-def describe_node(node: dict[str, Any]) -> str:
-    """``127.0.0.1 (node 1a2b3c4d): CPU 2, GPU 1, accelerator_type:L40, memory 3.0 GiB``."""
-    resources = node.get("Resources") or {}
-    shown = [_amount(k, v) for k, v in sorted(resources.items())
-             if not k.startswith("node:") and k != "object_store_memory"]
-    return f"{node.get('NodeManagerAddress')} (node {str(node.get('NodeID'))[:8]}): {', '.join(shown) or 'no resources'}"
-
-
-#: which config field asks for which part of a request
-def _field_of(resource: str, cluster: dict[str, Any]) -> str:
-    if resource == "CPU":
-        return "cluster.cpus_per_task"
-    if resource == "GPU":
-        return "cluster.gpus_per_task"
-    if resource == "memory":
-        return "cluster.memory_per_task_gb"
-    if resource.startswith("accelerator_type:"):
-        return "cluster.accelerator_type"
-    return f"cluster.resources.{resource}"
-
-
-def check_requests_fit(kinds: dict[str, dict[str, Any]], nodes: list[dict[str, Any]],
-                       cluster: dict[str, Any]) -> None:
-    """Raise :class:`ConfigError` unless every kind of task (``label -> Ray options``) fits one live node.
-
-    The error names the field that asks for what no node has; when each part exists somewhere but no
-    node has all of it, it says so and lists what every node offers.
-    """
-    alive = live_nodes(nodes)
-    offers = "; ".join(describe_node(n) for n in alive) or "no live nodes"
-    for label, options in kinds.items():
-        request = task_request(options)
-        if any(fits(n.get("Resources") or {}, request) for n in alive):
-            continue
-        for name, amount in request.items():
-            if amount > 0 and not any(fits(n.get("Resources") or {}, {name: amount}) for n in alive):
-                best = max(((n.get("Resources") or {}).get(name, 0.0) for n in alive), default=0.0)
-                raise ConfigError(_field_of(name, cluster),
-                                  f"{label} tasks ask for {_amount(name, amount)} but no live node of the Ray "
-                                  f"cluster has that much (largest: {_amount(name, best)}); nodes: {offers}")
-        raise ConfigError("cluster", f"{label} tasks ask for {describe_request(request)} on one node, but no "
-                          f"single live node has all of it (Ray places a task on one node); nodes: {offers}")
+    cluster = cfg["cluster"]
+    ray_nodes = live_nodes(ray.nodes())
+    gpus = sum((n.get("Resources") or {}).get("GPU", 0) for n in ray_nodes)
+    requests = [task_request(o) for o in task_kinds(candidates, cluster, gpus).values()]
+    able = [n for n in ray_nodes if any(fits(n.get("Resources") or {}, r) for r in requests)]
+    evaluate = [n for n in candidates if n.kind == "evaluate"]
+    evaluate_request = (task_request(task_options(evaluate[0], cluster, gpus))
+                        if evaluate and cfg["eval"].get("mmlu_dir") else None)
+    evaluate_nodes = {n["NodeID"] for n in able
+                      if evaluate_request and fits(n.get("Resources") or {}, evaluate_request)}
+    return probe_nodes(able, cfg, evaluate_nodes, artifacts, driver_sees_store=True)
 
 
 def _mmlu_problems(mmlu_dir: str, subjects: list[str]) -> list[tuple[str, str]]:

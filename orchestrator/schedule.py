@@ -1,59 +1,40 @@
 """Run a plan on Ray: one task per node, dependencies as object refs, stored results reused.
 
-GPU nodes ask for ``cluster.gpus_per_task`` GPUs plus the configured accelerator type and custom
-resources, so they land only on matching nodes and each sees only its own GPU (Ray sets
-CUDA_VISIBLE_DEVICES); they run in fresh worker processes (``max_calls=1``) so GPU memory and peak
-memory readings never leak from one cell into the next.  Ray retries a task whose worker or node died
-(``max_retries``); an exception inside a task is not retried - it is a result, recorded as a row.  When a
-task is lost for good (retries spent, Ray's memory monitor killed it) the driver writes its row, and the
-nodes below it are marked skipped.
+One sweep, in order: read what the store holds; on a running cluster, join it and ask its nodes which stored
+artifacts they see (:mod:`orchestrator.cluster_checks`); choose the nodes to run; start Ray where no cluster
+was named and check each kind of task against single live nodes (:mod:`orchestrator.ray_cluster`); write the
+sweep row ``running`` (:mod:`orchestrator.sweep_record`); submit every node and collect results as they
+come; write the sweep row again at the end.
 
-A sweep never waits silently: before submitting, every kind of task is checked against single live nodes
-and, on a running cluster, a probe task on each node checks the store, the shared folders and the MMLU
-data from there (:mod:`orchestrator.cluster_checks`); while it runs, a watchdog gives up on cells no live
-node can run any more or that made no progress for ``cluster.stall_timeout_s`` (:mod:`orchestrator.watchdog`),
-recording them as rows, so the sweep ends (exit 3) and a rerun of the same command resumes it.  The
-store's connection settings from the driver's environment reach every task through the job's
-``runtime_env``; their values, and those of ``cluster.runtime_env``, are never stored
-(:mod:`orchestrator.secrets`).
+An exception inside a task is not retried - it is a result, recorded as a row by the task.  When Ray loses
+a task for good (retries spent, Ray's memory monitor killed it) the driver writes its row, and the nodes
+below it are marked skipped.  A sweep never waits silently: while it runs, a watchdog gives up on cells no
+live node can run any more or that made no progress for ``cluster.stall_timeout_s``
+(:mod:`orchestrator.watchdog`), recording them as rows, so the sweep ends (exit 3) and a rerun of the same
+command resumes it.
 """
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
-import os
 import socket
 import time
-from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
 
-from orchestrator import cluster_checks, secrets
-from orchestrator.execute import execute_node, node_run_row, versions
-from orchestrator.plan import Node, SweepPlan, node_key
+from orchestrator import cluster_checks
+from orchestrator.execute import execute_node
+from orchestrator.plan import Node, SweepPlan
 from orchestrator.progress import SweepProgress
-from orchestrator.schema import DATA_TABLES, KIND_TABLES, SCHEMA_VERSION
+from orchestrator.ray_cluster import (check_cluster_can_run, fresh_process, init_ray, live_nodes, task_options,
+                                      task_request)
+from orchestrator.schema import DATA_TABLES, KIND_TABLES
 from orchestrator.store import ResultStore
-from orchestrator.validate import ConfigError
+from orchestrator.sweep_record import SweepOutcome, lost_task_row, record_sweep
 from orchestrator.watchdog import GiveUp, Started, Watchdog
 
 log = logging.getLogger("quantsweep")
-
-
-@dataclass
-class SweepOutcome:
-    results: dict[str, dict[str, Any]] = field(default_factory=dict)  # node_key -> summary
-    reused: set[str] = field(default_factory=set)
-    ran: set[str] = field(default_factory=set)
-    wall_s: float = 0.0
-    plan: SweepPlan | None = None
-
-    @property
-    def all_ok(self) -> bool:
-        return all(r["status"] == "ok" for r in self.results.values())
-
 
 #: seconds between the watchdog's looks at the cluster (ray.nodes() is one GCS call)
 WATCH_PERIOD_S = 2.0
@@ -97,208 +78,16 @@ def select_nodes_to_run(plan: SweepPlan, stored: dict[str, dict], rerun: str,
     return to_run, reused
 
 
-def interrupt_on_sigterm() -> None:
-    """Make SIGTERM (``timeout``, Slurm, Kubernetes, ``kill``) take Ctrl-C's path: cells cancelled, the
-    sweep row marked interrupted, exit 130 with the resume hint, instead of Ray's abort (exit 134).
-
-    Called again after ``ray.init``, whose core worker installs a SIGTERM handler of its own.
-    """
-    import signal
-    import threading
-
-    def stop(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, stop)
-
-
-#: seconds the driver waits for a cluster's head to accept a TCP connection, then again for its gRPC
-#: handshake; Ray's own connect retries an unreachable address for minutes
-CONNECT_TIMEOUT_S = 5.0
-
-#: what a user reads whenever ``cluster.address`` leads nowhere
-START_RAY = ("start Ray on the head node with `ray start --head --port=6379` (and `ray start "
-             "--address=<head>:6379` on the others), then pass cluster.address=<head>:6379, or "
-             "cluster.address=auto on the head node; without a cluster, cluster=local starts Ray on this machine")
-
-
-def _reach_cluster(address: str, timeout_s: float = CONNECT_TIMEOUT_S) -> None:
-    """Raise :class:`ConfigError` on ``cluster.address`` unless a Ray head answers there within seconds.
-
-    Why: ``ray.init`` retries an address nothing answers at for minutes, or ends after half a minute with
-    a traceback; a typo in the address must cost seconds and say what was tried.  ``auto`` is looked up the
-    way ``ray.init`` does (``RAY_ADDRESS``, then the last ``ray start`` on this machine), and a loopback
-    address becomes the address Ray itself will use.  The head must accept a TCP connection and then
-    answer the gRPC handshake (a port that accepts and never speaks, or a firewall that drops, fails it).
-    """
-    import grpc
-    from ray._private import services
-
-    try:
-        gcs = services.canonicalize_bootstrap_address(address.removeprefix("ray://"))
-    except ConnectionError as err:  # auto, and neither RAY_ADDRESS nor a Ray started on this machine
-        raise ConfigError("cluster.address", f"{address!r} found no running Ray instance: it looks for one "
-                          f"started on this machine (`ray start`) or named by RAY_ADDRESS; {START_RAY}") from err
-    except ValueError as err:
-        raise ConfigError("cluster.address", f"{address!r} is not host:port ({err}); {START_RAY}") from err
-    if gcs is None:  # "local": ray.init starts an instance of its own
-        return
-    host, port = services.parse_address(gcs)
-    try:
-        with socket.create_connection((host, int(port)), timeout=timeout_s):
-            pass
-    except OSError as err:  # refused, timed out, no route, unknown host
-        shown = f"{gcs} (from {address!r})" if gcs != address else gcs
-        raise ConfigError("cluster.address", f"cannot reach the Ray cluster at {shown}: a TCP connection to "
-                          f"its head (GCS) failed within {timeout_s:g} s: {err or type(err).__name__}; "
-                          f"{START_RAY}") from err
-    try:
-        from ray._private.grpc_utils import init_grpc_channel  # Ray's channel: TLS and token auth as set
-    except ImportError:  # another Ray release: a plain channel tells a gRPC server from a silent port too
-        init_grpc_channel = grpc.insecure_channel
-    channel = init_grpc_channel(gcs)
-    try:
-        grpc.channel_ready_future(channel).result(timeout=timeout_s)
-    except grpc.FutureTimeoutError as err:
-        raise ConfigError("cluster.address", f"{gcs} accepts connections but did not answer as a Ray head "
-                          f"node (GCS, gRPC) within {timeout_s:g} s: is it the port `ray start --head` "
-                          f"printed (default 6379)? {START_RAY}") from err
-    finally:
-        channel.close()
-
-
-def _init_ray(cluster: dict[str, Any]) -> None:
-    import ray
-
-    if ray.is_initialized():
-        return
-    if not cluster.get("address"):
-        os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a local instance on this machine needs no token
-    else:
-        _reach_cluster(cluster["address"])
-    runtime_env = dict(cluster.get("runtime_env") or {})
-    # Quiet per-task progress bars; keep tokenizers from forking thread pools inside Ray workers.  The
-    # store's connection settings (credentials, endpoint, region) set on the driver reach every task, on
-    # every node, the way the driver's checks saw them; cluster.runtime_env can still override each one.
-    runtime_env["env_vars"] = {"HF_HUB_DISABLE_PROGRESS_BARS": "1", "TOKENIZERS_PARALLELISM": "false",
-                               "TRANSFORMERS_VERBOSITY": "error", **secrets.store_env(),
-                               **runtime_env.get("env_vars", {})}
-    if cluster.get("address"):
-        try:
-            ray.init(address=cluster["address"], runtime_env=runtime_env or None,
-                     log_to_driver=cluster.get("show_task_logs", False))
-        except ConnectionError as err:  # the head answered the probe, then Ray's own connect failed
-            raise ConfigError("cluster.address", f"Ray could not connect to {cluster['address']!r}: {err}; "
-                              f"{START_RAY}") from err
-    else:
-        ray.init(num_cpus=cluster.get("num_cpus"), num_gpus=cluster.get("num_gpus"),
-                 include_dashboard=cluster.get("include_dashboard", False),
-                 runtime_env=runtime_env or None, log_to_driver=cluster.get("show_task_logs", False))
-    interrupt_on_sigterm()
-
-
-def task_options(node: Node, cluster: dict[str, Any], cluster_gpus: float) -> dict[str, Any]:
-    """Ray resource options of one node's task."""
-    options: dict[str, Any] = {"num_cpus": cluster["cpus_per_task"], "max_retries": cluster["max_retries"],
-                               "retry_exceptions": False}
-    gpus = cluster.get("gpus_per_task")
-    if gpus is None:
-        gpus = 1 if cluster_gpus > 0 else 0
-    if node.needs_gpu and gpus > 0:
-        options["num_gpus"] = gpus
-        if cluster.get("accelerator_type"):
-            options["accelerator_type"] = cluster["accelerator_type"]
-        if cluster.get("resources"):
-            options["resources"] = dict(cluster["resources"])
-    if cluster.get("memory_per_task_gb"):
-        options["memory"] = int(cluster["memory_per_task_gb"] * 2**30)
-    return options
-
-
-def task_kinds(nodes: list[Node], cluster: dict[str, Any], cluster_gpus: float) -> dict[str, dict[str, Any]]:
-    """The distinct Ray requests among ``nodes``, labelled by the node kinds that make them."""
-    groups: dict[str, tuple[list[str], dict[str, Any]]] = {}
-    for node in nodes:
-        options = task_options(node, cluster, cluster_gpus)
-        key = json.dumps(cluster_checks.task_request(options), sort_keys=True)
-        kinds, _ = groups.setdefault(key, ([], options))
-        if node.kind not in kinds:
-            kinds.append(node.kind)
-    return {f"{'GPU' if o.get('num_gpus') else 'CPU'} ({', '.join(k)})": o for k, o in groups.values()}
-
-
-def check_cluster_can_run(nodes: list[Node], cluster: dict[str, Any], ray_nodes: list[dict[str, Any]],
-                          backend: dict[str, Any] | None = None) -> None:
-    """Fail before submitting anything when some kind of task fits no single live node (it would wait
-    forever), or when ``backend`` needs a GPU that its GPU cells will not get (they would fail one by one)."""
-    live = cluster_checks.live_nodes(ray_nodes)
-    gpus = sum((n.get("Resources") or {}).get("GPU", 0) for n in live)
-    if backend is not None and any(n.needs_gpu for n in nodes):
-        _check_gpu_backend(backend, cluster, live, gpus)
-    wanted = cluster.get("accelerator_type")
-    if wanted and gpus == 0 and not cluster.get("gpus_per_task") and any(n.needs_gpu for n in nodes):
-        # asked for by name: never fall back to the CPU, as GPU cells on a cluster without GPUs otherwise
-        # would (with GPUs, check_requests_fit below names what each node offers)
-        offered = sorted({k.split(":", 1)[1] for n in live for k in (n.get("Resources") or {})
-                          if k.startswith("accelerator_type:")})
-        if wanted not in offered:
-            raise ConfigError("cluster.accelerator_type", f"no node of the Ray cluster has accelerator {wanted!r}",
-                              offered + ["null (any GPU)"])
-    cluster_checks.check_requests_fit(task_kinds(nodes, cluster, gpus), ray_nodes, cluster)
-
-
-def _check_gpu_backend(backend: dict[str, Any], cluster: dict[str, Any], live: list[dict[str, Any]],
-                       gpus: float) -> None:
-    """``backend.device=cuda`` and TensorRT-LLM (GPU only) need a GPU in every GPU cell; without GPUs on the
-    cluster, or with ``cluster.gpus_per_task=0``, those cells would run on CPUs and fail one by one after
-    the model cell (or skip below it), so the sweep is refused here, naming the option that needs a GPU."""
-    per_task = cluster.get("gpus_per_task")
-    if per_task is None:
-        per_task = 1 if gpus > 0 else 0
-    if per_task > 0:
-        return  # the GPU request itself is checked against the nodes by check_requests_fit
-    if backend["name"] == "tensorrt_llm":
-        field, problem, allowed = "backend.name", "tensorrt_llm runs on GPUs only", ["torch"]
-    elif backend["device"] == "cuda":
-        field, problem, allowed = "backend.device", "cuda", ["auto", "cpu"]
-    else:
-        return  # auto: GPU cells run on the CPU
-    if gpus == 0:
-        offers = "; ".join(cluster_checks.describe_node(n) for n in live) or "no live nodes"
-        raise ConfigError(field, f"{problem}, but no live node of the Ray cluster has a GPU, so its GPU cells "
-                          f"would run on CPUs and fail; add GPU nodes or change {field}; nodes: {offers}", allowed)
-    raise ConfigError(field, f"{problem}, but cluster.gpus_per_task=0 gives its GPU cells no GPU; set "
-                      f"cluster.gpus_per_task >= 1 (or null) or change {field}", allowed)
-
-
-def _check_nodes(plan: SweepPlan, stored: dict[str, dict], cfg: dict[str, Any]) -> dict[str, bool]:
-    """On a running cluster: probe every node that can run some task of this sweep (store, shared
-    folders, MMLU) and return which stored artifacts the nodes see."""
-    import ray
-
-    cluster = cfg["cluster"]
+def _seen_by_nodes(plan: SweepPlan, stored: dict[str, dict], cfg: dict[str, Any]) -> dict[str, bool]:
+    """On a running cluster: the nodes that can run some task of this sweep (any whose artifact may be
+    gone) check the store, the shared folders and MMLU, and say which stored artifacts they see."""
     candidates, _ = select_nodes_to_run(plan, stored, cfg["sweep"]["rerun"], seen_by_nodes={
         row["artifact_uri"]: False for row in stored.values() if row.get("artifact_uri")})
     if not candidates:
         return {}
-    ray_nodes = cluster_checks.live_nodes(ray.nodes())
-    gpus = sum((n.get("Resources") or {}).get("GPU", 0) for n in ray_nodes)
-    requests = [cluster_checks.task_request(o) for o in task_kinds(candidates, cluster, gpus).values()]
-    able = [n for n in ray_nodes if any(cluster_checks.fits(n.get("Resources") or {}, r) for r in requests)]
-    evaluate = [n for n in candidates if n.kind == "evaluate"]
-    evaluate_request = (cluster_checks.task_request(task_options(evaluate[0], cluster, gpus))
-                        if evaluate and cfg["eval"].get("mmlu_dir") else None)
-    evaluate_nodes = {n["NodeID"] for n in able
-                      if evaluate_request and cluster_checks.fits(n.get("Resources") or {}, evaluate_request)}
     artifacts = sorted({row["artifact_uri"] for key, row in stored.items()
                         if key in plan.nodes and row.get("artifact_uri") and "://" not in row["artifact_uri"]})
-    return cluster_checks.probe_nodes(able, cfg, evaluate_nodes, artifacts, driver_sees_store=True)
-
-
-def fresh_process(node: Node) -> bool:
-    """Cells that load models run in a fresh worker (``max_calls=1``): clean GPU memory and memory peaks."""
-    return node.kind in ("quantize", "evaluate", "profile")
+    return cluster_checks.check_nodes(candidates, artifacts, cfg)
 
 
 def _remote_execute(node: Node, cfg: dict[str, Any], board: Any, *upstream: dict[str, Any]) -> dict[str, Any]:
@@ -362,67 +151,12 @@ def _upstream_lost(node: Node, refs: dict[str, Any], outcome: SweepOutcome) -> b
     return False
 
 
-def _lost_task_row(node: Node, cfg: dict[str, Any], err: BaseException | str, status: str,
-                   started: Started | None = None, lost_node: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Record a node Ray could not run (worker died after retries, killed by Ray's OOM monitor, its node
-    lost, no progress); the row names where it last ran - or the lost node - and how often it started."""
-    now = datetime.now(timezone.utc)
-    error = err if isinstance(err, str) else f"{type(err).__name__}: {str(err)[:3000]}"
-    where: dict[str, Any] = {"attempt": started.attempt if started else 0}
-    if started is not None:
-        where.update(ray_node_id=started.node_id, node_ip=started.node_ip, hostname=started.hostname)
-    if lost_node is not None and started is not None and started.node_id == lost_node.get("NodeID"):
-        where.update(ray_node_id=lost_node.get("NodeID"), node_ip=lost_node.get("NodeManagerAddress"),
-                     hostname=lost_node.get("NodeManagerHostname"))
-    row = {**node_run_row(node, cfg, status, error), **where, "started_at": now, "finished_at": now}
-    store = ResultStore.from_config(cfg["store"])
-    for table in DATA_TABLES:
-        store.delete(table, node.key)  # rows a dying worker may have written before its runs row
-    store.write("runs", node.key, [row])
-    return {"node_key": node.key, "kind": node.kind, "status": status, "error": row["error"],
-            "artifact_uri": None, "result_json": "{}"}
-
-
-def _record_sweep(cfg: dict[str, Any], plan: SweepPlan, outcome: SweepOutcome | None, started: Any,
-                  status: str) -> None:
-    """One ``runs`` row of kind ``sweep`` per (sweep name, config): what was asked for, as a whole.
-
-    The report reads the experiment, the expected grid, the eval settings and the sweep's node keys (a
-    reused node keeps the sweep name it was first run under) from it.  It is written before any cell
-    (``running``, once the pre-flight cluster checks have passed: a sweep refused by them writes nothing),
-    so an interrupted sweep still says what it expected, and again at the end (``ok``, or
-    ``failed`` when some cell did not succeed, ``interrupted``).  Its key depends only on the config (not
-    on ``sweep.rerun``), so a resumed sweep replaces its row instead of adding one.
-    """
-    described = {k: cfg[k] for k in ("experiment", "model", "methods", "backend", "cluster", "eval", "sweep")}
-    described["methods"] = {m: cfg["methods"][m] for m in cfg["sweep"]["methods"]}
-    described = secrets.redact_config(described)  # runtime_env values (tokens, keys) are never stored
-    # how the sweep reached the cluster is not what it asked for: not part of the row's key
-    keyed = {**described, "cluster": {k: v for k, v in described["cluster"].items()
-                                      if k not in ("runtime_env", "stall_timeout_s")},
-             "sweep": {k: v for k, v in described["sweep"].items() if k != "rerun"}}
-    summary: dict[str, Any] = {"nodes": len(plan.nodes), "node_keys": sorted(plan.nodes)}
-    if outcome is not None:
-        statuses = [r["status"] for r in outcome.results.values()]
-        summary.update(ran=len(outcome.ran), reused=len(outcome.reused), wall_s=outcome.wall_s,
-                       **{s: statuses.count(s) for s in ("ok", "failed", "oom", "skipped")})
-    finished = datetime.now(timezone.utc)
-    row = {"schema_version": SCHEMA_VERSION, "sweep_name": cfg["sweep"]["name"],
-           "node_key": node_key("sweep", keyed, ()), "kind": "sweep", "status": status,
-           "backend": cfg["backend"]["name"], "model": cfg["model"]["name"],
-           "config_json": json.dumps(described, sort_keys=True, default=str),
-           "result_json": json.dumps(summary, sort_keys=True), "hostname": socket.gethostname(),
-           "started_at": started, "finished_at": finished, "duration_s": (finished - started).total_seconds(),
-           "versions_json": json.dumps(versions(), sort_keys=True)}
-    ResultStore.from_config(cfg["store"]).write("runs", row["node_key"], [row])
-
-
 def run_sweep(plan: SweepPlan, cfg: dict[str, Any]) -> SweepOutcome:
     started = datetime.now(timezone.utc)
     recorded: list[bool] = []
 
     def record_start() -> None:
-        _record_sweep(cfg, plan, None, started, "running")
+        record_sweep(cfg, plan, None, started, "running")
         recorded.append(True)
 
     try:
@@ -430,11 +164,11 @@ def run_sweep(plan: SweepPlan, cfg: dict[str, Any]) -> SweepOutcome:
     except BaseException:  # Ctrl-C, SIGTERM, a lost cluster: the row must not go on saying "running"
         if recorded:
             try:
-                _record_sweep(cfg, plan, None, started, "interrupted")
+                record_sweep(cfg, plan, None, started, "interrupted")
             except Exception as exc:  # the store may be what failed; the original error is the one to show
                 log.warning("could not mark the sweep row interrupted: %s", exc)
         raise
-    _record_sweep(cfg, plan, outcome, started, "ok" if outcome.all_ok else "failed")
+    record_sweep(cfg, plan, outcome, started, "ok" if outcome.all_ok else "failed")
     return outcome
 
 
@@ -445,8 +179,8 @@ def _run_nodes(plan: SweepPlan, cfg: dict[str, Any], on_submit: Callable[[], Non
     stored = {k: v for k, v in store.finished_nodes().items() if v["kind"] != "sweep"}
     seen_by_nodes = None
     if cfg["cluster"].get("address"):  # a running cluster: its nodes, not the driver, say what they see
-        _init_ray(cfg["cluster"])
-        seen_by_nodes = _check_nodes(plan, stored, cfg)
+        init_ray(cfg["cluster"])
+        seen_by_nodes = _seen_by_nodes(plan, stored, cfg)
     data_keys = {table: store.node_keys(table) for table in DATA_TABLES}
     to_run, reused = select_nodes_to_run(plan, stored, cfg["sweep"]["rerun"], seen_by_nodes, data_keys)
     outcome = SweepOutcome(results=dict(reused), reused=set(reused), plan=plan)
@@ -458,9 +192,9 @@ def _run_nodes(plan: SweepPlan, cfg: dict[str, Any], on_submit: Callable[[], Non
 
     import ray
 
-    _init_ray(cfg["cluster"])
+    init_ray(cfg["cluster"])
     ray_nodes = ray.nodes()
-    cluster_gpus = sum((n.get("Resources") or {}).get("GPU", 0) for n in cluster_checks.live_nodes(ray_nodes))
+    cluster_gpus = sum((n.get("Resources") or {}).get("GPU", 0) for n in live_nodes(ray_nodes))
     check_cluster_can_run(to_run, cfg["cluster"], ray_nodes, cfg["backend"])
     on_submit()
     remotes = {True: ray.remote(max_calls=1)(_remote_execute), False: ray.remote(_remote_execute)}
@@ -472,7 +206,7 @@ def _run_nodes(plan: SweepPlan, cfg: dict[str, Any], on_submit: Callable[[], Non
     for node in to_run:  # plan order is topological: upstream refs exist before their consumers
         upstream = [refs[k] if k in refs else outcome.results[k] for k in node.upstream]
         options = task_options(node, cfg["cluster"], cluster_gpus)
-        requests[node.key] = cluster_checks.task_request(options)
+        requests[node.key] = task_request(options)
         ref = remotes[fresh_process(node)].options(**options, name=f"quantsweep:{node.describe()}").remote(
             node, cfg_ref, board, *upstream)
         refs[node.key] = ref
@@ -507,10 +241,10 @@ def _watch(plan: SweepPlan, cfg: dict[str, Any], refs: dict[str, Any], node_of_r
             try:
                 result = ray.get(ref)
             except OutOfMemoryError as err:
-                result = _lost_task_row(node, cfg, err, "oom", started.get(node.key))
+                result = lost_task_row(node, cfg, err, "oom", started.get(node.key))
             except RayError as err:
                 status = "skipped" if _upstream_lost(node, refs, outcome) else "failed"
-                result = _lost_task_row(node, cfg, err, status, started.get(node.key))
+                result = lost_task_row(node, cfg, err, status, started.get(node.key))
             outcome.results[node.key] = result
             outcome.ran.add(node.key)
             progress.finished(node.key, result["status"])
@@ -546,7 +280,7 @@ def _give_up(node: Node, verdict: GiveUp, cfg: dict[str, Any], started: dict[str
         status = "skipped"
         reason = f"upstream node(s) {', '.join(blocked)} did not succeed; {reason}"
     log.warning("giving up on %s: %s", node.describe(), reason)
-    result = _lost_task_row(node, cfg, reason, status, started.get(node.key), verdict.lost_node)
+    result = lost_task_row(node, cfg, reason, status, started.get(node.key), verdict.lost_node)
     outcome.results[node.key] = result
     outcome.ran.add(node.key)
     progress.finished(node.key, status)

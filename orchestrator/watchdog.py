@@ -7,7 +7,7 @@ the nodes Ray reports (``ray.nodes()``, dead ones included) - and the watchdog a
 up on and why:
 
 * **no live node can run it**: the cell is ready and waiting, and no single live node offers what it asks
-  for (the check of :mod:`orchestrator.cluster_checks`); held for ``grace_s`` so that a node re-joining
+  for (the check of :mod:`orchestrator.ray_cluster`); held for ``grace_s`` so that a node re-joining
   is not raced;
 * **no progress**: nothing started or finished for ``stall_timeout_s`` and nothing is running on a live
   node; then every unfinished cell is given up (cells whose upstream never finished as ``skipped``).
@@ -20,7 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from orchestrator.cluster_checks import describe_node, describe_request, fits, live_nodes
+from orchestrator.ray_cluster import describe_node, describe_request, fits, live_nodes
 
 
 @dataclass

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.cluster_checks import check_requests_fit, fits, task_request
+from orchestrator.ray_cluster import check_requests_fit, fits, task_request
 from orchestrator.secrets import REDACTED, redact_config, scrub_hydra_output
 from orchestrator.validate import ConfigError
 from orchestrator.watchdog import Started, Watchdog

@@ -124,7 +124,7 @@ def test_a_connect_that_times_out_is_a_config_error_within_the_bound(tmp_path: P
                                                                      monkeypatch, capsys) -> None:
     """An address where nothing answers (packets dropped, as at 10.255.255.1): the connect gives up after
     the probe's timeout.  Simulated: the connect raises what a dropped SYN gives."""
-    from orchestrator import schedule
+    from orchestrator import ray_cluster
 
     calls = []
 
@@ -132,11 +132,11 @@ def test_a_connect_that_times_out_is_a_config_error_within_the_bound(tmp_path: P
         calls.append((address, timeout))
         raise TimeoutError("timed out")
 
-    monkeypatch.setattr(schedule.socket, "create_connection", dropped)
+    monkeypatch.setattr(ray_cluster.socket, "create_connection", dropped)
     address = f"127.0.0.2:{_free_port()}"  # loopback, but not one Ray swaps for this machine's address
     line, took = _refusal(tmp_path, mmlu_dir, address, capsys)
-    assert calls == [(("127.0.0.2", int(address.split(":")[1])), schedule.CONNECT_TIMEOUT_S)]
-    assert schedule.CONNECT_TIMEOUT_S * 2 < UNREACHABLE_BOUND_S - 10  # TCP and handshake, with room to start
+    assert calls == [(("127.0.0.2", int(address.split(":")[1])), ray_cluster.CONNECT_TIMEOUT_S)]
+    assert ray_cluster.CONNECT_TIMEOUT_S * 2 < UNREACHABLE_BOUND_S - 10  # TCP and handshake, with room to start
     assert line.startswith(f"{PREFIX}cluster.address: cannot reach the Ray cluster at {address}"), line
     assert "timed out" in line and "ray start --head" in line, line
 
@@ -147,12 +147,12 @@ def test_a_connection_ray_itself_refuses_is_a_config_error(tmp_path: Path, mmlu_
     head going down): the field and Ray's reason, not a traceback."""
     import ray
 
-    from orchestrator import schedule
+    from orchestrator import ray_cluster
 
     def refuses(**kwargs: object) -> None:
         raise ConnectionError("Failed to connect to Ray cluster at 127.0.0.1:6379")
 
-    monkeypatch.setattr(schedule, "_reach_cluster", lambda address, timeout_s=0.0: None)
+    monkeypatch.setattr(ray_cluster, "_reach_cluster", lambda address, timeout_s=0.0: None)
     monkeypatch.setattr(ray, "init", refuses)
     line, _ = _refusal(tmp_path, mmlu_dir, "127.0.0.1:6379", capsys)
     assert line.startswith(f"{PREFIX}cluster.address: Ray could not connect to '127.0.0.1:6379': Failed to "
@@ -198,7 +198,7 @@ def test_gpu_options_on_a_cluster_without_gpus_are_refused_before_any_cell(
 def test_cuda_with_no_gpu_per_task_is_refused_on_a_gpu_cluster() -> None:
     """``cluster.gpus_per_task=0`` gives GPU cells no GPU even where the cluster has some."""
     from orchestrator.plan import Node
-    from orchestrator.schedule import check_cluster_can_run
+    from orchestrator.ray_cluster import check_cluster_can_run
 
     gpu_node = {"NodeID": "g" * 8, "NodeManagerAddress": "10.0.0.2", "Alive": True,
                 "Resources": {"CPU": 4, "GPU": 1}}

@@ -2,7 +2,7 @@
 say "not part of this sweep" instead of "no data yet", which stays for asked-for cells not finished yet.
 
 Stores are the synthetic ones of :mod:`tests.test_report`, less the rows of the stages a sweep left out,
-plus the ``kind = sweep`` runs row that records the sweep's config (as :mod:`orchestrator.schedule` does).
+plus the ``kind = sweep`` runs row that records the sweep's config (as :mod:`orchestrator.sweep_record` does).
 """
 from __future__ import annotations
 

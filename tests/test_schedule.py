@@ -7,8 +7,9 @@ from pathlib import Path
 import pytest
 
 from orchestrator.plan import Node
-from orchestrator.schedule import SweepOutcome, _lost_task_row, _upstream_lost
+from orchestrator.schedule import _upstream_lost
 from orchestrator.store import ResultStore
+from orchestrator.sweep_record import SweepOutcome, lost_task_row
 
 pytestmark = pytest.mark.slow
 
@@ -46,8 +47,8 @@ def test_a_dead_worker_becomes_a_failed_row_and_its_downstream_skipped(local_ray
     assert not _upstream_lost(build, {}, outcome)
     with pytest.raises(ray.exceptions.RayError) as died:
         ray.get(build_ref)
-    _lost_task_row(build, cfg, died.value, "failed")
-    _lost_task_row(profile, cfg, lost.value, "skipped")
+    lost_task_row(build, cfg, died.value, "failed")
+    lost_task_row(profile, cfg, lost.value, "skipped")
     runs = ResultStore(str(tmp_path)).read("runs").to_pandas().set_index("node_key")
     assert runs.loc["build-x", "status"] == "failed" and "died" in runs.loc["build-x", "error"].lower()
     assert runs.loc["profile-x", "status"] == "skipped" and runs.loc["profile-x", "batch_size"] == 4

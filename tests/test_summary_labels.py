@@ -60,7 +60,7 @@ def test_summary_header_and_only_the_tables_of_stages_that_ran(tmp_path: Path, m
 
 def test_report_experiment_row_comes_from_the_sweep_rows_config(tmp_path: Path, mmlu_dir: Path) -> None:
     cfg = _cfg(tmp_path, mmlu_dir, [])
-    # what orchestrator.schedule records in the runs row of kind "sweep"
+    # what orchestrator.sweep_record records in the runs row of kind "sweep"
     described = {k: cfg[k] for k in ("experiment", "model", "methods", "backend", "cluster", "eval", "sweep")}
     runs = pd.DataFrame([{"kind": "sweep", "config_json": json.dumps(described)},
                          {"kind": "profile", "config_json": json.dumps({"batch_size": 2})}])
