@@ -330,21 +330,22 @@ def _check_group_sizes(cfg: dict[str, Any]) -> None:
 
 
 def _fast_engine_runs(cfg: dict[str, Any]) -> bool:
-    """Whether the fast engine would run this sweep's profile or fidelity cells: ``engine=fast``, or
-    ``engine=auto`` (the default) with the cells on GPUs: ``backend.device=cuda``, or ``auto`` with GPUs on
-    this machine, a ``cluster.accelerator_type``, or a remote cluster (whose GPUs the driver cannot see)."""
+    """Whether the fast engine would run this sweep's profile or fidelity cells, by the backend's own rule
+    (:func:`tasks.backends.torch.backend.runs_fast_engine`) on the device the cells would get: with
+    ``backend.device=auto``, a GPU where this machine has one, ``cluster.accelerator_type`` names one, or a
+    remote cluster's GPUs cannot be seen from the driver."""
     from orchestrator.accelerators import sweep_gpus
+    from tasks.backends.torch.backend import runs_fast_engine
 
-    backend = cfg["backend"]
+    backend, cluster = cfg["backend"], cfg["cluster"]
     if backend["name"] != "torch" or not {"profile", "fidelity"} & set(cfg["sweep"]["stages"]):
         return False
-    engine = (backend.get("options") or {}).get("engine", "auto")
-    if engine != "auto":
-        return engine == "fast"
-    if backend["device"] != "auto":
-        return backend["device"] == "cuda"
-    gpus, _ = sweep_gpus(cfg["cluster"], "auto")
-    return bool(gpus) or (cfg["cluster"].get("address") is not None and not cfg["cluster"].get("accelerator_type"))
+    device = backend["device"]
+    if device == "auto":
+        gpus, _ = sweep_gpus(cluster, "auto")
+        unseen = cluster.get("address") is not None and not cluster.get("accelerator_type")
+        device = "cuda" if gpus or unseen else "cpu"
+    return runs_fast_engine((backend.get("options") or {}).get("engine", "auto"), device)
 
 
 def _check_fast_engine(cfg: dict[str, Any]) -> None:
@@ -353,7 +354,7 @@ def _check_fast_engine(cfg: dict[str, Any]) -> None:
     Refused here, an unsupported model costs a second instead of cells that measure another model."""
     if not _fast_engine_runs(cfg):
         return
-    from tasks.backends.torch.cuda.families import ENGINE_HINT, UnsupportedModel, model_args
+    from tasks.backends.torch.cuda.families import UnsupportedModel, model_args
     from tasks.models import model_config_json
 
     model = cfg["model"]
@@ -376,7 +377,7 @@ def _check_fast_engine(cfg: dict[str, Any]) -> None:
         _require(length <= args.sliding_window, name,
                  f"{length} tokens exceed {args.family}'s sliding_window of {args.sliding_window} (config.json); "
                  "the fast engine computes full attention, equal to the window's only up to it; shorten the "
-                 f"sequences or set {ENGINE_HINT.replace(' runs it', ' to run them')}",
+                 "sequences or set backend.options.engine=hf to run them on the transformers reference engine",
                  (f"<= {args.sliding_window} tokens",))
 
 

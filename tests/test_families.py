@@ -23,6 +23,7 @@ from tests.family_checkpoints import FAMILIES, LLAMA3_ROPE, hf_config, hf_model,
 
 LENGTH = 80  # > LLAMA3_ROPE's original_max_position_embeddings (64)
 TOL = dict(atol=2e-4, rtol=2e-4)
+BASE_HEAD_DIM = 16  # hidden 64 / 4 heads (tests/family_checkpoints.BASE)
 
 
 def _ids(batch: int = 2, seed: int = 0) -> torch.Tensor:
@@ -65,9 +66,6 @@ def test_llama3_uses_all_three_frequency_bands() -> None:
     high, low = ctx / LLAMA3_ROPE["high_freq_factor"], ctx / LLAMA3_ROPE["low_freq_factor"]
     assert any(w < high for w in wavelengths) and any(w > low for w in wavelengths)
     assert any(high <= w <= low for w in wavelengths)
-
-
-BASE_HEAD_DIM = 16  # hidden 64 / 4 heads (tests/family_checkpoints.BASE)
 
 
 def test_transformers_5_writes_rope_parameters_and_old_rope_scaling_reads_the_same(tmp_path: Path) -> None:

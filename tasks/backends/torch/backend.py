@@ -18,6 +18,13 @@ from tasks.backends.base import Backend, Engine, EngineShape
 MANIFEST = "quantsweep_engine.json"
 
 
+def runs_fast_engine(engine: str, device: str) -> bool:
+    """Whether profile and fidelity cells on ``device`` ("cuda[:i]" or "cpu") load the fast engine under
+    ``options.engine`` (auto | fast | hf): the one rule that :meth:`TorchBackend.load` and the pre-flight
+    apply."""
+    return engine == "fast" or (engine == "auto" and device.startswith("cuda"))
+
+
 class TorchBackend(Backend):
     name = "torch"
 
@@ -38,9 +45,7 @@ class TorchBackend(Backend):
         options = {**manifest["options"], **options, "shape": manifest["shape"], "method": manifest["method"]}
         # Accuracy runs go through transformers (lm-eval's HFLM) anyway: loading the fast engine too would
         # only cost a second copy of the weights, a KV cache and a compilation.
-        engine = options.get("engine", "auto")
-        fast = engine == "fast" or (engine == "auto" and device.startswith("cuda"))
-        if fast and options.get("purpose") != "evaluate":
+        if runs_fast_engine(options.get("engine", "auto"), device) and options.get("purpose") != "evaluate":
             from tasks.backends.torch.cuda.engine import load_fast_engine
 
             if options.get("purpose") == "fidelity":

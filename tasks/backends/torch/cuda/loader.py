@@ -131,7 +131,8 @@ def load_model(checkpoint_dir: Path, device: str | torch.device, dtype: torch.dt
                int4_kernels: str = "auto", gemv_fusion: str = DEFAULT_GEMV_FUSION) -> Transformer:
     """A :class:`Transformer` on ``device`` from a HF folder of a family in :mod:`.families` (dense,
     compressed-tensors int4 or FP8); any other architecture or feature raises
-    :class:`~.families.UnsupportedModel` before a tensor is read.
+    :class:`~.families.UnsupportedModel` before a tensor is read, and so does a checkpoint tensor the engine
+    has no place for, once the rest is read.
 
     ``int4_kernels`` picks the int4 kernels on CUDA (:func:`~.int4.select_kernels`); CPU runs the reference.
     ``gemv_fusion`` (off | norm | all; CUDA only) decodes through the fused GEMV kernels
