@@ -37,3 +37,34 @@ def run_inline(plan: Any, cfg: Any) -> dict[str, dict]:
     for node in to_run:  # plan order is topological
         results[node.key] = execute_node(node, [results[k] for k in node.upstream], cfg)
     return results
+
+
+def cli_in_process(args: list[str], cwd: Any) -> Any:
+    """``quantsweep ARGS`` through the CLI's own ``main()`` in this process, as a ``CompletedProcess``.
+
+    The same path a shell takes (the up-front override checks, Hydra, ``run``, the exit code) without an
+    interpreter start and the imports every pre-flight test would pay again; for commands that end before
+    Ray starts.  Hydra's output goes under ``cwd``, like the subprocess it stands for."""
+    import contextlib
+    import io
+    import os
+    import subprocess
+    import sys
+
+    from orchestrator.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    argv, here = sys.argv, os.getcwd()
+    sys.argv = ["quantsweep", *args]
+    code: Any = 0
+    try:
+        os.chdir(cwd)
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            main()
+    except SystemExit as exit_:
+        code = exit_.code
+    finally:
+        sys.argv = argv
+        os.chdir(here)
+    code = 0 if code is None else code if isinstance(code, int) else 1
+    return subprocess.CompletedProcess(["quantsweep", *args], code, out.getvalue(), err.getvalue())
