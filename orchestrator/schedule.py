@@ -207,7 +207,7 @@ def _run_nodes(plan: SweepPlan, cfg: dict[str, Any], on_submit: Callable[[], Non
         upstream = [refs[k] if k in refs else outcome.results[k] for k in node.upstream]
         options = task_options(node, cfg["cluster"], cluster_gpus)
         requests[node.key] = task_request(options)
-        ref = remotes[fresh_process(node)].options(**options, name=f"quantsweep:{node.describe()}").remote(
+        ref = remotes[fresh_process(node, options)].options(**options, name=f"quantsweep:{node.describe()}").remote(
             node, cfg_ref, board, *upstream)
         refs[node.key] = ref
         node_of_ref[ref] = node

@@ -8,6 +8,7 @@ tokenizer trained in code, so no download is ever needed.
 """
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 from pathlib import Path
@@ -28,19 +29,39 @@ def gguf_path(model: dict[str, Any]) -> Path:
     return Path(list(spec.submodule_search_locations)[0]) / model["gguf_file"]
 
 
+def _file_identity(path: Path) -> tuple[str, int, int]:
+    """What a parse of ``path`` is cached under: a rewritten file is parsed again."""
+    stat = path.stat()
+    return str(path.resolve()), stat.st_size, stat.st_mtime_ns
+
+
 def gguf_metadata(path: Path) -> dict[str, Any]:
     """The key/value header of a GGUF file (strings, numbers, short arrays), without its tensors.
 
-    ``GGUFReader`` memory-maps the file and parses only the header here, so this costs a fraction of a
-    second even for multi-GB files; large arrays (the tokenizer's vocabulary) are left out.
+    ``GGUFReader`` memory-maps the file but parses every field, the tokenizer's vocabulary included: about
+    7 s for SmolLM2-135M on a 2-core machine.  The pre-flight asks several times per command (positions
+    for the prompt and for fidelity, once per multirun job), so each file is parsed once per process.
     """
+    return dict(_gguf_metadata(_file_identity(Path(path))))
+
+
+@functools.lru_cache(maxsize=8)
+def _gguf_metadata(identity: tuple[str, int, int]) -> dict[str, Any]:
     from gguf import GGUFReader
 
     meta: dict[str, Any] = {}
-    for key, field in GGUFReader(path).fields.items():
-        if len(field.data) <= 64:
+    for key, field in GGUFReader(identity[0]).fields.items():
+        if len(field.data) <= 64:  # large arrays (the vocabulary) are left out
             meta[key] = field.contents()
     return meta
+
+
+@functools.lru_cache(maxsize=8)
+def _gguf_config_values(identity: tuple[str, int, int]) -> dict[str, Any]:
+    """transformers' config values for a GGUF file, as its converter maps the header (parsed once)."""
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
+    return dict(load_gguf_checkpoint(identity[0], return_tensors=False)["config"])
 
 
 def model_max_positions(model: dict[str, Any]) -> int | None:
@@ -158,9 +179,7 @@ def model_config(model: dict[str, Any]) -> Any | None:
         folder = Path(model["path"]).expanduser()
         return AutoConfig.from_pretrained(folder) if (folder / "config.json").is_file() else None
     if source in ("gguf_package", "gguf_file"):
-        from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
-
-        values = dict(load_gguf_checkpoint(str(gguf_path(model)), return_tensors=False)["config"])
+        values = dict(_gguf_config_values(_file_identity(gguf_path(model))))
         return AutoConfig.for_model(values.pop("model_type"), **values)
     raise ValueError(f"model.source: unknown {source!r} (allowed: hf, gguf_package, gguf_file, random)")
 

@@ -18,3 +18,53 @@ TINY = ["model=tiny_random", "sweep.name=test", "sweep.warmup=0", "sweep.repeats
 def compose_config(overrides: list[str]) -> Any:
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         return compose(config_name="config", overrides=overrides)
+
+
+def run_inline(plan: Any, cfg: Any) -> dict[str, dict]:
+    """Run a sweep's plan in this process, node by node, through the same ``execute_node`` and store the Ray
+    tasks use, reusing what the store holds as ``run_sweep`` does: for tests whose subject is what the cells
+    compute, not how Ray schedules them (no worker start-up per cell; the tests that run sweeps through Ray
+    cover the scheduling)."""
+    from orchestrator.execute import execute_node
+    from orchestrator.schedule import select_nodes_to_run
+    from orchestrator.schema import DATA_TABLES
+    from orchestrator.store import ResultStore
+
+    store = ResultStore.from_config(cfg["store"])
+    stored = {k: v for k, v in store.finished_nodes().items() if v["kind"] != "sweep"}
+    data_keys = {table: store.node_keys(table) for table in DATA_TABLES}
+    to_run, results = select_nodes_to_run(plan, stored, cfg["sweep"]["rerun"], None, data_keys)
+    for node in to_run:  # plan order is topological
+        results[node.key] = execute_node(node, [results[k] for k in node.upstream], cfg)
+    return results
+
+
+def cli_in_process(args: list[str], cwd: Any) -> Any:
+    """``quantsweep ARGS`` through the CLI's own ``main()`` in this process, as a ``CompletedProcess``.
+
+    The same path a shell takes (the up-front override checks, Hydra, ``run``, the exit code) without an
+    interpreter start and the imports every pre-flight test would pay again; for commands that end before
+    Ray starts.  Hydra's output goes under ``cwd``, like the subprocess it stands for."""
+    import contextlib
+    import io
+    import os
+    import subprocess
+    import sys
+
+    from orchestrator.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    argv, here = sys.argv, os.getcwd()
+    sys.argv = ["quantsweep", *args]
+    code: Any = 0
+    try:
+        os.chdir(cwd)
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            main()
+    except SystemExit as exit_:
+        code = exit_.code
+    finally:
+        sys.argv = argv
+        os.chdir(here)
+    code = 0 if code is None else code if isinstance(code, int) else 1
+    return subprocess.CompletedProcess(["quantsweep", *args], code, out.getvalue(), err.getvalue())

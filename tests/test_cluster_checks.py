@@ -65,3 +65,22 @@ def test_runtime_env_values_are_redacted_in_configs_and_hydra_files(tmp_path: Pa
         text = path.read_text()
         assert "s3cr3t-value" not in text and "AWS_SECRET_ACCESS_KEY" in text, text
     assert "X: '1'" not in (hydra / "config.yaml").read_text()
+
+
+def test_gpu_cells_and_profile_cells_get_a_fresh_worker_other_cpu_cells_reuse_warm_ones(tmp_path: Path,
+                                                                                         mmlu_dir: Path) -> None:
+    """GPU memory and peak-memory readings stay the cell's own; CPU cells that measure no memory skip the
+    5-7 s of imports a fresh worker pays."""
+    from orchestrator.plan import plan_sweep
+    from orchestrator.ray_cluster import fresh_process, task_options
+    from orchestrator.validate import validate
+    from tests.sweep_helpers import TINY, compose_config
+
+    cfg = validate(compose_config(TINY + [f"store.uri={tmp_path}", f"eval.mmlu_dir={mmlu_dir}",
+                                          "sweep.subjects=[anatomy]"]))
+    nodes = list(plan_sweep(cfg).nodes.values())
+    assert {n.kind for n in nodes} == {"model", "quantize", "build", "evaluate", "fidelity", "profile"}
+    on_cpus = {n.kind for n in nodes if fresh_process(n, task_options(n, cfg["cluster"], cluster_gpus=0))}
+    assert on_cpus == {"profile"}
+    on_gpus = {n.kind for n in nodes if fresh_process(n, task_options(n, cfg["cluster"], cluster_gpus=1))}
+    assert on_gpus == {"quantize", "evaluate", "fidelity", "profile"}

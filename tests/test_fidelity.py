@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import math
 import subprocess
-import sys
 from pathlib import Path
 
 import pandas as pd
@@ -16,13 +15,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from orchestrator.cli import CONF_DIR
 from tasks.backends.torch.hf_engine import HFEngine
 from tasks.calibration import heldout_texts
 from tasks.fidelity import prepare_text, sequence_row, token_kl, token_windows
 from tasks.fidelity_stats import answer_flips, summarize
 from tasks.models import prepare_model
-from tests.sweep_helpers import TINY, compose_config
+from tests.sweep_helpers import TINY, cli_in_process, compose_config
 
 TINY_MODEL = {"source": "random", "dtype": "float32",
               "random": {"vocab_size": 512, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
@@ -129,9 +127,9 @@ def test_answer_flips_pair_questions_with_the_baseline() -> None:
 
 
 def _cli(*overrides: str, tmp_path: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "orchestrator.cli", *TINY, f"store.uri={tmp_path}/store",
-                           f"hydra.run.dir={tmp_path}/hydra", *overrides],
-                          capture_output=True, text=True, timeout=300, cwd=CONF_DIR.parent)
+    """The CLI's ``main()`` in this process: each case ends before Ray starts."""
+    return cli_in_process([*TINY, f"store.uri={tmp_path}/store", f"hydra.run.dir={tmp_path}/hydra", *overrides],
+                          tmp_path)
 
 
 @pytest.mark.parametrize("overrides, field", [

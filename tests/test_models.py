@@ -74,3 +74,40 @@ def test_the_random_model_node_asks_for_a_gpu(tmp_path: Path) -> None:
 
     cfg = validate(compose_config(TINY + [f"store.uri={tmp_path}", "sweep.stages=[profile]"]))
     assert plan_sweep(cfg).by_kind("model")[0].needs_gpu  # built on the GPU where the cluster has one
+
+
+def test_a_gguf_header_is_parsed_once_per_process_until_the_file_changes(tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """The pre-flight asks for the header several times per command (7 s a parse for the demo model)."""
+    import os
+
+    import gguf
+
+    from tasks import models
+
+    parsed: list[str] = []
+
+    class Field:
+        data = [0]
+
+        def contents(self) -> str:
+            return "llama"
+
+    class Reader:
+        def __init__(self, path: str) -> None:
+            parsed.append(path)
+            self.fields = {"general.architecture": Field()}
+
+    monkeypatch.setattr(gguf, "GGUFReader", Reader)
+    models._gguf_metadata.cache_clear()
+    path = tmp_path / "model.gguf"
+    path.write_bytes(b"GGUF")
+    assert models.gguf_metadata(path) == models.gguf_metadata(path) == {"general.architecture": "llama"}
+    assert len(parsed) == 1
+    models.gguf_metadata(path)["general.architecture"] = "changed by a caller"  # callers get copies
+    assert models.gguf_metadata(path)["general.architecture"] == "llama" and len(parsed) == 1
+    stat = path.stat()
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # rewritten: parsed again
+    models.gguf_metadata(path)
+    assert len(parsed) == 2
+    models._gguf_metadata.cache_clear()

@@ -4,21 +4,20 @@ config (read without weights) can rule out."""
 from __future__ import annotations
 
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from orchestrator.validate import ConfigError, validate
-from tests.conftest import REPO
-from tests.sweep_helpers import TINY, compose_config
+from tests.sweep_helpers import TINY, cli_in_process, compose_config
 
 PREFIX = "quantsweep: invalid configuration: "
 
 
 def _cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "orchestrator.cli", *args], cwd=REPO, capture_output=True,
-                          text=True, timeout=180)
+    """The command line through the CLI's ``main()`` in-process: every case here ends before Ray starts
+    (tests/test_config.py runs the same refusals as a real process)."""
+    return cli_in_process(args, cwd)
 
 
 def _last_line(result: subprocess.CompletedProcess) -> str:

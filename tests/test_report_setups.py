@@ -1,32 +1,34 @@
 """One store, several setups: the report keeps each method config its own series and each series' latest
-fidelity text, so nothing measured twice or under another config is pooled (real sweeps through the CLI)."""
+fidelity text, so nothing measured twice or under another config is pooled (real sweeps through the CLI's ``run``)."""
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pandas as pd
 import pytest
 
-from orchestrator.cli import CONF_DIR
+from orchestrator.cli import run
 from orchestrator.report_tables import compute
-from tests.sweep_helpers import TINY
+from tests.sweep_helpers import TINY, compose_config
 
 pytestmark = pytest.mark.slow
 
 WINDOWS = 3
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_ray_instance():
+    """The sweeps of this module run through the CLI's ``run()`` in this process, on one Ray instance."""
+    yield
+    import ray
+
+    ray.shutdown()
+
+
 def _sweep(store: Path, *overrides: str) -> None:
-    result = subprocess.run(
-        [sys.executable, "-m", "orchestrator.cli", *TINY, f"store.uri={store}", f"hydra.run.dir={store}/hydra",
-         "backend.device=cpu", "sweep.methods=[fp16,rtn]", "sweep.stages=[fidelity,profile]",
-         "sweep.batch_sizes=[1]", f"fidelity.num_sequences={WINDOWS}", "fidelity.seq_len=32", *overrides],
-        capture_output=True, text=True, timeout=600, cwd=CONF_DIR.parent,
-        env={**os.environ, "RAY_AUTH_MODE": "disabled"})
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert run(compose_config([*TINY, f"store.uri={store}", "backend.device=cpu", "sweep.methods=[fp16,rtn]",
+                               "sweep.stages=[fidelity,profile]", "sweep.batch_sizes=[1]",
+                               f"fidelity.num_sequences={WINDOWS}", "fidelity.seq_len=32", *overrides])) == 0
 
 
 def test_method_configs_and_fidelity_texts_are_never_pooled(tmp_path: Path) -> None:
