@@ -35,8 +35,11 @@ def copy_bandwidth(device: str, nbytes: int | None = None, repeats: int = 10, wa
             nbytes = max(64 * _MIB, min(1024 * _MIB, free // 4))
         else:
             nbytes = 128 * _MIB
-    src = torch.full((nbytes,), 0xA5, dtype=torch.uint8, device=device)  # randint over 128 MiB: 0.6 s on a CPU
-    src[:4096] = torch.randint(0, 255, (4096,), dtype=torch.uint8, device=device)  # what the check compares
+    if on_cuda:
+        src = torch.randint(0, 255, (nbytes,), dtype=torch.uint8, device=device)
+    else:  # randint over 128 MiB takes 0.6 s of a 2-core CPU; a constant plus random bytes where the check looks
+        src = torch.full((nbytes,), 0xA5, dtype=torch.uint8)
+        src[:4096] = torch.randint(0, 255, (4096,), dtype=torch.uint8)
     dst = torch.empty_like(src)
     for _ in range(warmup):
         dst.copy_(src)
