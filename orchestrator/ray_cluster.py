@@ -10,8 +10,8 @@ Requests: GPU cells ask for ``cluster.gpus_per_task`` GPUs plus the configured a
 resources, so they land only on matching nodes and each sees only its own GPU (Ray sets
 CUDA_VISIBLE_DEVICES).  Cells that hold a GPU, and profile cells anywhere, run in fresh worker processes
 (``max_calls=1``) so GPU memory and peak memory readings never leak from one cell into the next; the other
-CPU cells (quantize, evaluate, fidelity on a CPU) reuse warm workers, as Ray does by default, and pay the
-5-7 s of importing torch, transformers, lm-eval and compressed-tensors once per worker instead of per cell.  Ray retries a task whose worker or node
+CPU cells reuse warm workers, as Ray does by default, and pay the 5-7 s of importing torch, transformers,
+lm-eval and compressed-tensors once per worker instead of per cell.  Ray retries a task whose worker or node
 died (``cluster.max_retries``); an exception inside a task is not retried - it is a result, recorded as a row.
 
 Checks: Ray places a task on one node, so a request fits only when a *single* live node offers all of it:
@@ -158,8 +158,7 @@ def fresh_process(node: Node, options: dict[str, Any]) -> bool:
     """A fresh worker (``max_calls=1``) for every cell that holds a GPU (a clean CUDA context and GPU memory)
     and for profile cells (their peak-memory reading must be the cell's alone, RSS on a CPU); CPU cells that
     measure no memory reuse warm workers, whose imports are most of a small cell's time."""
-    return node.kind == "profile" or (bool(options.get("num_gpus")) and node.kind in ("quantize", "evaluate",
-                                                                                        "fidelity"))
+    return node.kind == "profile" or bool(options.get("num_gpus"))
 
 
 #: Ray's request for an accelerator type: this much of the ``accelerator_type:<name>`` node resource.

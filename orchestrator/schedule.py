@@ -78,6 +78,18 @@ def select_nodes_to_run(plan: SweepPlan, stored: dict[str, dict], rerun: str,
     return to_run, reused
 
 
+def stored_nodes(store: ResultStore) -> dict[str, dict]:
+    """The store's finished nodes (node_key -> runs row), the sweeps' own rows left out."""
+    return {k: v for k, v in store.finished_nodes().items() if v["kind"] != "sweep"}
+
+
+def nodes_from_store(plan: SweepPlan, cfg: dict[str, Any], store: ResultStore, stored: dict[str, dict],
+                     seen_by_nodes: dict[str, bool] | None = None) -> tuple[list[Node], dict[str, dict]]:
+    """:func:`select_nodes_to_run` against ``store``: which nodes run now, the summaries of those reused."""
+    data_keys = {table: store.node_keys(table) for table in DATA_TABLES}
+    return select_nodes_to_run(plan, stored, cfg["sweep"]["rerun"], seen_by_nodes, data_keys)
+
+
 def _seen_by_nodes(plan: SweepPlan, stored: dict[str, dict], cfg: dict[str, Any]) -> dict[str, bool]:
     """On a running cluster: the nodes that can run some task of this sweep (any whose artifact may be
     gone) check the store, the shared folders and MMLU, and say which stored artifacts they see."""
@@ -176,13 +188,12 @@ def _run_nodes(plan: SweepPlan, cfg: dict[str, Any], on_submit: Callable[[], Non
     """Run what the store lacks; ``on_submit`` is called once the checks passed, before the first task."""
     start = time.perf_counter()
     store = ResultStore.from_config(cfg["store"])
-    stored = {k: v for k, v in store.finished_nodes().items() if v["kind"] != "sweep"}
+    stored = stored_nodes(store)
     seen_by_nodes = None
     if cfg["cluster"].get("address"):  # a running cluster: its nodes, not the driver, say what they see
         init_ray(cfg["cluster"])
         seen_by_nodes = _seen_by_nodes(plan, stored, cfg)
-    data_keys = {table: store.node_keys(table) for table in DATA_TABLES}
-    to_run, reused = select_nodes_to_run(plan, stored, cfg["sweep"]["rerun"], seen_by_nodes, data_keys)
+    to_run, reused = nodes_from_store(plan, cfg, store, stored, seen_by_nodes)
     outcome = SweepOutcome(results=dict(reused), reused=set(reused), plan=plan)
     progress = SweepProgress(plan, reused)
     if not to_run:

@@ -26,14 +26,11 @@ def run_inline(plan: Any, cfg: Any) -> dict[str, dict]:
     compute, not how Ray schedules them (no worker start-up per cell; the tests that run sweeps through Ray
     cover the scheduling)."""
     from orchestrator.execute import execute_node
-    from orchestrator.schedule import select_nodes_to_run
-    from orchestrator.schema import DATA_TABLES
+    from orchestrator.schedule import nodes_from_store, stored_nodes
     from orchestrator.store import ResultStore
 
     store = ResultStore.from_config(cfg["store"])
-    stored = {k: v for k, v in store.finished_nodes().items() if v["kind"] != "sweep"}
-    data_keys = {table: store.node_keys(table) for table in DATA_TABLES}
-    to_run, results = select_nodes_to_run(plan, stored, cfg["sweep"]["rerun"], None, data_keys)
+    to_run, results = nodes_from_store(plan, cfg, store, stored_nodes(store))
     for node in to_run:  # plan order is topological
         results[node.key] = execute_node(node, [results[k] for k in node.upstream], cfg)
     return results

@@ -27,6 +27,7 @@ from tests.sweep_helpers import TINY, compose_config, run_inline
 
 pytestmark = pytest.mark.slow
 
+
 @pytest.fixture(scope="module", autouse=True)
 def _one_ray_instance():
     """One local Ray instance for all the sweeps of this module (run_sweep reuses a running one)."""

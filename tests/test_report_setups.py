@@ -1,5 +1,6 @@
 """One store, several setups: the report keeps each method config its own series and each series' latest
-fidelity text, so nothing measured twice or under another config is pooled (real sweeps through the CLI's ``run``)."""
+fidelity text, so nothing measured twice or under another config is pooled (real sweeps through the CLI's
+``run``)."""
 from __future__ import annotations
 
 from pathlib import Path
